@@ -85,12 +85,17 @@ def test_recompute_substeps_keep_masks_nested(tiny_task):
 
 
 def test_woodfisher_beats_magnitude_on_the_tiny_task(tiny_task):
+    """With a moderate λ, or with recompute sub-steps, OBS loses far less than magnitude at 50 %."""
     model, x, y = tiny_task
     names = select_parameters(model)
-    loss = {}
-    for method in ("woodfisher", "global_magnitude"):
+
+    def loss_after(method, lam, recompute):
         m = copy.deepcopy(model)
-        make_pruner(method, FisherConfig(m=300, lam=1e-4), block_size=None, joint=True, dtype=torch.float64).prune(m, names, 0.7, (x, y))
+        cfg = FisherConfig(m=600, lam=lam)
+        make_pruner(method, cfg, block_size=None, joint=True, recompute=recompute, dtype=torch.float64).prune(m, names, 0.5, (x, y))
         with torch.no_grad():
-            loss[method] = float(torch.nn.functional.cross_entropy(m(x), y))
-    assert loss["woodfisher"] < loss["global_magnitude"]
+            return float(torch.nn.functional.cross_entropy(m(x), y))
+
+    magnitude = loss_after("global_magnitude", 1.0, 1)
+    assert loss_after("woodfisher", 1e-2, 1) < 0.6 * magnitude
+    assert loss_after("woodfisher", 1e-4, 5) < 0.5 * magnitude
