@@ -93,7 +93,8 @@ class WoodburyInverse:
         return self.w.shape[-1]
 
     def diag(self) -> Tensor:
-        return (1.0 - self.w.square().sum(dim=-2)) / self.lam
+        # a norm reduction: no (m × c) temporary, unlike w.square().sum()
+        return (1.0 - torch.linalg.vector_norm(self.w, dim=-2).square()) / self.lam
 
     def matvec(self, v: Tensor) -> Tensor:
         wv = (self.w @ v.unsqueeze(-1)).squeeze(-1)  # (nb, m)
@@ -147,6 +148,8 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
         return DenseInverse.from_matrix(f)
     s = g @ g.mT
     s.diagonal(dim1=-2, dim2=-1).add_(m * lam)
-    chol = torch.linalg.cholesky(s)
-    del s
+    info = torch.empty(nb, dtype=torch.int32, device=s.device)
+    chol, info = torch.linalg.cholesky_ex(s, out=(s, info))  # in place: S is not needed after
+    if bool(info.any()):
+        raise ValueError("Fisher block not positive definite in this precision: raise λ or use float64")
     return WoodburyInverse(torch.linalg.solve_triangular(chol, g, upper=False), lam)

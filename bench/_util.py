@@ -1,0 +1,48 @@
+"""Shared bench helpers: min-of-repeats timing, environment record, peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timeit(fn, repeats: int = 3) -> float:
+    """Minimum wall time over repeats (after one warm-up when repeats > 1), synchronising CUDA."""
+    best = float("inf")
+    for i in range(repeats + (1 if repeats > 1 else 0)):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if repeats == 1 or i > 0:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def save(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    (RESULTS / "environment.json").write_text(json.dumps(env, indent=2))
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2))
+    return path
