@@ -44,7 +44,11 @@ def sample_labels(model: nn.Module, x: Tensor, loss: Loss | str, generator: torc
 @dataclass
 class FisherSamples:
     grads: Tensor  # (m, D): row i is Fisher sample i, masked, in the layout's padded order
-    mean: Tensor  # (D,): the mean gradient over all m·b examples (WoodTaylor's first-order term)
+
+    @property
+    def mean(self) -> Tensor:
+        """(D,) mean gradient over all m·b examples: WoodTaylor's first-order term."""
+        return self.grads.mean(dim=0)
 
 
 def fisher_gradients(
@@ -59,7 +63,7 @@ def fisher_gradients(
     true_fisher: bool = False,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
-    chunk: int = 64,
+    chunk: int = 128,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FisherSamples:
@@ -90,7 +94,8 @@ def fisher_gradients(
 
     per_sample = vmap(grad(minibatch_loss), in_dims=(None, 0, 0))
     dtype = dtype or next(iter(selected.values())).dtype
-    out = torch.zeros(m, layout.width, dtype=dtype, device=xs.device)
+    out = torch.empty(m, layout.width, dtype=dtype, device=xs.device)
+    out[:, ~layout.valid(xs.device)] = 0  # block padding only; real columns are all written below
     was_training = model.training
     model.eval()
     try:
@@ -103,6 +108,6 @@ def fisher_gradients(
                 progress(stop, m)
     finally:
         model.train(was_training)
-    if mask is not None:
+    if mask is not None and not bool(mask.all()):
         out.mul_(mask.to(dtype))
-    return FisherSamples(out, out.mean(dim=0))
+    return FisherSamples(out)

@@ -97,7 +97,7 @@ def make_pruner(
     method, fisher = Method(method), fisher or FisherConfig()
     estimators: dict[Method, Callable[[], CurvatureEstimator]] = {
         Method.WOODFISHER: lambda: WoodFisher(fisher, block_size),
-        Method.WOODTAYLOR: lambda: WoodFisher(fisher, block_size),
+        Method.WOODTAYLOR: lambda: WoodFisher(fisher, block_size, taylor=True),
         Method.MAGNITUDE: Identity,
         Method.GLOBAL_MAGNITUDE: Identity,
         Method.DIAG_FISHER: lambda: DiagonalFisher(fisher),

@@ -41,13 +41,14 @@ class WoodFisher:
 
     config: FisherConfig = field(default_factory=FisherConfig)
     block_size: int | None = 128
+    taylor: bool = False  # also measure the mean gradient (WoodTaylor)
 
     def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
         s = _samples(self.config, model, layout, mask, data, progress)
         segments = layer_segments(
             layout, lambda l: fisher_block_inverse(l.blocks(s.grads).movedim(0, 1), self.config.lam)
         )
-        return Curvature(segments, grad=s.mean)
+        return Curvature(segments, grad=s.mean if self.taylor else None)
 
 
 @dataclass
@@ -60,4 +61,4 @@ class DiagonalFisher:
     def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
         s = _samples(self.config, model, layout, mask, data, progress)
         diag = s.grads.square().mean(dim=0).add_(self.config.lam)
-        return Curvature(layer_segments(layout, lambda l: DiagonalInverse(1.0 / l.blocks(diag))), grad=s.mean)
+        return Curvature(layer_segments(layout, lambda l: DiagonalInverse(1.0 / l.blocks(diag))))
