@@ -22,3 +22,35 @@ def tiny_task():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model, x, y
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from core.data import builtin_dataset
+
+    return builtin_dataset("digits").split(0.2, 0)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp_state(digits):
+    """A digits MLP (64-32-10) trained for a few epochs: its state dict."""
+    from core.specs import FinetuneSpec
+    from core.train import make_optimizer, train_epoch
+    from core.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
+    opt = make_optimizer(model, FinetuneSpec(optimizer="adam", lr=1e-2))
+    for e in range(15):
+        train_epoch(model, digits.x_train, digits.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
+                    generator=torch.Generator().manual_seed(e))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def digits_mlp(digits_mlp_state):
+    from core.zoo import build_model
+
+    model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
+    model.load_state_dict(digits_mlp_state)
+    return model
