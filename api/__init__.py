@@ -1,0 +1,1 @@
+"""HTTP edge: FastAPI app factory, dependencies, problem documents and /v1 routers. Imports only ``core``."""

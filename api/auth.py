@@ -1,0 +1,22 @@
+"""Bearer API keys: ``Authorization: Bearer arb_<prefix>_<secret>`` → tenant. 401 problem otherwise."""
+
+from __future__ import annotations
+
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from core.db import crud
+from core.db.models import Tenant
+from core.problems import Unauthorized
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key created with `arborist keys create --tenant NAME`.",
+)
+
+
+def tenant_from_credentials(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Tenant:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("Missing bearer API key")
+    return crud.authenticate(session=session, token=credentials.credentials)

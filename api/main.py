@@ -1,0 +1,75 @@
+"""The app factory. ``uvicorn api.main:app`` (built lazily from Settings) or ``create_app(settings, queue)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from api.observability import Metrics, MetricsMiddleware
+from api.problems import install_problem_handlers, install_problem_openapi
+from api.routers import datasets, jobs, models, outputs, system
+from core.artifacts import ArtifactStore
+from core.db.base import make_engine, make_sessionmaker
+from core.queue import JobQueue, resolve_queue
+from core.settings import Settings, get_settings
+
+try:
+    __version__ = version("arborist")
+except PackageNotFoundError:  # pragma: no cover
+    __version__ = "0.0.0"
+
+
+def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
+    """The API over ``settings`` (default: environment) and ``queue`` (default: the registered
+    ``settings.queue_name``)."""
+    settings = settings or get_settings()
+    if queue is None:
+        queue = resolve_queue(settings)
+    engine = make_engine(settings.database_url)
+    factory = make_sessionmaker(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            from core.db import migrate
+
+            await run_in_threadpool(migrate.upgrade, settings.database_url)
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title=settings.api_title,
+        version=__version__,
+        description="Pruning as a service (WoodFisher). Upload a model and data, post a pruning spec, poll the "
+        "job, download the artifacts. Errors are RFC 9457 problems (application/problem+json).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = factory
+    app.state.store = ArtifactStore(settings.artifact_root)
+    app.state.queue = queue
+    app.state.metrics = Metrics(factory)
+
+    for module in (system, models, datasets, jobs, outputs):
+        app.include_router(module.router)
+    install_problem_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_problem_openapi(app)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``api.main.app`` is built on first access, so importing this module has no side effects."""
+    if name == "app":
+        app = create_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)

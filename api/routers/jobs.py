@@ -1,0 +1,157 @@
+"""/v1/jobs: create (idempotent), list, get, cancel, retry. The API validates and enqueues; workers run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep
+from api.routers._common import CursorQuery, LimitQuery
+from api.routers.models import LOCATION
+from api.routing import JSONBodyRoute
+from api.schemas import JobCreate, JobPublic, JobsPublic
+from core.db import crud
+from core.db.models import Job, JobState
+from core.errors import InvalidInput
+from core.problems import ServiceUnavailable, problem_from_error
+from core.queue import JobQueue
+
+log = logging.getLogger("arborist.api")
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JSONBodyRoute)
+
+RETRY_AFTER_S = {JobState.QUEUED: 2, JobState.RUNNING: 2, JobState.CANCELING: 1}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before polling again (while active)",
+                               "schema": {"type": "integer"}}}
+
+
+def queue_for(spec_device: str) -> str:
+    return "gpu" if spec_device == "cuda" else "cpu"
+
+
+def request_hash(body: JobCreate, spec: dict) -> str:
+    canonical = json.dumps({"model_id": body.model_id, "dataset_id": body.dataset_id, "spec": spec},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
+    """Hands a queued job to the queue; if the queue refuses, the job fails (retryable) and the caller gets 503."""
+    try:
+        task_id = queue.enqueue(job.id, queue=job.queue)
+    except Exception as exc:
+        log.exception("enqueue of job %s failed", job.id)
+        err = ServiceUnavailable("The job queue is unavailable; retry the job later (POST .../retry)")
+        crud.finish_job(session=session, job_id=job.id, state=JobState.FAILED,
+                        error=problem_from_error(err, instance=f"/v1/jobs/{job.id}"))
+        raise err from exc
+    crud.set_task_id(session=session, job_id=job.id, task_id=task_id)
+    return crud.get_job(session=session, tenant=None, job_id=job.id)
+
+
+def _public(job: Job, response: Response) -> JobPublic:
+    if job.state in RETRY_AFTER_S:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S[job.state])
+    return JobPublic.model_validate(job)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={
+        202: {"description": "Job accepted and queued", "headers": LOCATION},
+        200: {"description": "Replay of an earlier request with the same Idempotency-Key", "model": JobPublic,
+              "headers": LOCATION},
+    },
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    queue: QueueDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(min_length=1, max_length=255, description="same key + same body returns the same job"),
+    ] = None,
+) -> JobPublic:
+    spec = body.spec
+    cap = settings.memory_budget_mb
+    if cap is not None and spec.memory_budget_mb is not None and spec.memory_budget_mb > cap:
+        raise InvalidInput(
+            f"spec.memory_budget_mb exceeds the server limit of {cap} MB",
+            errors=[{"loc": ["body", "spec", "memory_budget_mb"], "msg": f"at most {cap}", "type": "less_than_equal"}],
+        )
+    spec_json = spec.model_dump(mode="json", by_alias=True)
+    job, created = crud.create_job(
+        session=session,
+        tenant=tenant,
+        model_id=body.model_id,
+        dataset_id=body.dataset_id,
+        spec=spec_json,
+        queue=queue_for(spec.device),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(body, spec_json),
+    )
+    if created:
+        job = enqueue(session, queue, job)
+    else:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _public(job, response)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    limit: int = LimitQuery,
+    cursor: str | None = CursorQuery,
+) -> JobsPublic:
+    page = crud.list_jobs(session=session, tenant=tenant, state=state, limit=limit, cursor=cursor)
+    return JobsPublic(data=[JobPublic.model_validate(j) for j in page.items], count=page.count,
+                      next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={200: {"headers": RETRY_AFTER}})
+def get_job(job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    return _public(crud.get_job(session=session, tenant=tenant, job_id=job_id), response)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(
+    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
+) -> JobPublic:
+    """Queued jobs are canceled at once; running ones move to ``canceling`` until the worker stops."""
+    job = crud.request_cancel(session=session, tenant=tenant, job_id=job_id)
+    if job.task_id:
+        try:
+            queue.revoke(job.task_id)
+        except Exception:
+            log.warning("revoke of task %s (job %s) failed", job.task_id, job.id, exc_info=True)
+    return _public(job, response)
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={202: {"headers": LOCATION}},
+)
+def retry_job(
+    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
+) -> JobPublic:
+    """Failed or canceled → queued again; the worker resumes from its last checkpoint."""
+    job = crud.retry_job(session=session, tenant=tenant, job_id=job_id)
+    job = enqueue(session, queue, job)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _public(job, response)

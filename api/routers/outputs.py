@@ -1,0 +1,192 @@
+"""Job outputs: metrics (JSON or CSV), events (Server-Sent Events), artifacts (list + checked download)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.routing import JSONBodyRoute
+from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
+from core.db import crud
+from core.db.models import TERMINAL_STATES, JobEvent, JobState
+from core.problems import NotFound
+
+router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBodyRoute)
+
+EVENT_BATCH = 200
+KEEPALIVE_S = 15.0
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def _wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    accept = request.headers.get("accept", "").lower()
+    return "text/csv" in accept and "application/json" not in accept
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                     "description": "JSON, or CSV with `Accept: text/csv` or `?format=csv`"}},
+)
+def job_metrics(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    format: Annotated[Literal["json", "csv"] | None, Query(description="overrides the Accept header")] = None,
+) -> Any:
+    crud.get_job(session=session, tenant=tenant, job_id=job_id)
+    rows = [MetricPublic.model_validate(m) for m in crud.list_metrics(session=session, job_id=job_id)]
+    if not _wants_csv(request, format):
+        return MetricsPublic(data=rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.model_dump(mode="json").items()})
+    return Response(
+        buf.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-metrics.csv"'},
+    )
+
+
+# --- events (SSE) -------------------------------------------------------------------------------------------
+
+
+def _sse(event: JobEvent) -> str:
+    payload = {"seq": event.seq, "type": event.type, "data": event.data, "created_at": event.created_at.isoformat()}
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _poll(factory: sessionmaker[Session], job_id: str, after: int) -> tuple[JobState | None, list[JobEvent]]:
+    """The job's state *then* the events after ``after``: if the state was terminal, no event can follow."""
+    with factory() as session:
+        try:
+            state = crud.get_job(session=session, tenant=None, job_id=job_id).state
+        except NotFound:
+            return None, []
+        return state, crud.list_events(session=session, job_id=job_id, after_seq=after, limit=EVENT_BATCH)
+
+
+async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_s: float) -> AsyncIterator[str]:
+    factory = request.app.state.sessionmaker
+    deadline = time.monotonic() + max_s
+    last_sent = time.monotonic()
+    yield f"retry: {int(max(poll_s, 1.0) * 1000)}\n\n"
+    while True:
+        state, events = await run_in_threadpool(_poll, factory, job_id, after)
+        for event in events:
+            yield _sse(event)
+            after = event.seq
+            last_sent = time.monotonic()
+        if len(events) == EVENT_BATCH:
+            continue
+        if state is None or state in TERMINAL_STATES:
+            final = {"state": state.value if state else None}
+            yield f"event: end\ndata: {json.dumps(final)}\n\n"
+            return
+        if time.monotonic() >= deadline or await request.is_disconnected():
+            return
+        if time.monotonic() - last_sent >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await anyio.sleep(poll_s)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "stored events after Last-Event-ID / ?after=, then new ones until the job "
+                                    "is finished (closing with `event: end`)"}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, description="replay events with seq > after")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> StreamingResponse:
+    await run_in_threadpool(lambda: crud.get_job(session=session, tenant=tenant, job_id=job_id))
+    start = after or 0
+    if last_event_id and last_event_id.strip().isdigit():
+        start = max(start, int(last_event_id.strip()))
+    return StreamingResponse(
+        _follow(request, job_id, start, settings.sse_poll_interval_s, settings.sse_max_seconds),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# --- artifacts ----------------------------------------------------------------------------------------------
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactsPublic:
+    crud.get_job(session=session, tenant=tenant, job_id=job_id)
+    rows = crud.list_artifacts(session=session, job_id=job_id)
+    return ArtifactsPublic(data=[
+        ArtifactPublic(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, media_type=a.media_type,
+                       created_at=a.created_at, url=f"/v1/jobs/{job_id}/artifacts/{quote(a.name)}")
+        for a in rows
+    ])
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "the file; ETag is its sha256",
+              "headers": {"ETag": {"schema": {"type": "string"}}, "X-Checksum-Sha256": {"schema": {"type": "string"}},
+                          "Digest": {"schema": {"type": "string"}}}},
+        304: {"description": "If-None-Match matched"},
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    crud.get_job(session=session, tenant=tenant, job_id=job_id)
+    art = crud.get_artifact(session=session, job_id=job_id, name=name)
+    etag = f'"{art.sha256}"'
+    b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
+    headers = {"ETag": etag, "X-Checksum-Sha256": art.sha256, "Digest": f"sha-256={b64}",
+               "Repr-Digest": f"sha-256=:{b64}:", "Cache-Control": "private, max-age=0, must-revalidate"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    if not store.exists(art.path):
+        raise NotFound(f"The data of artifact {name!r} is missing from the store")
+    headers["Content-Length"] = str(art.size)
+    headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(art.name)}"
+    return StreamingResponse(store.iter_chunks(art.path), media_type=art.media_type, headers=headers)

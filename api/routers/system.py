@@ -1,0 +1,45 @@
+"""Unauthenticated operational endpoints: liveness, readiness (database + queue), Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.deps import QueueDep, SessionDep
+from api.schemas import Health
+
+log = logging.getLogger("arborist.api")
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
+def readyz(session: SessionDep, queue: QueueDep) -> Response:
+    checks = {"database": False, "queue": False}
+    try:
+        session.execute(text("SELECT 1"))
+        checks["database"] = True
+    except Exception:
+        log.warning("readiness: database check failed", exc_info=True)
+    try:
+        checks["queue"] = bool(queue.ping())
+    except Exception:
+        log.warning("readiness: queue ping failed", exc_info=True)
+    ok = all(checks.values())
+    body = Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

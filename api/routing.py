@@ -1,0 +1,51 @@
+"""A route class for JSON bodies: 415 for a non-JSON content type, 413 past ``max_json_bytes`` (checked on
+Content-Length and again while reading, so chunked bodies are capped too). Routes without a declared body
+(uploads read the stream themselves) pass through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from core.errors import TooLarge
+from core.problems import UnsupportedMediaType
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+async def read_json_body(request: Request, max_bytes: int) -> bytes:
+    """Reads the body (cached on the request for FastAPI) or raises 415/413."""
+    if not is_json_media_type(request.headers.get("content-type")):
+        raise UnsupportedMediaType("Expected a JSON body (Content-Type: application/json)")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise TooLarge(f"JSON body exceeds the limit of {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise TooLarge(f"JSON body exceeds the limit of {max_bytes} bytes")
+    request._body = bytes(body)  # what Request.body() returns from now on
+    return request._body
+
+
+class JSONBodyRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            await read_json_body(request, request.app.state.settings.max_json_bytes)
+            return await handler(request)
+
+        return guarded

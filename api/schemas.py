@@ -1,0 +1,170 @@
+"""Public schema family per entity: ``*Create`` bodies in, ``*Public``/``*sPublic`` out.
+
+Stored-only columns (paths, hashes of keys, idempotency data, task ids) never appear in a response.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.db.models import JobState
+from core.specs import PruneSpec
+
+T = TypeVar("T")
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(..., examples=["https://arborist.dev/problems/not-found"])
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(None, description="field errors: loc, msg, type")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    count: int = Field(..., description="total rows matching the filter")
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last")
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+class ModelPublic(_Public):
+    id: str
+    name: str
+    format: str
+    arch: str | None
+    arch_kwargs: dict[str, Any] | None
+    size: int
+    sha256: str
+    num_parameters: int | None
+    created_at: datetime
+
+
+class ModelsPublic(Page[ModelPublic]):
+    pass
+
+
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+class DatasetRegister(_Body):
+    """Registers a dataset already stored under one of the server's allowed roots."""
+
+    uri: str = Field(..., min_length=1, max_length=2048, examples=["file:///data/datasets/mnist.npz"])
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00]*$")
+    format: Literal["npz", "safetensors", "parquet"] | None = None
+
+
+class DatasetPublic(_Public):
+    id: str
+    name: str
+    format: str
+    source: Literal["upload", "uri"]
+    uri: str | None
+    size: int
+    sha256: str | None
+    num_examples: int | None
+    input_shape: list[int] | None
+    num_classes: int | None
+    has_val: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> DatasetPublic:
+        return cls.model_validate(
+            {**{k: getattr(row, k) for k in cls.model_fields if k != "source"},
+             "source": "uri" if row.uri else "upload"}
+        )
+
+
+class DatasetsPublic(Page[DatasetPublic]):
+    pass
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+
+
+class JobCreate(_Body):
+    model_id: str = Field(..., min_length=1, max_length=64)
+    dataset_id: str = Field(..., min_length=1, max_length=64)
+    spec: PruneSpec
+
+
+class JobPublic(_Public):
+    id: str
+    model_id: str | None
+    dataset_id: str | None
+    spec: dict[str, Any]
+    queue: str
+    state: JobState
+    progress: float
+    step: int | None
+    sparsity: float | None
+    message: str | None
+    error: dict[str, Any] | None = Field(None, description="an RFC 9457 problem when the job failed")
+    result: dict[str, Any] | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobsPublic(Page[JobPublic]):
+    pass
+
+
+class MetricPublic(_Public):
+    step: int
+    kind: str
+    epoch: float | None
+    sparsity: float | None
+    loss: float | None
+    metric: float | None
+    seconds: float | None
+    created_at: datetime
+
+
+class MetricsPublic(BaseModel):
+    data: list[MetricPublic]
+
+
+METRIC_CSV_COLUMNS = list(MetricPublic.model_fields)
+
+
+class ArtifactPublic(_Public):
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    media_type: str
+    created_at: datetime
+    url: str
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = Field(default_factory=dict)

@@ -1,0 +1,183 @@
+"""Artifact store over fsspec: a local directory by default, any fsspec URL otherwise.
+
+Keys are relative, '/'-separated paths (``models/<tenant>/<id>.safetensors``). Writes go to a temporary name
+and are renamed into place when complete, so a reader never sees a partial file; a write that overflows its
+byte cap is aborted and its temporary file deleted. Memory stays flat: data moves in chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from core.errors import TooLarge
+
+CHUNK = 1024 * 1024
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def validate_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or not _SEGMENT.fullmatch(p) for p in parts):
+        raise ValueError(f"invalid artifact key {key!r}")
+    return key
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    """Where the worker stores a job's output ``name``."""
+    return validate_key(f"jobs/{job_id}/{name}")
+
+
+class StreamWriter:
+    """An incremental ``put``: ``write`` chunks, then ``commit`` (rename into place) or ``abort``.
+
+    Counts and hashes as it goes; raises ``TooLarge`` (after deleting the temporary file) when the total
+    would exceed ``max_bytes``.
+    """
+
+    def __init__(self, store: ArtifactStore, key: str, max_bytes: int | None):
+        self.store = store
+        self.key = validate_key(key)
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._tmp = f"{key}.tmp-{uuid.uuid4().hex}"
+        self._fh: IO[bytes] | None = store.fs.open(store._path(self._tmp), "wb")
+        self.closed = False
+
+    def write(self, chunk: bytes) -> None:
+        if self.closed:
+            raise ValueError("writer is closed")
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise TooLarge(f"Upload exceeds the limit of {self.max_bytes} bytes")
+        self._hash.update(chunk)
+        assert self._fh is not None
+        self._fh.write(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> tuple[int, str]:
+        assert self._fh is not None
+        self._fh.close()
+        self._fh = None
+        self.closed = True
+        self.store.fs.mv(self.store._path(self._tmp), self.store._path(self.key))
+        return self.size, self.sha256
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            if self._fh is not None:
+                self._fh.close()
+        self._fh = None
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm(self.store._path(self._tmp))
+
+
+class ArtifactStore:
+    def __init__(self, root: str, **storage_options: Any):
+        self.fs, path = fsspec.core.url_to_fs(root, **storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            path = str(Path(path).expanduser().resolve())
+            Path(path).mkdir(parents=True, exist_ok=True)
+        self.root = path.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def _ensure_parent(self, key: str) -> None:
+        parent = self._path(key).rsplit("/", 1)[0]
+        with contextlib.suppress(FileExistsError):
+            self.fs.makedirs(parent, exist_ok=True)
+
+    # --- writing ---------------------------------------------------------------------------------------
+
+    def writer(self, key: str, *, max_bytes: int | None = None) -> StreamWriter:
+        self._ensure_parent(validate_key(key))
+        return StreamWriter(self, key, max_bytes)
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
+        """Writes ``chunks`` under ``key``; returns ``(size, sha256)``. ``TooLarge`` (nothing left) on overflow."""
+        w = self.writer(key, max_bytes=max_bytes)
+        try:
+            for chunk in chunks:
+                if chunk:
+                    w.write(chunk)
+        except BaseException:
+            w.abort()
+            raise
+        return w.commit()
+
+    def put_file(self, key: str, src: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[int, str]:
+        def chunks() -> Iterator[bytes]:
+            with open(src, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+
+        return self.put_stream(key, chunks(), max_bytes=max_bytes)
+
+    def move(self, src: str, dst: str) -> None:
+        self._ensure_parent(validate_key(dst))
+        self.fs.mv(self._path(validate_key(src)), self._path(dst))
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def open(self, key: str) -> IO[bytes]:
+        return self.fs.open(self._path(validate_key(key)), "rb")
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with self.open(key) as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def local_path(self, key: str) -> Path | None:
+        """The file's local path when the store is a local directory, else ``None``."""
+        return Path(self._path(validate_key(key))) if self.is_local else None
+
+    @contextlib.contextmanager
+    def materialize(self, key: str) -> Iterator[Path]:
+        """A local path for ``key``: the file itself when local, else a temporary copy removed afterwards."""
+        local = self.local_path(key)
+        if local is not None:
+            yield local
+            return
+        suffix = "".join(Path(key).suffixes[-1:])
+        with tempfile.TemporaryDirectory(prefix="arborist-") as tmp:
+            dst = Path(tmp) / f"artifact{suffix}"
+            with self.open(key) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            yield dst
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self._path(validate_key(key))))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(validate_key(key))))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(validate_key(key)))
+
+    def sha256(self, key: str) -> str:
+        h = hashlib.sha256()
+        for chunk in self.iter_chunks(key):
+            h.update(chunk)
+        return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Persistence: engine/session factory (``base``), tables (``models``), data functions (``crud``), migrations."""

@@ -1,0 +1,82 @@
+"""One settings object for the API, the worker, Alembic and the CLI (env prefix ``ARBORIST_``, ``.env`` support)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, computed_field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Values that mark a secret nobody replaced; refused outside development.
+PLACEHOLDERS = ("changethis", "changeme")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARBORIST_", env_file=".env", extra="ignore")
+
+    environment: Literal["dev", "prod"] = "dev"
+    api_title: str = "Arborist"
+
+    database_url: str = "sqlite:///./data/arborist.db"
+    artifact_root: str = Field("./data/artifacts", description="a local directory or any fsspec URL")
+    broker_url: str | None = Field(None, description="Celery broker; None = embedded mode")
+    queue_backend: str | None = Field(
+        None, description="name of a registered JobQueue; default 'celery' with a broker, else 'embedded'"
+    )
+    queue_plugins: list[str] = Field(
+        default_factory=lambda: ["worker.queue"],
+        description="modules imported (if present) to register queue backends before resolving queue_backend",
+    )
+    data_allowed_roots: list[str] = Field(default_factory=lambda: ["./data/datasets"])
+
+    max_upload_bytes: int = Field(2 * GiB, gt=0)
+    max_json_bytes: int = Field(1 * MiB, gt=0)
+    memory_budget_mb: float | None = Field(None, gt=0, description="server-side cap on a job's memory budget")
+    heartbeat_timeout_s: float = Field(300.0, gt=0)
+    # Worker (see worker/): a job's time limit, how often the reaper looks for dead workers, and how many
+    # attempts a job gets before the reaper gives up on it.
+    job_time_limit_s: float = Field(24 * 3600.0, gt=0, description="a job is stopped (failed) after this long")
+    reaper_interval_s: float = Field(30.0, gt=0, description="seconds between reaper sweeps")
+    max_attempts: int = Field(3, ge=1, description="worker losses tolerated per job before it fails")
+
+    sse_poll_interval_s: float = Field(0.5, gt=0, le=30)
+    sse_max_seconds: float = Field(900.0, gt=0, description="one events stream is closed after this long")
+    auto_migrate: bool = Field(False, description="run `alembic upgrade head` when the app starts")
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_driver(cls, v: str) -> str:
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> "Settings":
+        if self.environment != "dev":
+            for name in ("database_url", "broker_url"):
+                value = getattr(self, name) or ""
+                if any(p in value.lower() for p in PLACEHOLDERS):
+                    raise ValueError(f"{name} holds a placeholder secret; set a real one outside dev")
+        return self
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def queue_name(self) -> str:
+        if self.queue_backend:
+            return self.queue_backend
+        return "celery" if self.broker_url else "embedded"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,188 @@
+"""The API under a real uvicorn server (background thread, free 127.0.0.1 port), on a real database.
+
+The database is parametrised over SQLite (a temporary file) and PostgreSQL (a fresh schema per test session,
+dropped afterwards), and migrated with Alembic. The job queue is a recording fake: the real Celery queue comes
+with the worker. Each test gets its own tenant, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
+
+from _api_testkit import PG_URL, create_pg_schema, drop_pg_schema, pg_available
+from api.main import create_app
+from core.artifacts import ArtifactStore
+from core.db import crud, migrate
+from core.db.models import Tenant
+from core.settings import Settings
+
+MAX_UPLOAD = 256 * 1024
+MAX_JSON = 16 * 1024
+
+
+class RecordingQueue:
+    """A JobQueue that records what the API asked of it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.enqueued: list[tuple[str, str]] = []
+        self.revoked: list[str] = []
+        self.fail = False
+        self.healthy = True
+
+    def enqueue(self, job_id: str, *, queue: str) -> str | None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        with self.lock:
+            self.enqueued.append((job_id, queue))
+            return f"task-{job_id}-{len(self.enqueued)}"
+
+    def revoke(self, task_id: str) -> None:
+        with self.lock:
+            self.revoked.append(task_id)
+
+    def ping(self) -> bool:
+        return self.healthy
+
+    def queues_of(self, job_id: str) -> list[str]:
+        with self.lock:
+            return [q for j, q in self.enqueued if j == job_id]
+
+
+@dataclass
+class Harness:
+    base_url: str
+    settings: Settings
+    queue: RecordingQueue
+    sessionmaker: sessionmaker[Session]
+    store: ArtifactStore
+    db: str
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    def session(self) -> Session:
+        return self.sessionmaker()
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        c = httpx.Client(base_url=self.base_url, headers=headers, timeout=30.0, **kwargs)
+        self.clients.append(c)
+        return c
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'arborist.db'}"
+        return
+    if not pg_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    schema, url = create_pg_schema()
+    try:
+        yield url
+    finally:
+        drop_pg_schema(schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    migrate.upgrade(db_url)
+    root = tmp_path_factory.mktemp("api")
+    (root / "datasets").mkdir()
+    settings = Settings(
+        _env_file=None,
+        database_url=db_url,
+        artifact_root=str(root / "artifacts"),
+        data_allowed_roots=[str(root / "datasets")],
+        max_upload_bytes=MAX_UPLOAD,
+        max_json_bytes=MAX_JSON,
+        sse_poll_interval_s=0.05,
+        sse_max_seconds=2.0,
+    )
+    queue = RecordingQueue()
+    app = create_app(settings, queue)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    harness = Harness(
+        base_url=f"http://127.0.0.1:{port}",
+        settings=settings,
+        queue=queue,
+        sessionmaker=app.state.sessionmaker,
+        store=app.state.store,
+        db="sqlite" if db_url.startswith("sqlite") else "postgresql",
+    )
+    try:
+        yield harness
+    finally:
+        for c in harness.clients:
+            c.close()
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@dataclass
+class Account:
+    tenant: Tenant
+    key: str
+    client: httpx.Client
+
+
+@pytest.fixture
+def make_account(server: Harness) -> Callable[[], Account]:
+    def make() -> Account:
+        with server.session() as s:
+            tenant = crud.get_or_create_tenant(session=s, name=f"t-{uuid.uuid4().hex[:10]}")
+            _, key = crud.create_api_key(session=s, tenant=tenant)
+        return Account(tenant=tenant, key=key, client=server.client(key))
+
+    return make
+
+
+@pytest.fixture
+def account(make_account: Callable[[], Account]) -> Account:
+    return make_account()
+
+
+@pytest.fixture
+def client(account: Account) -> httpx.Client:
+    return account.client
+
+
+@pytest.fixture
+def seed(server: Harness, account: Account) -> Callable[..., tuple[str, str]]:
+    """Inserts a model and a dataset row for the current tenant via crud (no files): for job tests."""
+
+    def make(tenant: Tenant | None = None) -> tuple[str, str]:
+        t = tenant or account.tenant
+        with server.session() as s:
+            m = crud.create_model(session=s, tenant=t, name="m", format="safetensors", size=1, sha256="0" * 64,
+                                  path=f"models/{t.id}/none.safetensors", arch="mlp", num_parameters=10)
+            d = crud.create_dataset(session=s, tenant=t, name="d", format="npz", size=1, path=f"datasets/{t.id}/x",
+                                    num_examples=10, input_shape=[64], num_classes=10)
+            return m.id, d.id
+
+    return make

@@ -1,0 +1,155 @@
+"""Settings, the artifact store, the queue registry and the app factory, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import tracemalloc
+import types
+
+import httpx
+import pytest
+from _api_testkit import assert_problem, files_under
+
+from core.artifacts import ArtifactStore
+from core.errors import TooLarge
+from core.queue import NullQueue, register_queue, resolve_queue
+from core.settings import Settings, get_settings
+
+
+def test_settings_env_prefix_and_normalisation(monkeypatch):
+    monkeypatch.setenv("ARBORIST_DATABASE_URL", "postgresql://u:p@db/arborist")
+    monkeypatch.setenv("ARBORIST_DATA_ALLOWED_ROOTS", '["/a", "/b"]')
+    monkeypatch.setenv("ARBORIST_MAX_UPLOAD_BYTES", "123")
+    s = Settings(_env_file=None)
+    assert s.database_url == "postgresql+psycopg://u:p@db/arborist"
+    assert s.data_allowed_roots == ["/a", "/b"] and s.max_upload_bytes == 123
+    assert not s.is_sqlite and s.queue_name == "embedded"
+    assert Settings(_env_file=None, broker_url="redis://x").queue_name == "celery"
+    get_settings.cache_clear()
+    assert get_settings() is get_settings()
+    get_settings.cache_clear()
+
+
+def test_defaults():
+    s = Settings(_env_file=None)
+    assert s.database_url == "sqlite:///./data/arborist.db" and s.broker_url is None
+    assert s.max_upload_bytes == 2 * 1024**3 and s.max_json_bytes == 1024**2
+    assert s.data_allowed_roots == ["./data/datasets"] and s.environment == "dev"
+
+
+def test_placeholder_secrets_rejected_outside_dev():
+    url = "postgresql+psycopg://arborist:changethis@db/arborist"
+    assert Settings(_env_file=None, database_url=url).environment == "dev"
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(_env_file=None, environment="prod", database_url=url)
+
+
+def test_put_stream_atomic_and_capped(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    size, sha = store.put_stream("a/b.bin", [b"abc", b"", b"def"])
+    assert (size, sha) == (6, hashlib.sha256(b"abcdef").hexdigest())
+    assert store.exists("a/b.bin") and store.size("a/b.bin") == 6 and store.open("a/b.bin").read() == b"abcdef"
+    assert store.local_path("a/b.bin").read_bytes() == b"abcdef"
+
+    with pytest.raises(TooLarge):
+        store.put_stream("a/c.bin", iter([b"x" * 10] * 5), max_bytes=25)
+    assert not store.exists("a/c.bin")
+    assert [p.name for p in files_under(tmp_path / "store")] == ["b.bin"]  # no temp file left
+
+    def boom():
+        yield b"partial"
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError):
+        store.put_stream("a/d.bin", boom())
+    assert [p.name for p in files_under(tmp_path / "store")] == ["b.bin"]
+
+    store.move("a/b.bin", "z/b.bin")
+    assert store.exists("z/b.bin") and not store.exists("a/b.bin")
+    store.delete("z/b.bin")
+    store.delete("z/b.bin")  # idempotent
+    for bad in ("../x", "/abs", "a//b", "a/./b", ""):
+        with pytest.raises(ValueError):
+            store.exists(bad)
+
+
+def test_put_stream_memory_stays_flat(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    chunk = b"\1" * 65536
+    tracemalloc.start()
+    try:
+        size, _ = store.put_stream("big.bin", (chunk for _ in range(256)))  # 16 MiB
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == 16 * 1024 * 1024
+    assert peak < 4 * 1024 * 1024, peak
+
+
+def test_memory_fsspec_store():
+    store = ArtifactStore(f"memory://arb-{id(object())}")
+    store.put_stream("k/v.bin", [b"hello"])
+    assert store.local_path("k/v.bin") is None and store.open("k/v.bin").read() == b"hello"
+    with store.materialize("k/v.bin") as path:
+        assert path.read_bytes() == b"hello"
+
+
+def test_queue_registry(monkeypatch):
+    s = Settings(_env_file=None, queue_backend="null", queue_plugins=[])
+    assert isinstance(resolve_queue(s), NullQueue)
+    with pytest.raises(LookupError, match="no JobQueue registered as 'nope'"):
+        resolve_queue(Settings(_env_file=None, queue_backend="nope", queue_plugins=["no.such.module"]))
+
+    plugin = types.ModuleType("arb_test_queue_plugin")
+    plugin.__dict__["loaded"] = True
+    exec("from core.queue import NullQueue, register_queue\nregister_queue('plug', lambda s: NullQueue())",
+         plugin.__dict__)
+    monkeypatch.setitem(sys.modules, "arb_test_queue_plugin", plugin)
+    assert isinstance(resolve_queue(Settings(_env_file=None, queue_backend="plug",
+                                             queue_plugins=["arb_test_queue_plugin"])), NullQueue)
+    register_queue("custom", lambda settings: NullQueue())
+    assert isinstance(resolve_queue(s, "custom"), NullQueue)
+
+
+@pytest.fixture
+def unit_settings(tmp_path):
+    from core.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    migrate.upgrade(url)
+    return Settings(_env_file=None, database_url=url, artifact_root=str(tmp_path / "art"), queue_backend="null")
+
+
+def test_unexpected_error_is_500_problem(unit_settings):
+    from api.main import create_app
+
+    app = create_app(unit_settings)  # queue resolved from settings ("null")
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret detail")
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            resp = await c.get("/boom")
+            body = assert_problem(resp, 500, "internal-error")
+            assert "secret" not in resp.text and body["instance"] == "/boom"
+            assert (await c.get("/readyz")).json()["checks"] == {"database": True, "queue": True}
+
+    asyncio.run(run())
+
+
+def test_lazy_module_app(monkeypatch, unit_settings):
+    import api.main
+
+    monkeypatch.setattr(api.main, "get_settings", lambda: unit_settings)
+    assert "app" not in api.main.__dict__  # importing the module built nothing
+    try:
+        app = api.main.app
+        assert app.state.settings is unit_settings and isinstance(app.state.queue, NullQueue)
+        assert api.main.app is app
+    finally:
+        api.main.__dict__.pop("app", None)
