@@ -1,0 +1,116 @@
+"""PyTorch → ONNX with the torch.export-based ("dynamo") exporter, written atomically.
+
+Exporter choice (torch 2.13 + onnxscript): ``torch.onnx.export(..., dynamo=True)`` is the default
+and supported path (the TorchScript exporter is deprecated). Its stock optimizer, however, fuses
+BatchNorm into the preceding Conv, which rescales the exported conv weights; a pruned model
+should come out with the weights it was pruned to (and ONNX runtimes fuse BN themselves at load
+time). So the program is exported unoptimized and then tidied with public onnxscript passes only:
+constant folding, reshape-shape materialisation, removal of all-zero conv biases — no BN fusion.
+The batch axis is dynamic. Should torch.export be unable to capture a model (data-dependent
+control flow), the legacy TorchScript exporter is tried, with constant folding off for the same
+reason (it traces, so such a model is exported for the path the example input takes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+def _tidy(model_ir) -> onnx.ModelProto:  # noqa: ANN001 — an onnx_ir.Model
+    """Polish with public onnxscript passes; any failure keeps the (valid) unpolished graph.
+
+    Constants are folded except ``Transpose`` (so ``Transpose(fc.weight) → MatMul`` keeps the
+    parameter's own name instead of becoming an anonymous ``val_N`` initializer); Shape→Concat→
+    Reshape (flatten) becomes a constant ``[-1, n]`` reshape; the all-zero biases torchlib gives
+    bias-free convs are dropped (they would otherwise come back as parameters).
+    """
+    from onnxscript import ir, optimizer
+
+    proto = ir.serde.serialize_model(model_ir)
+    try:
+        optimizer.fold_constants(model_ir, should_fold=lambda node: False if node.op_type == "Transpose" else None)
+        proto = ir.serde.serialize_model(model_ir)
+        from onnxscript.rewriter import rewrite
+        from onnxscript.rewriter.rules import common as rules
+
+        tidy = [
+            rules.materialize_reshape_shape_rule, rules.squeeze_reshape_1d_rule,
+            rules.remove_optional_bias_from_conv_rule, rules.remove_optional_bias_from_gemm_rule,
+        ]  # fmt: skip
+        proto = rewrite(proto, tidy)
+    except Exception as e:  # noqa: BLE001 — cosmetic, the exported graph is already valid
+        log.debug("ONNX tidy-up skipped: %s", e)
+    return proto
+
+
+def _dynamo(model: nn.Module, x: Tensor) -> onnx.ModelProto:
+    if x.shape[0] == 1:  # torch.export specialises size-1 dims, which would pin the batch to 1
+        x = torch.cat([x, x])
+    batch = {0: torch.export.Dim("batch")}
+    params = list(inspect.signature(model.forward).parameters.values())
+    varargs = bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL  # e.g. OnnxModule.forward(*args)
+    program = torch.onnx.export(
+        model, (x,), dynamo=True, optimize=False, verbose=False, input_names=["input"], output_names=["output"],
+        dynamic_shapes=((batch,),) if varargs else (batch,),
+    )  # fmt: skip
+    return _tidy(program.model)
+
+
+def _legacy(model: nn.Module, x: Tensor, tmp: Path) -> onnx.ModelProto:
+    with warnings.catch_warnings():  # deprecation and tracer warnings: expected on this fallback path
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), str(tmp), dynamo=False, do_constant_folding=False, input_names=["input"],
+            output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )  # fmt: skip
+    return onnx.load(str(tmp))
+
+
+def export_onnx(model: nn.Module, example_input: Tensor, path: Path) -> Path:
+    """Export ``model`` (in eval mode; its mode is restored) to ``path``; returns ``path``.
+
+    The graph must pass ``onnx.checker``. It is written to a temporary file in the destination
+    folder, fsynced and renamed over ``path``, so a reader never sees a half-written model and a
+    failure leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                proto = _dynamo(model, example_input)
+            except Exception as e:  # noqa: BLE001 — torch.export could not capture the model
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                log.warning("dynamo ONNX export failed (%s: %s); trying the TorchScript exporter", type(e).__name__, first)
+                proto = _legacy(model, example_input, tmp)
+        onnx.checker.check_model(proto)
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+__all__ = ["export_onnx"]
