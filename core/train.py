@@ -82,7 +82,7 @@ def train_epoch(
                 params[name].grad.mul_(mask)
         optimizer.step()
         apply_masks(model, masks)  # weight decay / momentum can not revive a pruned weight
-        total += float(out) * len(idx)
+        total += out.item() * len(idx)
         if on_batch:
             on_batch(b + 1, batches)
     return total / len(x)
