@@ -66,3 +66,20 @@ def test_woodbury_never_materialises_c_by_c():
 def test_dampening_must_be_positive():
     with pytest.raises(ValueError):
         fisher_block_inverse(torch.randn(1, 4, 4), 0.0)
+
+
+def test_float32_blocks_that_round_indefinite_are_rebuilt_in_float64():
+    """Large, repeated gradient coordinates with a small λ: λI + GᵀG/m rounds indefinite in float32."""
+    from core.curvature.inverse import _gram
+
+    torch.manual_seed(3)
+    col = torch.randn(2, 50, 1) * 1e4
+    g = torch.cat([col, col, col, torch.randn(2, 50, 5)], dim=-1)
+    for gg in (g, g[:, :6]):  # dense (c ≤ m) and Woodbury (c > m)
+        small = gg.shape[-1] > gg.shape[-2]
+        assert torch.linalg.cholesky_ex(_gram(gg, 1e-3, small)).info.any()  # the float32 failure is real
+        inv = fisher_block_inverse(gg, 1e-3)
+        oracle = sherman_morrison_inverse(gg.double(), 1e-3)
+        assert torch.isfinite(inv.diag()).all()
+        failed = torch.linalg.cholesky_ex(_gram(gg, 1e-3, small)).info != 0
+        assert rel(inv.diag()[failed].double(), oracle.diagonal(dim1=-2, dim2=-1)[failed]) < 1e-5

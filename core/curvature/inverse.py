@@ -133,6 +133,28 @@ class DiagonalInverse:
         return p.to(v.dtype) * v / self.d
 
 
+def _gram(g: Tensor, lam: float, small_side: bool) -> Tensor:
+    """m·F_b = GᵀG + mλI (dense, c × c) or S = GGᵀ + mλI (Woodbury, m × m)."""
+    a = g @ g.mT if small_side else g.mT @ g
+    a.diagonal(dim1=-2, dim2=-1).add_(g.shape[-2] * lam)
+    return a
+
+
+def _cholesky(g: Tensor, lam: float, small_side: bool) -> tuple[Tensor, Tensor | None]:
+    """Batched Cholesky of the Gram matrices, in place; blocks that fail in g's precision
+    (rounding can make λI + GᵀG/m indefinite in float32 when gradients are large) are rebuilt
+    from their gradients in float64. Returns (factors, indices of the rebuilt blocks or None)."""
+    a = _gram(g, lam, small_side)
+    info = torch.empty(a.shape[0], dtype=torch.int32, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(a, out=(a, info))
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel() == 0 or g.dtype == torch.float64:
+        if bad.numel():
+            raise ValueError("Fisher block not positive definite: raise λ")
+        return chol, None
+    return chol, bad
+
+
 def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInverse:
     """Inverse of F_b = λI + G_bᵀG_b/m for gradient blocks ``g`` shaped ``(nb, m, c)``.
 
@@ -142,14 +164,17 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
     if lam <= 0:
         raise ValueError("the dampening λ must be positive")
     nb, m, c = g.shape
-    if c <= m:
-        f = g.mT @ g
-        f.div_(m).diagonal(dim1=-2, dim2=-1).add_(lam)
-        return DenseInverse.from_matrix(f)
-    s = g @ g.mT
-    s.diagonal(dim1=-2, dim2=-1).add_(m * lam)
-    info = torch.empty(nb, dtype=torch.int32, device=s.device)
-    chol, info = torch.linalg.cholesky_ex(s, out=(s, info))  # in place: S is not needed after
-    if bool(info.any()):
-        raise ValueError("Fisher block not positive definite in this precision: raise λ or use float64")
-    return WoodburyInverse(torch.linalg.solve_triangular(chol, g, upper=False), lam)
+    dense = c <= m
+    chol, bad = _cholesky(g, lam, small_side=not dense)
+    if bad is not None:  # placeholder factors; these blocks are redone in float64 below
+        chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    if dense:
+        inv = torch.cholesky_inverse(chol).mul_(m)  # (GᵀG + mλI)⁻¹·m = F⁻¹
+    else:
+        inv = torch.linalg.solve_triangular(chol, g, upper=False)
+    if bad is not None:  # redo the failed blocks in float64
+        g64 = g[bad].double()
+        chol64 = torch.linalg.cholesky(_gram(g64, lam, small_side=not dense))
+        redo = torch.cholesky_inverse(chol64) * m if dense else torch.linalg.solve_triangular(chol64, g64, upper=False)
+        inv[bad] = redo.to(inv.dtype)
+    return DenseInverse(inv) if dense else WoodburyInverse(inv, lam)
