@@ -29,7 +29,7 @@ from celery.signals import worker_ready
 from kombu import Exchange, Queue
 
 from core.settings import Settings, get_settings
-from worker.queue import QUEUES, TASK_NAME
+from worker.queue import QUEUES
 
 log = logging.getLogger("arborist.worker")
 

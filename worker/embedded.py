@@ -44,6 +44,10 @@ def _settings_payload(settings: Settings) -> dict[str, Any]:
     return settings.model_dump(mode="json", exclude={"is_sqlite", "queue_name"})
 
 
+class JobTimeLimit(Exception):
+    """Raised in a job process when ``Settings.job_time_limit_s`` has passed (SIGALRM)."""
+
+
 def _job_process(job_id: str, payload: dict[str, Any]) -> None:
     """The body of a job's child process."""
     from worker import runner
@@ -55,9 +59,14 @@ def _job_process(job_id: str, payload: dict[str, Any]) -> None:
     def interrupt(signum: int, _frame: Any) -> None:
         control.interrupt("the embedded worker is shutting down")
 
+    def time_limit(signum: int, _frame: Any) -> None:
+        raise JobTimeLimit()
+
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    runner.run_job(job_id, settings, worker=worker_name(NODE), control=control)
+    signal.signal(signal.SIGALRM, time_limit)
+    signal.setitimer(signal.ITIMER_REAL, settings.job_time_limit_s)
+    runner.run_job(job_id, settings, worker=worker_name(NODE), control=control, time_limit_errors=(JobTimeLimit,))
 
 
 def _context() -> Any:

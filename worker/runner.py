@@ -322,7 +322,8 @@ class JobAttempt:
 
     def _finish(self, state: JobState, **kw: Any) -> bool:
         return self.db.call(
-            lambda s: worker_crud.finish_attempt(session=s, job_id=self.job_id, attempt=self.attempt, state=state, **kw),
+            lambda s: worker_crud.finish_attempt(session=s, job_id=self.job_id, attempt=self.attempt, state=state,
+                                                 **kw),
             deadline_s=FINISH_DEADLINE_S, what=f"finish ({state.value})",
         )
 

@@ -9,18 +9,33 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from worker import runner
 from worker.celery_app import settings_of
+from worker.db import is_transient
 from worker.queue import TASK_NAME
 from worker.reaper import worker_name
+
+#: seconds before a task whose database was unreachable is tried again (doubling, capped)
+RETRY_BASE_S = 15
+RETRY_MAX_S = 300
 
 
 @shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Any, job_id: str) -> str:
     """Claims ``job_id`` (a redelivered or duplicate message finds nothing to claim and returns ``skipped``),
-    runs or resumes it, and records the outcome on the job row."""
-    return runner.run_job(
-        job_id,
-        settings_of(self.app),
-        worker=worker_name(self.request.hostname or "celery"),
-        task_id=self.request.id,
-        time_limit_errors=(SoftTimeLimitExceeded,),
-    )
+    runs or resumes it, and records the outcome on the job row.
+
+    If the database stays unreachable (past the runner's own retries), the message is re-sent for later: a job
+    not yet claimed would otherwise wait in ``queued`` for the reaper's hourly resend; a claimed one is requeued
+    by the reaper once its heartbeat is stale, and the retry then finds it again."""
+    try:
+        return runner.run_job(
+            job_id,
+            settings_of(self.app),
+            worker=worker_name(self.request.hostname or "celery"),
+            task_id=self.request.id,
+            time_limit_errors=(SoftTimeLimitExceeded,),
+        )
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(self.request.retries, 8))
+        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc

@@ -1,0 +1,137 @@
+"""docker-compose.yml and Dockerfile agree with the code: services, Settings fields, dependencies, volumes, pins."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = {"api", "worker", "redis", "postgres", "migrate"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _depends(service: dict[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return {d: "service_started" for d in deps}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def test_every_service_exists(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == SERVICES
+
+
+def test_arborist_variables_are_settings_fields(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = set(Settings.model_fields)
+    seen = set()
+    for name, service in compose["services"].items():
+        for var, value in _env(service).items():
+            if var.startswith("ARBORIST_"):
+                field = var.removeprefix("ARBORIST_").lower()
+                assert field in fields, f"{name}: {var} is not a Settings field"
+                seen.add(var)
+    assert {"ARBORIST_DATABASE_URL", "ARBORIST_BROKER_URL", "ARBORIST_ARTIFACT_ROOT"} <= seen
+    # The values parse as the containers would parse them.
+    for var in list(os.environ):
+        if var.startswith("ARBORIST_"):
+            monkeypatch.delenv(var)
+    for var, value in _env(compose["services"]["api"]).items():
+        if var.startswith("ARBORIST_"):
+            monkeypatch.setenv(var, value.replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "s3cret"))
+    settings = Settings(_env_file=None)
+    assert settings.environment == "prod" and settings.queue_name == "celery"
+    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert settings.data_allowed_roots == ["/data/datasets"]
+    assert settings.job_time_limit_s > settings.heartbeat_timeout_s
+
+
+def test_api_and_worker_share_settings_and_artifacts(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    api, worker, migrate = _env(services["api"]), _env(services["worker"]), _env(services["migrate"])
+    assert api == worker and migrate["ARBORIST_DATABASE_URL"] == api["ARBORIST_DATABASE_URL"]
+    root = api["ARBORIST_ARTIFACT_ROOT"]
+    mounts = {}
+    for name in ("api", "worker"):
+        mounts[name] = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        assert root in mounts[name], f"{name} does not mount the artifact root {root}"
+    assert mounts["api"][root] == mounts["worker"][root]
+    assert mounts["api"][root] in compose["volumes"], "the artifact store must be a named volume"
+
+
+def test_depends_on_and_healthchecks_are_consistent(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        for dep, condition in _depends(service).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            assert condition in ("service_started", "service_healthy", "service_completed_successfully")
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no check"
+    for name in ("api", "worker"):
+        deps = _depends(services[name])
+        assert deps["migrate"] == "service_completed_successfully", name
+        assert deps["postgres"] == deps["redis"] == "service_healthy", name
+        assert "healthcheck" in services[name], name
+    assert _depends(services["migrate"]) == {"postgres": "service_healthy"}
+    assert services["migrate"]["restart"] == "no"
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+    declared = set(compose["volumes"])
+    used = set()
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                used.add(source)
+    assert used == declared
+
+
+def test_worker_reserves_a_gpu_and_runs_the_celery_app(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    command = worker["command"]
+    assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    queues = command[command.index("-Q") + 1].split(",")
+    assert set(queues) == {"gpu", "cpu"} and command[command.index("-c") + 1] == "1"
+    assert "BASE_IMAGE" in worker["build"]["args"] and "cuda" in worker["build"]["args"]["BASE_IMAGE"]
+    assert compose["services"]["api"]["command"][:2] == ["uvicorn", "api.main:app"]
+
+
+def test_dockerfile_pins_torch_and_takes_a_cuda_base(dockerfile: str) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
+    assert pin == "torch==2.13.0"
+    assert f'"{pin}"' in dockerfile or f" {pin} " in dockerfile
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", dockerfile, re.M)
+    assert "download.pytorch.org/whl/cpu" in dockerfile and "ARG TORCH_INDEX_URL" in dockerfile
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK ", dockerfile, re.M)
+    for path in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
+        assert (ROOT / path).exists(), f"COPY {path}: no such path"
