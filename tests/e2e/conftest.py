@@ -1,0 +1,180 @@
+"""Fixtures for the end-to-end tests: real PostgreSQL (a fresh schema), real Redis (a dedicated, flushed db),
+a real ``uvicorn`` process and real ``celery worker`` processes. Every process is killed in teardown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _e2e_kit import (
+    HEARTBEAT_TIMEOUT_S,
+    REAPER_INTERVAL_S,
+    VENV_BIN,
+    Api,
+    DigitsFiles,
+    Proc,
+    base_env,
+    create_key,
+    free_port,
+    make_digits_files,
+    wait_for,
+)
+
+PG_URL = os.environ.get("ARBORIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ARBORIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # db 11: these tests only
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end tests with real server and worker processes")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
+    return make_digits_files(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001
+        engine.dispose()
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+    schema = f"arb_e2e_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    from core.db import migrate
+
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+    client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_url: str, redis_url: str, e2e_dir: Path) -> dict[str, str]:
+    return base_env(
+        environment="dev",
+        database_url=pg_url,
+        broker_url=redis_url,
+        artifact_root=str(e2e_dir / "artifacts"),
+        data_allowed_roots=[str(e2e_dir / "datasets")],
+        heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+        reaper_interval_s=REAPER_INTERVAL_S,
+        max_attempts=3,
+        sse_poll_interval_s=0.2,
+        sse_max_seconds=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def processes() -> Iterator[list[Proc]]:
+    """Every process a test starts; all are killed at the end of the session, whatever happened."""
+    procs: list[Proc] = []
+    try:
+        yield procs
+    finally:
+        for p in reversed(procs):
+            p.stop(grace=5)
+
+
+def diagnostics(procs: list[Proc]) -> Callable[[], str]:
+    return lambda: "\n".join(p.describe() for p in procs)
+
+
+@pytest.fixture(scope="session")
+def api_server(service_env: dict[str, str], e2e_dir: Path, processes: list[Proc]) -> str:
+    port = free_port()
+    proc = Proc("uvicorn", [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+                            "--log-level", "warning"], service_env, e2e_dir / "uvicorn.log").start()
+    processes.append(proc)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"uvicorn exited\n{proc.describe()}")
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+
+    wait_for(ready, timeout=60, what="the API to be ready", on_timeout=proc.describe)
+    return base
+
+
+@pytest.fixture(scope="session")
+def start_worker(service_env: dict[str, str], e2e_dir: Path, processes: list[Proc]) -> Callable[..., Proc]:
+    """Starts ``celery worker`` (node ``<name>@e2e``, queues cpu and gpu, one job at a time) and waits for it."""
+
+    def start(name: str, **env: str) -> Proc:
+        log = e2e_dir / f"celery-{name}.log"
+        proc = Proc(f"celery {name}", [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "worker",
+                                       "-Q", "cpu,gpu", "-c", "1", "-P", "prefork", "-n", f"{name}@e2e",
+                                       "--without-gossip", "--without-mingle", "-l", "INFO"],
+                    {**service_env, **env}, log).start()
+        processes.append(proc)
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"celery worker {name} exited\n{proc.describe()}")
+            return " ready." in proc.log(200_000)
+
+        wait_for(ready, timeout=90, what=f"celery worker {name} to be ready", on_timeout=proc.describe)
+        return proc
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def api(api_server: str, pg_url: str, processes: list[Proc]) -> Iterator[Api]:
+    key = create_key(pg_url, f"e2e-{uuid.uuid4().hex[:8]}")
+    with httpx.Client(base_url=api_server, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        yield Api(client, diagnostics(processes))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_scratch(e2e_dir: Path) -> Iterator[None]:
+    yield
+    shutil.rmtree(e2e_dir / "artifacts", ignore_errors=True)

@@ -1,0 +1,97 @@
+"""The Celery side: configuration, the queue registry as the API sees it, messages on the right queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from core.queue import resolve_queue
+from core.settings import Settings
+from worker.celery_app import DEFAULT_BROKER, make_celery
+from worker.queue import BROKER_MARKER, TASK_NAME, CeleryQueue, EmbeddedQueue
+
+REDIS_URL = os.environ.get("ARBORIST_TEST_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/12")  # db 12: this module
+
+
+def test_celery_configuration() -> None:
+    app = make_celery(Settings(_env_file=None, broker_url="redis://example:6379/3", job_time_limit_s=7200))
+    conf = app.conf
+    assert conf.broker_url == "redis://example:6379/3"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_ignore_result
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_max_tasks_per_child == 1
+    assert conf.broker_transport_options["visibility_timeout"] > 7200
+    assert conf.task_soft_time_limit == 7200 < conf.task_time_limit
+    assert {q.name for q in conf.task_queues} == {"cpu", "gpu"}
+    assert app.amqp.router.route({"queue": "gpu"}, TASK_NAME, args=["j"], kwargs={})["queue"].name == "gpu"
+    assert make_celery(Settings(_env_file=None)).conf.broker_url == DEFAULT_BROKER
+
+
+def test_the_api_resolves_queues_from_settings_alone() -> None:
+    """What create_app does: no import of worker in api/, no torch, no CUDA in the API process."""
+    code = (
+        "import sys, json\n"
+        "from core.settings import Settings\n"
+        "from core.queue import resolve_queue\n"
+        "celery = resolve_queue(Settings(_env_file=None, broker_url='redis://127.0.0.1:1/0'))\n"
+        "embedded = resolve_queue(Settings(_env_file=None))\n"
+        "print(json.dumps([type(celery).__name__, type(embedded).__name__,\n"
+        "                  'torch' in sys.modules, 'worker.tasks' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == ["CeleryQueue", "EmbeddedQueue", False, False]
+
+
+def test_the_worker_modules_do_not_touch_cuda() -> None:
+    code = "import torch, worker.tasks, worker.embedded, worker.reaper; print(torch.cuda.is_initialized())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_embedded_queue_sends_nothing() -> None:
+    q = resolve_queue(Settings(_env_file=None))
+    assert isinstance(q, EmbeddedQueue) and q.enqueue("job_x", queue="gpu") is None and q.ping()
+    with pytest.raises(ValueError):
+        q.enqueue("job_x", queue="tpu")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[object]:
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def test_celery_queue_puts_the_message_on_the_named_queue(redis_db: object) -> None:
+    queue = CeleryQueue(Settings(_env_file=None, broker_url=REDIS_URL))
+    assert queue.ping()
+    task_id = queue.enqueue("job_abc", queue="gpu")
+    assert task_id
+    raw = redis_db.lpop("gpu")  # type: ignore[attr-defined]
+    assert raw is not None and redis_db.llen("cpu") == 0  # type: ignore[attr-defined]
+    message = json.loads(raw)
+    assert message["headers"]["task"] == TASK_NAME and message["headers"]["id"] == task_id
+    assert message["headers"]["argsrepr"] == "['job_abc']"
+    with pytest.raises(ValueError):
+        queue.enqueue("job_abc", queue="default")
+
+
+def test_lost_messages_is_true_once_per_loss_of_redis_data(redis_db: object) -> None:
+    queue = CeleryQueue(Settings(_env_file=None, broker_url=REDIS_URL))
+    assert queue.lost_messages() is True  # nothing marked yet: first sweep, or Redis lost its data
+    assert queue.lost_messages() is False
+    redis_db.delete(BROKER_MARKER)  # type: ignore[attr-defined]
+    assert queue.lost_messages() is True
+    memory = CeleryQueue(Settings(_env_file=None, broker_url="memory://"))
+    assert memory.lost_messages() is False

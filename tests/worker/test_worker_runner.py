@@ -1,0 +1,186 @@
+"""``worker.runner`` without a broker: outcomes, problems, cancellation with resume, ownership, throttling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from core.db import crud, worker_crud
+from core.db.models import JobState
+from core.errors import DoesNotFit
+from worker import runner
+from worker.db import Database
+from worker.runner import Control, DbHooks, run_job
+
+from conftest import World
+
+PROBLEMS = "https://arborist.dev/problems/"
+
+
+def test_success_records_artifacts_metrics_events_and_drops_the_checkpoint(world: World) -> None:
+    job_id = world.job()
+    assert run_job(job_id, world.settings, worker="test@host:1") == "succeeded"
+    job = world.get(job_id)
+    assert job.state is JobState.SUCCEEDED and job.progress == 1.0 and job.attempts == 1 and job.error is None
+    assert job.result["sparsity"]["target"] == 0.8 and job.result["artifacts"]["pruned"] == "pruned.safetensors"
+    with world.sessions() as s:
+        arts = {a.name: a for a in crud.list_artifacts(session=s, job_id=job_id)}
+        metrics = crud.list_metrics(session=s, job_id=job_id)
+    assert {"pruned.safetensors", "masks.safetensors", "report.json", "curve.csv", "curve.png"} <= set(arts)
+    for art in arts.values():
+        assert world.store.size(art.path) == art.size and world.store.sha256(art.path) == art.sha256
+    assert arts["report.json"].media_type == "application/json"
+    assert [m.kind for m in metrics] == ["dense", "prune", "epoch", "epoch"]
+    kinds = [k for k, _ in world.events(job_id)]
+    assert kinds[:2] == ["state", "state"] and kinds[-1] == "state"
+    assert {"started", "pruned", "checkpoint", "progress", "artifact"} <= set(kinds)
+    assert not world.store.exists(f"checkpoints/{job_id}/latest.json")
+    # A redelivered message finds nothing to do.
+    assert run_job(job_id, world.settings, worker="test@host:2") == "skipped"
+    assert world.get(job_id).attempts == 1
+
+
+def test_bad_input_fails_with_its_problem(world: World) -> None:
+    job_id = world.job(arch_kwargs={"in_features": 64, "hidden": [16], "num_classes": 10})  # weights don't fit
+    assert run_job(job_id, world.settings, worker="test@host:1") == "failed"
+    job = world.get(job_id)
+    assert job.state is JobState.FAILED
+    assert job.error["type"] == PROBLEMS + "invalid-input" and job.error["status"] == 422
+    assert job.error["instance"] == f"/v1/jobs/{job_id}" and "architecture" in job.error["detail"]
+
+
+def test_domain_error_inside_the_run_keeps_its_type(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    def too_big(*args: object, **kwargs: object) -> None:
+        raise DoesNotFit("needs 9 GB, budget 1 GB")
+
+    monkeypatch.setattr(runner, "execute", too_big)
+    job_id = world.job()
+    assert run_job(job_id, world.settings, worker="test@host:1") == "failed"
+    assert world.get(job_id).error["type"] == PROBLEMS + "memory-budget-exceeded"
+
+
+def test_unexpected_exception_fails_with_the_reason(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "execute", boom)
+    job_id = world.job()
+    assert run_job(job_id, world.settings, worker="test@host:1") == "failed"
+    error = world.get(job_id).error
+    assert error["type"] == PROBLEMS + "internal-error" and error["status"] == 500
+    assert error["detail"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+def test_time_limit_maps_to_its_problem(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    class SoftLimit(Exception):
+        pass
+
+    def slow(*args: object, **kwargs: object) -> None:
+        raise SoftLimit()
+
+    monkeypatch.setattr(runner, "execute", slow)
+    job_id = world.job()
+    outcome = run_job(job_id, world.settings, worker="test@host:1", time_limit_errors=(SoftLimit,))
+    assert outcome == "failed" and world.get(job_id).error["type"] == PROBLEMS + "time-limit-exceeded"
+
+
+def _run_in_thread(world: World, job_id: str, control: Control | None = None) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(run_job(job_id, world.settings, worker="test@host:1",
+                                                           control=control)))
+    t.start()
+    return t, out
+
+
+def _wait_event(world: World, job_id: str, pred: Callable[[str, dict], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(pred(k, d) for k, d in world.events(job_id)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"event not seen: {world.events(job_id)[-5:]}")
+
+
+LONG = {"sparsity": 0.8, "fisher": {"samples": 64, "lambda": 1e-3}, "device": "cpu",
+        "finetune": {"epochs": 16, "batch_size": 2}}  # ~0.3 s per epoch on one thread
+
+
+def test_cancel_keeps_the_checkpoint_and_retry_resumes(world: World) -> None:
+    job_id = world.job(LONG)
+    thread, out = _run_in_thread(world, job_id)
+    _wait_event(world, job_id, lambda k, d: k == "checkpoint" and d["phase"] == "trained")
+    with world.sessions() as s:
+        crud.request_cancel(session=s, tenant=None, job_id=job_id)
+    thread.join(60)
+    assert out == ["canceled"]
+    job = world.get(job_id)
+    assert job.state is JobState.CANCELED and job.error is None and "checkpoint" in job.message
+    assert world.store.exists(f"checkpoints/{job_id}/latest.json")
+
+    with world.sessions() as s:
+        crud.retry_job(session=s, tenant=None, job_id=job_id)
+    assert run_job(job_id, world.settings, worker="test@host:2") == "succeeded"
+    resumed = [d for k, d in world.events(job_id) if k == "resumed"]
+    assert len(resumed) == 1 and world.get(job_id).attempts == 2
+    with world.sessions() as s:
+        keys = [(m.step, m.kind) for m in crud.list_metrics(session=s, job_id=job_id)]
+    assert len(keys) == len(set(keys)) == 18  # dense, prune, 16 epochs: none twice
+
+
+def test_interrupt_releases_the_job(world: World) -> None:
+    job_id = world.job(LONG)
+    control = Control()
+    thread, out = _run_in_thread(world, job_id, control)
+    _wait_event(world, job_id, lambda k, d: k == "checkpoint")
+    control.interrupt("shutting down")
+    thread.join(60)
+    assert out == ["released"]
+    job = world.get(job_id)
+    assert job.state is JobState.QUEUED and job.message == "shutting down" and job.worker is None
+
+
+def test_an_attempt_that_lost_the_job_stops_and_writes_nothing(world: World) -> None:
+    job_id = world.job(LONG)
+    thread, out = _run_in_thread(world, job_id)
+    _wait_event(world, job_id, lambda k, d: k == "checkpoint")
+    with world.sessions() as s:  # the reaper presumed it dead, another worker claimed it
+        assert worker_crud.requeue_lost(session=s, job_id=job_id, attempt=1, reason="test")
+        assert crud.claim_job(session=s, job_id=job_id, worker="other@host:9").attempts == 2
+    thread.join(60)
+    assert out == ["lost"]
+    job = world.get(job_id)
+    assert job.state is JobState.RUNNING and job.worker == "other@host:9" and job.attempts == 2
+
+
+def test_progress_writes_are_throttled(world: World) -> None:
+    job_id = world.job()
+    with world.sessions() as s:
+        crud.claim_job(session=s, job_id=job_id, worker="t@h:1")
+    db = Database(world.settings.database_url)
+    hooks = DbHooks(db, job_id, 1, Control(), min_interval=0.2, event_interval=10)
+    start = time.monotonic()
+    calls = 0
+    while time.monotonic() - start < 1.0:
+        hooks.progress(0.5, "same message")
+        calls += 1
+        time.sleep(0.001)
+    hooks.progress(1.0, "done")
+    db.dispose()
+    progress_events = [d for k, d in world.events(job_id) if k == "progress"]
+    assert calls > 100
+    assert len(progress_events) == 2  # first write, then only the final one (same message, < event interval)
+    job = world.get(job_id)
+    assert job.progress == 1.0 and job.message == "done"
+
+
+def test_record_metric_replaces_a_recomputed_point(world: World) -> None:
+    job_id = world.job()
+    with world.sessions() as s:
+        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.5)
+        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.7)
+        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="prune", metric=0.1)
+        rows = [(m.step, m.kind, m.metric) for m in crud.list_metrics(session=s, job_id=job_id)]
+    assert rows == [(3, "epoch", 0.7), (3, "prune", 0.1)]
