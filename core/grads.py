@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from core.buffers import large_empty
 from core.layout import BlockLayout
 
 
@@ -94,8 +95,9 @@ def fisher_gradients(
 
     per_sample = vmap(grad(minibatch_loss), in_dims=(None, 0, 0))
     dtype = dtype or next(iter(selected.values())).dtype
-    out = torch.empty(m, layout.width, dtype=dtype, device=xs.device)
-    out[:, ~layout.valid(xs.device)] = 0  # block padding only; real columns are all written below
+    out = large_empty(m, layout.width, dtype=dtype, device=xs.device)
+    for layer in layout.layers:  # block padding only; real columns are all written below
+        out[:, layer.offset + layer.numel : layer.offset + layer.width] = 0
     was_training = model.training
     model.eval()
     try:

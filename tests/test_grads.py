@@ -1,9 +1,12 @@
 """vmap(grad) Fisher samples against an explicit per-example backward loop."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from core.buffers import large_empty
 from core.grads import fisher_gradients
 from core.layout import BlockLayout, select_parameters
 
@@ -59,3 +62,23 @@ def test_too_many_samples_is_an_error(tiny_task):
     layout = BlockLayout.for_model(model, select_parameters(model), None)
     with pytest.raises(ValueError, match="800"):
         fisher_gradients(model, layout, x, y, m=400, fisher_batch=2)
+
+
+def _anon_huge_kb() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_large_empty_is_a_plain_tensor_backed_by_huge_pages():
+    small = large_empty(3, 5, dtype=torch.float64, device="cpu")
+    assert small.shape == (3, 5) and small.dtype == torch.float64
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this kernel")
+    before = _anon_huge_kb()
+    big = large_empty(64, 1 << 16, dtype=torch.float32, device="cpu")  # 16 MiB
+    big.fill_(1.5)
+    assert float(big.sum()) == 1.5 * big.numel()
+    assert _anon_huge_kb() - before >= 8 * 1024  # at least half of it in 2 MiB pages
