@@ -1,4 +1,4 @@
-"""``arborist``: local pruning runs, the embedded service, keys and migrations."""
+"""``arborist``: local pruning runs, the service's client commands, the embedded service, keys and migrations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import click
 
 from cli.admin import db, keys
 from cli.local import compare, dataset, prune, train
+from cli.remote import datasets, jobs, models
 
 
 @click.group()
@@ -13,7 +14,7 @@ def main() -> None:
     """Arborist: WoodFisher pruning as a service."""
 
 
-for command in (prune, compare, train, dataset, keys, db):
+for command in (prune, compare, train, dataset, models, datasets, jobs, keys, db):
     main.add_command(command)
 
 try:  # the embedded service lives in cli/serve.py
