@@ -36,8 +36,8 @@ class KroneckerInverse:
 
     @classmethod
     def from_factors(cls, b: Tensor, a: Tensor, lam: float) -> "KroneckerInverse":
-        eb, ub = torch.linalg.eigh(b)
-        ea, ua = torch.linalg.eigh(a)
+        eb, ub = _eigh(b)
+        ea, ua = _eigh(a)
         return cls(ub, eb.clamp_min(0), ua, ea.clamp_min(0), lam)
 
     @property
@@ -56,6 +56,13 @@ class KroneckerInverse:
 
     def masked_solve(self, p: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError("K-FAC keeps no explicit blocks: use the summed update")
+
+
+def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a (small) PSD factor in float64: float32 ``eigh`` fails to converge on factors
+    with many repeated eigenvalues (dead units give zero rows), as LeNet-5's output-gradient factors have."""
+    e, u = torch.linalg.eigh(x.double())
+    return e.to(x.dtype), u.to(x.dtype)
 
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
