@@ -115,9 +115,14 @@ def test_worker_reserves_a_gpu_and_runs_the_celery_app(compose: dict[str, Any]) 
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     command = worker["command"]
-    assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    assert command[:3] == ["python", "-m", "worker.gpus"]  # one pinned celery worker per GPU, -c 1 each
     queues = command[command.index("-Q") + 1].split(",")
-    assert set(queues) == {"gpu", "cpu"} and command[command.index("-c") + 1] == "1"
+    assert set(queues) == {"gpu", "cpu"} and command[command.index("--gpus") + 1] == "all"
+    from worker.gpus import worker_command
+
+    child = worker_command("0", "gpu,cpu", "h")
+    assert child[1:5] == ["-m", "celery", "-A", "worker.celery_app"] and child[child.index("-c") + 1] == "1"
+    assert "gpu0@" in worker["healthcheck"]["test"][1]
     assert "BASE_IMAGE" in worker["build"]["args"] and "cuda" in worker["build"]["args"]["BASE_IMAGE"]
     assert compose["services"]["api"]["command"][:2] == ["uvicorn", "api.main:app"]
 
