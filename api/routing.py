@@ -1,6 +1,7 @@
 """A route class for JSON bodies: 415 for a non-JSON content type, 413 past ``max_json_bytes`` (checked on
 Content-Length and again while reading, so chunked bodies are capped too). Routes without a declared body
-(uploads read the stream themselves) pass through."""
+(uploads read the stream themselves) pass through. And a middleware that closes the connection after a response
+given before the request body was read to its end (so a refused upload is not drained)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import TooLarge
 from core.problems import UnsupportedMediaType
@@ -49,3 +51,42 @@ class JSONBodyRoute(APIRoute):
             return await handler(request)
 
         return guarded
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+class CloseUnreadBodyMiddleware:
+    """A response that starts before the request body was read to its end (an upload refused at the size cap,
+    a 401/415 before the body is looked at) closes the connection: otherwise the server goes on receiving, and
+    discarding, whatever the client still sends, however large, only to reuse the connection."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read_all = False
+
+        async def _receive() -> Message:
+            nonlocal read_all
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                read_all = True
+            return message
+
+        async def _send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read_all:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, _receive, _send)

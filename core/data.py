@@ -36,6 +36,9 @@ __all__ = [
     "validate_dataset_file",
     "builtin_dataset",
     "check_compatible",
+    "check_compatible_shapes",
+    "holdout_size",
+    "max_train_examples",
 ]
 
 DatasetFormat = Literal["npz", "safetensors", "parquet"]
@@ -130,7 +133,7 @@ class Dataset:
         if self.has_val:
             return self
         n = self.num_train
-        n_val = max(1, int(round(n * float(val_fraction))))
+        n_val = holdout_size(n, val_fraction)
         if n_val >= n:
             raise InvalidInput(f"cannot hold out {val_fraction:.0%} of {n} example(s) and keep any for training")
         gen = torch.Generator().manual_seed(int(seed))
@@ -144,6 +147,22 @@ class Dataset:
             num_classes=self.num_classes,
             input_shape=self.input_shape,
         )
+
+
+def holdout_size(num_train: int, val_fraction: float) -> int:
+    """How many of ``num_train`` examples :meth:`Dataset.split` holds out for validation."""
+    return max(1, int(round(num_train * float(val_fraction))))
+
+
+def max_train_examples(num_examples: int, has_val: bool, val_fraction: float) -> int:
+    """An upper bound on the training examples of a run over a dataset of ``num_examples`` (train + val).
+
+    Exact when the dataset has no validation split (a run holds out :func:`holdout_size` of them); with its own
+    split, whose size a summary does not record, the split holds at least one example.
+    """
+    if has_val:
+        return max(num_examples - 1, 0)
+    return max(num_examples - holdout_size(num_examples, val_fraction), 0)
 
 
 @dataclass(frozen=True)
@@ -338,7 +357,11 @@ def detect_dataset_format(path: str | os.PathLike) -> DatasetFormat:
         if tail != b"PAR1":
             raise InvalidInput("truncated parquet file (no closing PAR1 footer)")
         return "parquet"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+    if len(head) == 9 and head[8:9] == b"{":  # a safetensors header: an 8-byte length, then a JSON object
+        if not 0 < int.from_bytes(head[:8], "little") <= size - 8:
+            from core.model_io import read_safetensors_header
+
+            read_safetensors_header(path)  # raises with the precise reason (truncated, a length past the file)
         return "safetensors"
     if head[:1] == b"\x80":
         raise UnsafeFormat("pickle files are refused as datasets: use .npz, .safetensors or .parquet")
@@ -588,25 +611,32 @@ def _expected_input(model: nn.Module) -> str:
     return "a different input shape"
 
 
-def check_compatible(model: nn.Module, data: Dataset, loss: str = "cross_entropy") -> None:
-    """Run ``model`` (eval mode, no grad) on two examples; shape or label problems → InvalidInput."""
+def _loss_kind(loss: str):
     from core.grads import Loss
 
     try:
-        kind = Loss(loss)
+        return Loss(loss)
     except ValueError as e:
         raise InvalidInput(f"unknown loss {loss!r}: use one of {[l.value for l in Loss]}") from e
-    x = data.x_train[:2]
+
+
+def _outputs(
+    model: nn.Module, x: Tensor, input_shape: tuple[int, ...], *, may_not_know: bool = False
+) -> Tensor | None:
+    """``model(x)`` in eval mode without grad; a shape error → InvalidInput. With ``may_not_know`` an op that
+    cannot run where ``x`` lives (no 'meta' kernel) gives ``None``: no verdict, rather than a false refusal."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(x)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        if may_not_know and isinstance(e, NotImplementedError):
+            return None
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
         raise InvalidInput(
             f"the model does not run on the data: model expects {_expected_input(model)}, "
-            f"data has examples shaped {tuple(data.input_shape)} ({first})",
+            f"data has examples shaped {tuple(input_shape)} ({first})",
             errors=[_err(["dataset", "input_shape"], "incompatible with the model")],
         ) from e
     finally:
@@ -616,27 +646,68 @@ def check_compatible(model: nn.Module, data: Dataset, loss: str = "cross_entropy
             "the model must return one output row per example "
             f"(got {type(out).__name__}{'' if not isinstance(out, Tensor) else ' of shape ' + str(tuple(out.shape))})"
         )
-    labels = [data.y_train] + ([data.y_val] if data.y_val is not None else [])
+    return out
+
+
+def _check_targets(out: Tensor, kind, *, float_labels: bool, top: int | None, per_y: int | None) -> None:
+    """Model outputs against the labels: integer classes in range for cross_entropy (``top`` the largest label),
+    one target per output for mse (``per_y`` targets per example; ``None``: not known, not checked)."""
+    from core.grads import Loss
+
     if kind is Loss.CROSS_ENTROPY:
         if out.dim() != 2:
             raise InvalidInput(f"cross_entropy needs model outputs shaped (N, classes), got {tuple(out.shape)}")
         k = int(out.shape[1])
-        if any(y.is_floating_point() for y in labels):
+        if float_labels:
             raise InvalidInput(
                 "cross_entropy needs integer class labels, the data has float targets "
-                "(store labels as integers, or use the mse loss for regression)"
+                "(store labels as integers, or use the mse loss for regression)",
+                errors=[_err(["dataset", "labels"], "float targets", "value_error")],
             )
-        top = max(int(y.max()) for y in labels)
-        if top >= k:
+        if top is not None and top >= k:
             raise InvalidInput(
                 f"labels range over [0, {top}] but the model has {k} outputs: labels must lie in [0, {k})",
                 errors=[_err(["dataset", "labels"], f"label {top} out of range for {k} outputs")],
             )
-    else:
+    elif per_y is not None:
         per_out = math.prod(out.shape[1:])
-        per_y = math.prod(data.y_train.shape[1:])
         if per_out != per_y:
             raise InvalidInput(
                 f"mse needs one target per model output: the model gives {per_out} value(s) per example, "
                 f"the data has {per_y}"
             )
+
+
+def check_compatible(model: nn.Module, data: Dataset, loss: str = "cross_entropy") -> None:
+    """Run ``model`` (eval mode, no grad) on two examples; shape or label problems → InvalidInput."""
+    kind = _loss_kind(loss)
+    out = _outputs(model, data.x_train[:2], data.input_shape)
+    assert out is not None
+    labels = [data.y_train] + ([data.y_val] if data.y_val is not None else [])
+    float_labels = any(y.is_floating_point() for y in labels)
+    _check_targets(
+        out, kind, float_labels=float_labels, top=None if float_labels else max(int(y.max()) for y in labels),
+        per_y=math.prod(data.y_train.shape[1:]),
+    )
+
+
+def check_compatible_shapes(
+    model: nn.Module, input_shape: tuple[int, ...] | list[int], num_classes: int | None, loss: str = "cross_entropy"
+) -> None:
+    """:func:`check_compatible` from a dataset's summary alone (a :class:`DatasetInfo`'s ``input_shape`` and
+    ``num_classes``, ``None`` for float targets), for a job not yet run.
+
+    Build ``model`` on the ``"meta"`` device and the forward pass only propagates shapes: nothing is
+    allocated or computed. An op without a meta kernel ends the check without a verdict (the run checks
+    the real data). mse targets are not summarised, so only their input shape is checked here.
+    """
+    from core.grads import Loss
+
+    kind = _loss_kind(loss)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    shape = tuple(int(d) for d in input_shape)
+    out = _outputs(model, torch.zeros((2, *shape), device=device), shape, may_not_know=True)
+    if out is None:
+        return
+    _check_targets(out, kind, float_labels=num_classes is None and kind is Loss.CROSS_ENTROPY,
+                   top=None if num_classes is None else int(num_classes) - 1, per_y=None)

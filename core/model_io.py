@@ -32,6 +32,7 @@ __all__ = [
     "read_safetensors_header",
     "load_state_dict",
     "check_state_dict_matches",
+    "build_architecture",
     "load_model",
     "validate_model_file",
     "save_state_dict",
@@ -176,6 +177,8 @@ def detect_format(path: str | os.PathLike) -> ModelFormat:
         return "safetensors"
     if _parse_onnx(path) is not None:
         return "onnx"
+    if _head(path, 9)[8:9] == b"{":  # a safetensors header (length, then JSON) whose length is off: say how
+        read_safetensors_header(path)
     raise InvalidInput("unrecognised model file: expected safetensors weights or an ONNX model")
 
 
@@ -364,6 +367,15 @@ def _build_arch(arch: str | None, arch_kwargs: dict | None) -> nn.Module:
             f"cannot build architecture {arch!r} with {arch_kwargs or {}}: {e}",
             errors=[_err(["arch"], str(e), "value_error")],
         ) from e
+
+
+def build_architecture(arch: str | None, arch_kwargs: dict | None, *, device: str | None = None) -> nn.Module:
+    """The zoo architecture a safetensors model names, without its weights. ``device="meta"`` gives shapes
+    only (no memory, no initialisation cost): enough to check a model against data before loading either."""
+    if device is None:
+        return _build_arch(arch, arch_kwargs)
+    with torch.device(device):
+        return _build_arch(arch, arch_kwargs)
 
 
 def _load(

@@ -108,8 +108,8 @@ class Run:
         self.events = pruning_events(spec)
         self.epochs = spec.finetune.epochs
         self.optimizer = make_optimizer(self.model, spec.finetune) if self.epochs else None
-        need = spec.fisher.samples * spec.fisher.batch_size
-        if spec.method.value not in ("magnitude", "global_magnitude") and need > len(self.x):
+        need = spec.fisher_examples
+        if need > len(self.x):
             raise InvalidInput(
                 f"fisher.samples × fisher.batch_size = {need} exceeds the {len(self.x)} training examples",
                 errors=[{"loc": ["spec", "fisher", "samples"], "msg": "larger than the training split"}],

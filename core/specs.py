@@ -122,3 +122,10 @@ class PruneSpec(_Strict):
     @property
     def block_size(self) -> int | None:
         return None if self.fisher.block_size == "layer" else self.fisher.block_size
+
+    @property
+    def fisher_examples(self) -> int:
+        """Training examples the curvature estimate draws (samples × batch size); 0 for magnitude methods."""
+        if self.method in (Method.MAGNITUDE, Method.GLOBAL_MAGNITUDE):
+            return 0
+        return self.fisher.samples * self.fisher.batch_size

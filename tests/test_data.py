@@ -20,8 +20,10 @@ from core.data import (
     DatasetInfo,
     builtin_dataset,
     check_compatible,
+    check_compatible_shapes,
     detect_dataset_format,
     load_dataset,
+    max_train_examples,
     validate_dataset_file,
 )
 from core.errors import Forbidden, InvalidInput, TooLarge, UnsafeFormat
@@ -340,3 +342,30 @@ def test_check_compatible_losses():
         check_compatible(nn.Linear(3, 2), reg)
     with pytest.raises(InvalidInput, match="unknown loss"):
         check_compatible(nn.Linear(3, 2), reg, loss="hinge")
+
+
+def test_check_compatible_shapes_from_a_summary_on_the_meta_device():
+    """The job-creation check: a zoo model built on 'meta' against a dataset's stored input_shape/num_classes."""
+    from core.model_io import build_architecture
+
+    mlp = build_architecture("mlp", {"in_features": 64, "hidden": [32], "num_classes": 10}, device="meta")
+    assert all(p.is_meta for p in mlp.parameters())
+    check_compatible_shapes(mlp, (64,), 10)
+    check_compatible_shapes(mlp, (64,), None, loss="mse")  # mse targets are not summarised: shape only
+    with pytest.raises(InvalidInput, match=r"model expects inputs of 64 features, data has examples shaped \(32,\)"):
+        check_compatible_shapes(mlp, (32,), 10)
+    with pytest.raises(InvalidInput, match=r"labels range over \[0, 11\] but the model has 10 outputs"):
+        check_compatible_shapes(mlp, (64,), 12)
+    with pytest.raises(InvalidInput, match="integer class labels"):
+        check_compatible_shapes(mlp, (64,), None)
+    conv = build_architecture("resnet20", {}, device="meta")
+    check_compatible_shapes(conv, (3, 32, 32), 10)
+    with pytest.raises(InvalidInput, match="C=3"):
+        check_compatible_shapes(conv, (1, 8, 8), 10)
+
+
+def test_max_train_examples_bounds_the_split():
+    d = Dataset(torch.zeros(10, 2), torch.arange(10) % 2)
+    assert max_train_examples(10, False, 0.2) == d.split(0.2).num_train == 8
+    assert max_train_examples(10, False, 0.01) == d.split(0.01).num_train == 9  # at least one held out
+    assert max_train_examples(10, True, 0.2) == 9  # its own split: at least one example in it

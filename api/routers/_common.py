@@ -32,6 +32,18 @@ def form_json_object(fields: dict[str, str], name: str) -> dict[str, Any] | None
     return value
 
 
+def reject_unknown_fields(fields: dict[str, str], allowed: tuple[str, ...]) -> None:
+    """Multipart text fields are as strict as JSON bodies (``extra="forbid"``): a misspelt field is an error,
+    not silently ignored."""
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise InvalidInput(
+            f"unknown form field(s): {', '.join(unknown)}; allowed: file, {', '.join(allowed)}",
+            errors=[{"loc": ["body", name], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+                    for name in unknown],
+        )
+
+
 def form_text(fields: dict[str, str], name: str, *, max_length: int) -> str | None:
     value = fields.get(name)
     if value is None or not value.strip():

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.routers._common import CursorQuery, LimitQuery, default_name, form_text
+from api.routers._common import CursorQuery, LimitQuery, default_name, form_text, reject_unknown_fields
 from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute, is_json_media_type, read_json_body
 from api.schemas import DatasetPublic, DatasetRegister, DatasetsPublic
@@ -155,6 +155,7 @@ async def create_dataset(
         )
         assert upload.file is not None
         try:
+            reject_unknown_fields(upload.fields, ("name", "format"))
             name = form_text(upload.fields, "name", max_length=200) or default_name(upload.file.filename, "dataset")
             fmt = _format_field(upload.fields)
         except BaseException:

@@ -5,21 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep
+from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, run_authenticated
 from api.routers._common import CursorQuery, LimitQuery
 from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from core.db import crud
-from core.db.models import Job, JobState
+from core.db.models import Dataset, Job, JobState, Model, Tenant
 from core.errors import InvalidInput
 from core.problems import ServiceUnavailable, problem_from_error
 from core.queue import JobQueue
+from core.specs import PruneSpec
 
 log = logging.getLogger("arborist.api")
 
@@ -52,6 +54,29 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
         raise err from exc
     crud.set_task_id(session=session, job_id=job.id, task_id=task_id)
     return crud.get_job(session=session, tenant=None, job_id=job.id)
+
+
+def preflight(spec: PruneSpec) -> Callable[[Model, Dataset], None]:
+    """Checks a new job's spec against what is stored about its model and dataset (core.preflight: no weights
+    loaded, no data read), so that a job the run would refuse is a 422 now rather than a failed job later."""
+
+    def check(model: Model, dataset: Dataset) -> None:
+        from core.preflight import check_job  # lazy: imports the model zoo (torch) on first use
+
+        try:
+            check_job(
+                spec,
+                arch=model.arch if model.format == "safetensors" else None,
+                arch_kwargs=model.arch_kwargs,
+                num_examples=dataset.num_examples,
+                input_shape=dataset.input_shape,
+                num_classes=dataset.num_classes,
+                has_val=dataset.has_val,
+            )
+        except InvalidInput as exc:
+            raise InvalidInput(exc.detail, errors=[{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
+
+    return check
 
 
 def _public(job: Job, response: Response) -> JobPublic:
@@ -99,6 +124,7 @@ def create_job(
         queue=queue_for(spec.device),
         idempotency_key=idempotency_key,
         request_hash=request_hash(body, spec_json),
+        check=preflight(spec),
     )
     if created:
         job = enqueue(session, queue, job)
@@ -123,8 +149,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={200: {"headers": RETRY_AFTER}})
-def get_job(job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
-    return _public(crud.get_job(session=session, tenant=tenant, job_id=job_id), response)
+async def get_job(job_id: str, request: Request, response: Response, credentials: BearerCredentials) -> JobPublic:
+    # The status poll, the API's hottest path: authentication and the read in one trip to the threadpool.
+    def read(session: Session, tenant: Tenant) -> JobPublic:
+        return _public(crud.get_job(session=session, tenant=tenant, job_id=job_id), response)
+
+    return await run_authenticated(request, credentials, read)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

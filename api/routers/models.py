@@ -10,7 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.routers._common import CursorQuery, LimitQuery, default_name, form_json_object, form_text
+from api.routers._common import (
+    CursorQuery,
+    LimitQuery,
+    default_name,
+    form_json_object,
+    form_text,
+    reject_unknown_fields,
+)
 from api.routing import JSONBodyRoute
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import MultipartUpload, receive_upload
@@ -41,6 +48,7 @@ UPLOAD_BODY: dict[str, Any] = {
         },
     }
 }
+FORM_FIELDS = ("name", "arch", "arch_kwargs")
 LOCATION = {"Location": {"description": "URL of the new resource", "schema": {"type": "string"}}}
 
 
@@ -100,6 +108,7 @@ async def upload_model(
     )
     assert upload.file is not None
     try:
+        reject_unknown_fields(upload.fields, FORM_FIELDS)
         fields = {
             "name": form_text(upload.fields, "name", max_length=200) or default_name(upload.file.filename, "model"),
             "arch": form_text(upload.fields, "arch", max_length=100),

@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -18,13 +19,17 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.lifecycle import shutting_down
 from api.routing import JSONBodyRoute
 from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
 from core.db import crud
+from core.db.base import is_transient_db_error
 from core.db.models import TERMINAL_STATES, JobEvent, JobState
 from core.problems import NotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBodyRoute)
+
+log = logging.getLogger("arborist.api")
 
 EVENT_BATCH = 200
 KEEPALIVE_S = 15.0
@@ -88,12 +93,30 @@ def _poll(factory: sessionmaker[Session], job_id: str, after: int) -> tuple[JobS
 
 
 async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_s: float) -> AsyncIterator[str]:
+    """The stream. It ends with ``event: end`` when the job is finished; without it (the client reconnects
+    with ``Last-Event-ID`` and misses nothing) after ``max_s``, or when the server is shutting down (uvicorn
+    would otherwise wait for every open stream before it stops). While the database is unreachable (a
+    restart) the stream stays open and polls again."""
     factory = request.app.state.sessionmaker
     deadline = time.monotonic() + max_s
     last_sent = time.monotonic()
     yield f"retry: {int(max(poll_s, 1.0) * 1000)}\n\n"
     while True:
-        state, events = await run_in_threadpool(_poll, factory, job_id, after)
+        if shutting_down(request.app):
+            return
+        try:
+            state, events = await run_in_threadpool(_poll, factory, job_id, after)
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            log.warning("events of job %s: database unreachable (%s); polling again", job_id, type(exc).__name__)
+            if time.monotonic() >= deadline or await request.is_disconnected():
+                return
+            if time.monotonic() - last_sent >= KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            await anyio.sleep(max(poll_s, 1.0))
+            continue
         for event in events:
             yield _sse(event)
             after = event.seq
@@ -128,7 +151,11 @@ async def job_events(
     after: Annotated[int | None, Query(ge=0, description="replay events with seq > after")] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
 ) -> StreamingResponse:
-    await run_in_threadpool(lambda: crud.get_job(session=session, tenant=tenant, job_id=job_id))
+    def check() -> None:
+        crud.get_job(session=session, tenant=tenant, job_id=job_id)
+        session.close()  # the stream polls with short sessions of its own: it holds no connection while it lasts
+
+    await run_in_threadpool(check)
     start = after or 0
     if last_event_id and last_event_id.strip().isdigit():
         start = max(start, int(last_event_id.strip()))
@@ -189,4 +216,5 @@ def download_artifact(
         raise NotFound(f"The data of artifact {name!r} is missing from the store")
     headers["Content-Length"] = str(art.size)
     headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(art.name)}"
+    session.close()  # no database connection held while the file streams
     return StreamingResponse(store.iter_chunks(art.path), media_type=art.media_type, headers=headers)

@@ -13,14 +13,14 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from core.db.base import utcnow
 from core.db.models import (
@@ -151,7 +151,10 @@ def authenticate(*, session: Session, token: str) -> Tenant:
     parts = token.split("_", 2)
     if "\x00" in token or len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
         raise Unauthorized("Malformed API key")
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    # One round trip: the key and its tenant together (every authenticated request runs this).
+    row = session.scalar(
+        select(ApiKey).options(joinedload(ApiKey.tenant, innerjoin=True)).where(ApiKey.prefix == parts[1])
+    )
     if row is None or not hmac.compare_digest(row.key_hash, hash_key(token)):
         raise Unauthorized("Invalid API key")
     if row.revoked_at is not None:
@@ -325,11 +328,13 @@ def create_job(
     queue: str = "cpu",
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    check: Callable[[Model, Dataset], None] | None = None,
 ) -> tuple[Job, bool]:
     """A queued job; returns ``(job, created)``.
 
     With an ``idempotency_key`` already used by this tenant: the same ``request_hash`` returns the existing job
-    (``created=False``), a different one raises ``IdempotencyMismatch``.
+    (``created=False``), a different one raises ``IdempotencyMismatch``. ``check`` (e.g. the API's preflight)
+    sees the model and dataset rows of a new job before it is inserted, and raises to refuse it.
     """
     if idempotency_key is not None:
         existing = session.scalar(
@@ -355,6 +360,9 @@ def create_job(
         )
     if errors:
         raise InvalidInput("The job refers to unknown inputs", errors=errors)
+    if check is not None:
+        assert model is not None and dataset is not None
+        check(model, dataset)
 
     job = Job(
         tenant_id=tenant.id,

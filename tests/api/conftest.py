@@ -174,15 +174,18 @@ def client(account: Account) -> httpx.Client:
 
 @pytest.fixture
 def seed(server: Harness, account: Account) -> Callable[..., tuple[str, str]]:
-    """Inserts a model and a dataset row for the current tenant via crud (no files): for job tests."""
+    """Inserts a model and a dataset row for the current tenant via crud (no files): for job tests. They fit each
+    other and the default spec (job creation checks the rows: a 64-input MLP, 1000 examples of 64 features)."""
 
     def make(tenant: Tenant | None = None) -> tuple[str, str]:
         t = tenant or account.tenant
         with server.session() as s:
             m = crud.create_model(session=s, tenant=t, name="m", format="safetensors", size=1, sha256="0" * 64,
-                                  path=f"models/{t.id}/none.safetensors", arch="mlp", num_parameters=10)
+                                  path=f"models/{t.id}/none.safetensors", arch="mlp",
+                                  arch_kwargs={"in_features": 64, "hidden": [32], "num_classes": 10},
+                                  num_parameters=64 * 32 + 32 + 32 * 10 + 10)
             d = crud.create_dataset(session=s, tenant=t, name="d", format="npz", size=1, path=f"datasets/{t.id}/x",
-                                    num_examples=10, input_shape=[64], num_classes=10)
+                                    num_examples=1000, input_shape=[64], num_classes=10)
             return m.id, d.id
 
     return make

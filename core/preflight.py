@@ -1,0 +1,80 @@
+"""A job checked before it is queued, from what is stored about its inputs: no weights loaded, no data read.
+
+The run checks everything again on the real model and data (:class:`core.run.Run`,
+:func:`core.data.check_compatible`); these checks move the common mistakes to job creation, where they are a
+422 rather than a failed job, and never refuse a job that the run would accept:
+
+* the Fisher estimate needs no more examples than the training split holds;
+* a zoo model (safetensors weights + ``arch``) runs on the data's input shape, and its outputs cover the
+  labels: the architecture is built on the ``meta`` device, so this costs no memory and no compute.
+  ONNX models are left to the run (their graph has to be loaded to know its shapes).
+
+Field errors are located in the job request: ``["spec", ...]`` and ``["dataset_id"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from core.data import check_compatible_shapes, max_train_examples
+from core.errors import InvalidInput
+from core.model_io import build_architecture
+from core.specs import PruneSpec
+
+__all__ = ["check_job"]
+
+
+def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
+    need = spec.fisher_examples
+    most = max_train_examples(num_examples, has_val, spec.val_fraction)
+    if need <= most:
+        return
+    split = (f"at most {most} of its {num_examples} examples, less its own validation split" if has_val
+             else f"{num_examples} examples less a {spec.val_fraction:g} validation split")
+    raise InvalidInput(
+        f"fisher.samples × fisher.batch_size = {need} exceeds the {most} training examples of the dataset ({split})",
+        errors=[{"loc": ["spec", "fisher", "samples"], "msg": f"at most {most} with this dataset",
+                 "type": "less_than_equal"}],
+    )
+
+
+def _check_fit(spec: PruneSpec, arch: str, arch_kwargs: dict | None, input_shape: Sequence[int],
+               num_classes: int | None) -> None:
+    model = build_architecture(arch, arch_kwargs, device="meta")
+    try:
+        check_compatible_shapes(model, tuple(input_shape), num_classes, spec.loss.value)
+    except InvalidInput as e:
+        raise InvalidInput(
+            e.detail,
+            errors=[{**err, "loc": ["dataset_id"]} for err in e.errors]
+            or [{"loc": ["dataset_id"], "msg": "does not fit the model", "type": "value_error"}],
+        ) from None
+
+
+def check_job(
+    spec: PruneSpec,
+    *,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    num_examples: int | None,
+    input_shape: Sequence[int] | None,
+    num_classes: int | None,
+    has_val: bool,
+) -> None:
+    """Every problem found (not just the first) in one :class:`InvalidInput`. ``arch`` is ``None`` for models
+    without a zoo architecture (ONNX); unknown summary values (``None``) skip the checks that need them."""
+    problems: list[InvalidInput] = []
+    if num_examples is not None:
+        try:
+            _check_samples(spec, int(num_examples), bool(has_val))
+        except InvalidInput as e:
+            problems.append(e)
+    if arch and input_shape:
+        try:
+            _check_fit(spec, arch, arch_kwargs, input_shape, num_classes)
+        except InvalidInput as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
