@@ -10,9 +10,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from api.lifecycle import watch_shutdown_signals
 from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
 from api.routers import datasets, jobs, models, outputs, system
+from api.routing import CloseUnreadBodyMiddleware
 from core.artifacts import ArtifactStore
 from core.db.base import make_engine, make_sessionmaker
 from core.queue import JobQueue, resolve_queue
@@ -30,7 +32,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     settings = settings or get_settings()
     if queue is None:
         queue = resolve_queue(settings)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     factory = make_sessionmaker(engine)
 
     @asynccontextmanager
@@ -39,9 +41,11 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
             from core.db import migrate
 
             await run_in_threadpool(migrate.upgrade, settings.database_url)
+        unwatch = watch_shutdown_signals(app)  # open event streams end when the server is told to stop
         try:
             yield
         finally:
+            unwatch()
             engine.dispose()
 
     app = FastAPI(
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.shutting_down = False
     app.state.engine = engine
     app.state.sessionmaker = factory
     app.state.store = ArtifactStore(settings.artifact_root)
@@ -62,6 +67,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         app.include_router(module.router)
     install_problem_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(CloseUnreadBodyMiddleware)
     install_problem_openapi(app)
     return app
 

@@ -19,7 +19,8 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import ArboristError
+from core.db.base import is_transient_db_error
+from core.errors import ArboristError, StorageFull, no_space_error
 from core.problems import problem_from_error, problem_type
 
 log = logging.getLogger("arborist.api")
@@ -155,12 +156,29 @@ class UnexpectedErrorMiddleware:
 
         try:
             await self.app(scope, receive, _send)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+        except Exception as exc:
             if started:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
                 raise
-            response = problem(500, detail="An unexpected error occurred", instance=scope.get("path"))
+            response = environment_problem(exc, scope.get("path"))
+            if response is None:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                response = problem(500, detail="An unexpected error occurred", instance=scope.get("path"))
             await response(scope, receive, send)
+
+
+def environment_problem(exc: BaseException, instance: str | None) -> ProblemResponse | None:
+    """A problem for failures of the environment rather than of the request, or None: the database unreachable
+    (a restart: 503 with Retry-After, the client tries again) and a full disk (507)."""
+    if is_transient_db_error(exc):
+        log.warning("database unreachable on %s: %s", instance, exc)
+        return problem(503, detail="The database is unavailable; retry shortly", instance=instance,
+                       headers={"Retry-After": "5"})
+    if no_space_error(exc) is not None:
+        log.error("storage full on %s: %s", instance, exc)
+        return problem(507, slug=StorageFull.type, title=StorageFull.title,
+                       detail="The server has no storage space left; retry later", instance=instance)
+    return None
 
 
 def install_problem_handlers(app: FastAPI) -> None:

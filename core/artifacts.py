@@ -72,18 +72,27 @@ class StreamWriter:
         return self._hash.hexdigest()
 
     def commit(self) -> tuple[int, str]:
+        """Closes the temporary file and renames it into place. If either fails (a full disk often shows only
+        when the last buffered bytes are flushed, at close), the temporary file is deleted and the error
+        raised: nothing is left under the key or beside it."""
+        if self.closed:
+            raise ValueError("writer is closed")
         assert self._fh is not None
-        self._fh.close()
-        self._fh = None
+        try:
+            self._fh.close()
+            self._fh = None
+            self.store.fs.mv(self.store._path(self._tmp), self.store._path(self.key))
+        except BaseException:
+            self.abort()
+            raise
         self.closed = True
-        self.store.fs.mv(self.store._path(self._tmp), self.store._path(self.key))
         return self.size, self.sha256
 
     def abort(self) -> None:
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # closing may fail again (ENOSPC on the final flush)
             if self._fh is not None:
                 self._fh.close()
         self._fh = None

@@ -26,12 +26,18 @@ class Checkpointer(Protocol):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    """Writes ``path`` through a temporary file, renamed into place; on failure (a full disk) the temporary
+    file is removed and ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class DirectoryCheckpointer:
@@ -43,8 +49,13 @@ class DirectoryCheckpointer:
         previous = self._latest()
         generation = (previous or {}).get("generation", 0) + 1
         name = f"state-{generation}.safetensors"
-        save_state_dict(tensors, self.root / name)
-        _write_json_atomic(self.root / "latest.json", {"generation": generation, "tensors": name, "meta": meta})
+        save_state_dict(tensors, self.root / name)  # atomic itself: complete, or no file at all
+        try:
+            _write_json_atomic(self.root / "latest.json", {"generation": generation, "tensors": name, "meta": meta})
+        except BaseException:
+            # Not committed: the previous generation stays the latest; its successor must not linger.
+            (self.root / name).unlink(missing_ok=True)
+            raise
         if previous:
             (self.root / previous["tensors"]).unlink(missing_ok=True)
 

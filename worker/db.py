@@ -10,23 +10,17 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from core.db.base import make_engine, make_sessionmaker
+from core.db.base import TRANSIENT_DB_ERRORS, is_transient_db_error, make_engine, make_sessionmaker
 
 log = logging.getLogger("arborist.worker")
 T = TypeVar("T")
 
 #: errors that mean "the database is (momentarily) unreachable", not "the statement is wrong"
-TRANSIENT = (OperationalError, InterfaceError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TRANSIENT):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+TRANSIENT = TRANSIENT_DB_ERRORS
+is_transient = is_transient_db_error
 
 
 def engine_for(url: str, *, pooled: bool = True) -> Engine:

@@ -7,8 +7,9 @@ Outcomes (the return value of :func:`run_job`):
 * ``canceled``: the SQL cancel flag was seen (``RunHooks.cancelled``); the checkpoint is kept, so
   ``POST /v1/jobs/{id}/retry`` resumes from it.
 * ``failed``: a domain error (``core.errors.ArboristError``: bad inputs, memory budget, …) becomes its
-  RFC 9457 problem; the time limit becomes ``time-limit-exceeded``; anything else ``internal-error`` with the
-  exception as the reason.
+  RFC 9457 problem; the time limit becomes ``time-limit-exceeded``; a full disk (``ENOSPC``/``EDQUOT``, on the
+  artifact store or the scratch directory) ``storage-full``, not retried: no partial output is left in the store,
+  the last complete checkpoint is kept; anything else ``internal-error`` with the exception as the reason.
 * ``released``: the worker is shutting down (embedded mode); the job goes back to ``queued`` and resumes later.
 * ``skipped``: nothing to do (the job is not queued: a redelivered message, a canceled or finished job).
 * ``lost``: another attempt owns the job now (this one was presumed dead by the reaper); nothing is written.
@@ -36,7 +37,7 @@ from core.checkpoint import Checkpointer, DirectoryCheckpointer
 from core.data import Dataset, check_compatible, load_dataset
 from core.db import crud, worker_crud
 from core.db.models import Job, JobState
-from core.errors import ArboristError, Canceled, InvalidInput
+from core.errors import ArboristError, Canceled, InvalidInput, StorageFull, no_space_error
 from core.model_io import load_model
 from core.problems import NotFound, problem_from_error
 from core.run import RunHooks, execute
@@ -202,8 +203,14 @@ class StoreCheckpointer:
         previous = self._remote_latest()
         self.local.save(tensors, meta)
         latest = json.loads((self.scratch / "latest.json").read_text())
-        self.store.put_file(f"{self.prefix}/{latest['tensors']}", self.scratch / latest["tensors"])
-        self.store.put_file(f"{self.prefix}/latest.json", self.scratch / "latest.json")
+        tensors_key = f"{self.prefix}/{latest['tensors']}"
+        self.store.put_file(tensors_key, self.scratch / latest["tensors"])
+        try:
+            self.store.put_file(f"{self.prefix}/latest.json", self.scratch / "latest.json")
+        except BaseException:
+            if not previous or previous["tensors"] != latest["tensors"]:
+                self.store.delete(tensors_key)  # not committed: no orphan beside the previous checkpoint
+            raise
         if previous and previous["tensors"] != latest["tensors"]:
             self.store.delete(f"{self.prefix}/{previous['tensors']}")
 
@@ -332,10 +339,24 @@ class JobAttempt:
         return "failed" if self._finish(JobState.FAILED, error=error, message=exc.detail[:1000]) else "lost"
 
     def _upload(self, artifacts: dict[str, Path]) -> dict[str, str]:
+        """Stores every output, then records them: all or nothing. If a file does not make it into the store
+        (a full disk), the ones already stored are deleted and none is recorded, so a failed job shows no
+        partial set of artifacts (each file is itself written under a temporary name and renamed)."""
+        stored: list[tuple[str, Path, str, int, str]] = []
+        try:
+            for kind, path in artifacts.items():
+                key = artifact_key(self.job_id, path.name)
+                size, sha256 = self.store.put_file(key, path)
+                stored.append((kind, path, key, size, sha256))
+        except BaseException:
+            for _, _, key, _, _ in stored:
+                try:
+                    self.store.delete(key)
+                except Exception as exc:  # noqa: BLE001 — keep the original error
+                    log.warning("job %s: could not delete partial output %s: %s", self.job_id, key, exc)
+            raise
         names = {}
-        for kind, path in artifacts.items():
-            key = artifact_key(self.job_id, path.name)
-            size, sha256 = self.store.put_file(key, path)
+        for kind, path, key, size, sha256 in stored:
             media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
             self.db.call(lambda s: crud.add_artifact(session=s, job_id=self.job_id, name=path.name, path=key,
                                                      size=size, sha256=sha256, kind=kind, media_type=media),
@@ -397,6 +418,14 @@ class JobAttempt:
             if is_transient(exc):
                 log.error("job %s: database unreachable; leaving the job to the reaper: %s", self.job_id, exc)
                 raise
+            full = no_space_error(exc)
+            if full is not None:
+                # An environment problem, but not a transient one: retrying before space is freed would fail
+                # the same way. The last complete checkpoint is kept, so a retry resumes from it.
+                log.error("job %s: out of storage space: %s", self.job_id, full)
+                return self._fail(StorageFull(
+                    f"no space left on device ({type(full).__name__}: {full}); free space on the artifact store "
+                    "or the worker's scratch disk, then retry the job: it resumes from its last checkpoint"))
             log.exception("job %s: unexpected error", self.job_id)
             detail = f"{type(exc).__name__}: {exc}".strip()[:2000]
             return self._fail(InternalError(detail))

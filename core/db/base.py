@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -71,6 +72,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         db = u.database or ""
         if db in ("", ":memory:") or db.startswith("file::memory:"):
             kwargs.setdefault("poolclass", StaticPool)
+            kwargs.pop("pool_size", None)  # one shared connection: no pool to size
+            kwargs.pop("max_overflow", None)
         else:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, **kwargs)
@@ -82,3 +85,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+#: errors that mean "the database is (momentarily) unreachable" (a restart, a failover, a locked SQLite file),
+#: not "the statement is wrong"
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT_DB_ERRORS):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -322,3 +322,95 @@ def happy_path(api: Api, files: DigitsFiles, *, timeout: float = 120.0) -> dict[
     assert report["method"] == "woodfisher" and report["lambda"] == 1e-3
     return done
 
+
+
+# --- a restartable API server, and an events stream that survives it -------------------------------------------
+
+
+@dataclass
+class ApiServer:
+    """``uvicorn api.main:app`` on a fixed port, which can be stopped (any signal) and started again there."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: list[Proc]
+    name: str = "api"
+    port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+    starts: int = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True, timeout: float = 60.0) -> ApiServer:
+        self.starts += 1
+        self.proc = Proc(f"uvicorn {self.name}#{self.starts}",
+                         [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+                          "--log-level", "info"], self.env, self.log_dir / f"uvicorn-{self.name}.log").start()
+        self.processes.append(self.proc)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        proc = self.proc
+        assert proc is not None
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"uvicorn exited\n{proc.describe()}")
+            return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
+
+        wait_for(ready, timeout=timeout, what=f"{proc.name} to be ready", on_timeout=proc.describe)
+
+    def signal(self, sig: int, *, timeout: float = 30.0) -> float:
+        """Sends ``sig`` to uvicorn (the process, as a supervisor would) and waits for it to exit; returns the
+        seconds it took. Fails if it outlives ``timeout``."""
+        assert self.proc is not None and self.proc.popen is not None
+        started = time.monotonic()
+        self.proc.popen.send_signal(sig)
+        try:
+            self.proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"uvicorn did not exit within {timeout:.0f}s of signal {sig}\n"
+                                 f"{self.proc.describe()}") from None
+        took = time.monotonic() - started
+        self.proc.stop(grace=0)  # closes the log (and kills anything left in its group)
+        return took
+
+
+@dataclass
+class SseEvent:
+    id: int | None
+    kind: str
+    data: dict
+
+
+def sse_connect(client: httpx.Client, job_id: str, *, last_event_id: int | None = None,
+                timeout: float = 60.0) -> Iterator[SseEvent]:
+    """One connection to ``GET /v1/jobs/{id}/events`` (with ``Last-Event-ID`` when given), yielding events
+    until the server ends the stream (after ``end``, or without it: then reconnect). A broken connection
+    raises ``httpx`` errors."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    deadline = time.monotonic() + timeout
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                       timeout=httpx.Timeout(10.0, read=max(timeout, 1.0))) as resp:
+        assert resp.status_code == 200, resp.read().decode()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        event_id, kind, data = None, "message", []
+        for line in resp.iter_lines():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"events of job {job_id} did not end within {timeout:.0f}s")
+            if line == "":
+                if data:
+                    yield SseEvent(event_id, kind, json.loads("\n".join(data)))
+                    if kind == "end":
+                        return
+                event_id, kind, data = None, "message", []
+            elif line.startswith("id:"):
+                event_id = int(line[3:].strip())
+            elif line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())

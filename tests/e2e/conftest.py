@@ -51,7 +51,7 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
 def pg_url() -> Iterator[str]:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(PG_URL)
+    engine = sa.create_engine(PG_URL, pool_pre_ping=True)  # survives a server restart (test_faults_e2e)
     try:
         with engine.connect():
             pass
