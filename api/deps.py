@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
+import anyio
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
@@ -15,14 +17,36 @@ from core.db.models import Tenant
 from core.queue import JobQueue
 from core.settings import Settings
 
+T = TypeVar("T")
+
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, shared by its dependencies and endpoint (which run in the threadpool).
+
+    Creating a session does no I/O, so it happens here on the event loop rather than costing a trip to the
+    threadpool on every request; closing one that holds a connection does (a rollback, the return to the pool),
+    so that goes to a thread, shielded from cancellation so the connection always goes back."""
+    session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(session.close)
+        else:
+            session.close()
+
+
+async def release_connection(session: Session) -> None:
+    """Ends the session's transaction (so far, the authentication's read) and returns its connection to the pool;
+    the session stays usable and takes a connection again at its next statement. For endpoints that then wait on
+    something slow, an upload arriving, so that they do not hold a pooled connection meanwhile."""
+    if session.in_transaction():
+        await run_in_threadpool(session.commit)
 
 
 def get_store(request: Request) -> ArtifactStore:
@@ -34,16 +58,37 @@ def get_queue(request: Request) -> JobQueue:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+# The session is closed after the response is sent (the rollback is then off the client's critical path). An
+# endpoint that streams its response (events, artifact downloads) must close it itself before returning, or the
+# stream holds a pooled connection for as long as it lasts (~15 open streams would take them all).
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
-def get_current_tenant(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> Tenant:
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def get_current_tenant(session: SessionDep, credentials: BearerCredentials) -> Tenant:
     return tenant_from_credentials(session, credentials)
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+async def run_authenticated_read(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, read: Callable[[Session, Tenant], T]
+) -> T:
+    """``read(session, tenant)`` after authenticating, all in one trip to the threadpool, with a read-only session
+    of its own (autocommit: ``core.db.base.make_read_sessionmaker``; a write raises).
+
+    For hot read paths (the status poll): there the dependency chain (``SessionDep`` + ``CurrentTenant`` + a sync
+    endpoint = three trips to the threadpool, plus one to close the session, and a transaction around two reads)
+    costs more than the queries do. The checks are the same: ``tenant_from_credentials``, then whatever ``read``
+    does with the tenant."""
+
+    def run() -> T:
+        with request.app.state.read_sessionmaker() as session:
+            return read(session, tenant_from_credentials(session, credentials))
+
+    return await run_in_threadpool(run)

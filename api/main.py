@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -16,7 +17,7 @@ from api.problems import install_problem_handlers, install_problem_openapi
 from api.routers import datasets, jobs, models, outputs, system
 from api.routing import CloseUnreadBodyMiddleware
 from core.artifacts import ArtifactStore
-from core.db.base import make_engine, make_sessionmaker
+from core.db.base import make_engine, make_read_sessionmaker, make_sessionmaker
 from core.queue import JobQueue, resolve_queue
 from core.settings import Settings, get_settings
 
@@ -42,6 +43,10 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
 
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         unwatch = watch_shutdown_signals(app)  # open event streams end when the server is told to stop
+        # Everything imported so far (torch included: ~230k objects) lives as long as the process; moved out of the
+        # collector's reach, a full collection no longer stalls every request for ~120 ms (seen as the p99 of
+        # status polls under load, bench/load.py).
+        gc.freeze()
         try:
             yield
         finally:
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.shutting_down = False
     app.state.engine = engine
     app.state.sessionmaker = factory
+    app.state.read_sessionmaker = make_read_sessionmaker(engine)
     app.state.store = ArtifactStore(settings.artifact_root)
     app.state.queue = queue
     app.state.metrics = Metrics(factory)

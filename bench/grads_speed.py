@@ -42,10 +42,10 @@ def main() -> None:
     x, y = torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
     names = select_parameters(model)
     layout = BlockLayout.for_model(model, names, None)
-    ours = timeit(lambda: fisher_gradients(model, layout, x, y, m=n, chunk=128), repeats=5)
-    base = timeit(lambda: loop(model, names, x, y), repeats=5)
+    ours = timeit(lambda: fisher_gradients(model, layout, x, y, m=n, chunk=128), repeats=10)
+    base = timeit(lambda: loop(model, names, x, y), repeats=10)
     # the same loop writing into our huge-page buffer: isolates vmap vs loop from the allocator
-    base_huge = timeit(lambda: loop(model, names, x, y, alloc=large_empty), repeats=5)
+    base_huge = timeit(lambda: loop(model, names, x, y, alloc=large_empty), repeats=10)
     row = {"examples": n, "params": layout.numel, "vmap_s": ours, "loop_s": base, "loop_hugepage_s": base_huge,
            "speedup": base / ours, "speedup_same_buffer": base_huge / ours}
     print(f"per-example grads, small CNN ({layout.numel} weights, {n} examples): vmap {ours:.3f}s, "

@@ -16,7 +16,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
+from api.isolation import run_isolated
 from api.routers._common import CursorQuery, LimitQuery, default_name, form_text, reject_unknown_fields
 from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute, is_json_media_type, read_json_body
@@ -72,7 +73,7 @@ def _register_upload(
     staging, final = upload.file.key, None
     try:
         with store.materialize(staging) as path:
-            info = data.validate_dataset_file(path, fmt)
+            info = run_isolated(data.validate_dataset_file, path, fmt)
         dataset_id = new_id("ds")
         final = f"datasets/{tenant.id}/{dataset_id}.{info.format}"
         store.move(staging, final)
@@ -106,13 +107,13 @@ def _register_uri(session: Session, tenant: Tenant, settings: Settings, body: Da
         if not os.path.isfile(path):
             raise InvalidInput(f"{body.uri} is not a file",
                                errors=[{"loc": ["body", "uri"], "msg": "not a file", "type": "value_error"}])
-        info = data.validate_dataset_file(path, body.format)
+        info = run_isolated(data.validate_dataset_file, path, body.format)
         size, sha256 = _hash_file(path)
         uri = Path(path).as_uri()
     else:
         with tempfile.TemporaryDirectory(prefix="arborist-ds-") as tmp:
             local = uris.fetch_to_local(body.uri, settings.data_allowed_roots, tmp, settings.max_upload_bytes)
-            info = data.validate_dataset_file(local, body.format)
+            info = run_isolated(data.validate_dataset_file, local, body.format)
             size, sha256 = _hash_file(local)
         uri = body.uri
     name = body.name or default_name(path, "dataset")
@@ -139,6 +140,7 @@ async def create_dataset(
     store: StoreDep,
     settings: SettingsDep,
 ) -> DatasetPublic:
+    await release_connection(session)  # an upload (or a remote URI's fetch) may take minutes
     content_type = request.headers.get("content-type")
     if is_json_media_type(content_type):
         raw = await read_json_body(request, settings.max_json_bytes)

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
-from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, run_authenticated
+from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, run_authenticated_read
 from api.routers._common import CursorQuery, LimitQuery
 from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute
@@ -154,7 +154,7 @@ async def get_job(job_id: str, request: Request, response: Response, credentials
     def read(session: Session, tenant: Tenant) -> JobPublic:
         return _public(crud.get_job(session=session, tenant=tenant, job_id=job_id), response)
 
-    return await run_authenticated(request, credentials, read)
+    return await run_authenticated_read(request, credentials, read)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
+from api.isolation import run_isolated
 from api.routers._common import (
     CursorQuery,
     LimitQuery,
@@ -62,7 +63,8 @@ def _register(
     try:
         with store.materialize(staging) as path:
             fmt = model_io.detect_format(path)
-            info = model_io.validate_model_file(path, fmt, arch=fields["arch"], arch_kwargs=fields["arch_kwargs"])
+            info = run_isolated(model_io.validate_model_file, path, fmt, arch=fields["arch"],
+                                arch_kwargs=fields["arch_kwargs"])
         model_id = new_id("mdl")
         final = f"models/{tenant.id}/{model_id}.{info.format}"
         store.move(staging, final)
@@ -103,6 +105,7 @@ async def upload_model(
     store: StoreDep,
     settings: SettingsDep,
 ) -> ModelPublic:
+    await release_connection(session)  # the body may take minutes to arrive
     upload = await receive_upload(
         request, store=store, staging_prefix=f"staging/{tenant.id}", max_bytes=settings.max_upload_bytes
     )

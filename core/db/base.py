@@ -87,6 +87,20 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
 
 
+def _refuse_flush(*_: Any) -> None:
+    raise RuntimeError("a read-only session (make_read_sessionmaker) cannot write")
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads only, in autocommit mode: no BEGIN and ROLLBACK round trips around the reads, and psycopg
+    keeps its prepared statements (it drops them at every rollback), so PostgreSQL stops re-planning them. Each
+    statement sees its own snapshot. A flush (any write) raises."""
+    factory = sessionmaker(bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False,
+                           autoflush=False)
+    event.listen(factory, "before_flush", _refuse_flush)
+    return factory
+
+
 #: errors that mean "the database is (momentarily) unreachable" (a restart, a failover, a locked SQLite file),
 #: not "the statement is wrong"
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
