@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -558,6 +558,30 @@ def _active_update(session: Session, job_id: str, values: dict[str, Any]) -> boo
     return None if flag is None else bool(flag)
 
 
+def progress_values(progress: float, step: int | None, sparsity: float | None, message: str | None) -> dict[str, Any]:
+    """The job columns a progress report sets (it also counts as a heartbeat)."""
+    values: dict[str, Any] = {"progress": min(max(float(progress), 0.0), 1.0), "heartbeat_at": utcnow()}
+    extra = {"step": step, "sparsity": sparsity, "message": message}
+    values.update({k: v for k, v in extra.items() if v is not None})
+    return values
+
+
+def terminal_values(state: JobState, error: dict[str, Any] | None, message: str | None,
+                    result: dict[str, Any] | None) -> dict[str, Any]:
+    """The job columns that finishing it sets; ``state`` must be terminal."""
+    if state not in TERMINAL_STATES:
+        raise ValueError(f"a job can only finish in a terminal state, not {state.value}")
+    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "error": error}
+    values.update({k: v for k, v in {"message": message, "result": result}.items() if v is not None})
+    if state is JobState.SUCCEEDED:
+        values["progress"] = 1.0
+    return values
+
+
+def state_event(state: JobState, error: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"state": state.value, **({"error": error} if error is not None else {})}
+
+
 def heartbeat(*, session: Session, job_id: str) -> bool:
     """Refreshes ``heartbeat_at``; returns True when the worker should stop (cancel requested / not active)."""
     flag = _active_update(session, job_id, {"heartbeat_at": utcnow()})
@@ -577,13 +601,7 @@ def update_progress(
 ) -> bool:
     """Records progress (0..1) and refreshes the heartbeat; appends a ``progress`` event unless ``event=False``.
     Returns True when the worker should stop (cancel requested, or the job is no longer active)."""
-    values: dict[str, Any] = {"progress": min(max(float(progress), 0.0), 1.0), "heartbeat_at": utcnow()}
-    if step is not None:
-        values["step"] = step
-    if sparsity is not None:
-        values["sparsity"] = sparsity
-    if message is not None:
-        values["message"] = message
+    values = progress_values(progress, step, sparsity, message)
     flag = _active_update(session, job_id, values)
     if flag is None:
         session.rollback()
@@ -606,6 +624,11 @@ def add_metric(
     metric: float | None = None,
     seconds: float | None = None,
 ) -> JobMetric:
+    """Adds a curve point, replacing one of the same ``(step, kind)``: a resumed run recomputes the points it
+    made after its last checkpoint (identically: runs are seeded), and the curve must not hold them twice."""
+    session.execute(
+        delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step, JobMetric.kind == kind)
+    )
     row = JobMetric(
         job_id=job_id, step=step, kind=kind, epoch=epoch, sparsity=sparsity, loss=loss, metric=metric, seconds=seconds
     )
@@ -654,15 +677,7 @@ def finish_job(
     """Moves an active job to a terminal state (``error`` is a problem dict, see ``core.problems``).
     A job that is already terminal is returned unchanged."""
     state = JobState(state)
-    if state not in TERMINAL_STATES:
-        raise ValueError(f"finish_job needs a terminal state, not {state.value}")
-    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "error": error}
-    if message is not None:
-        values["message"] = message
-    if result is not None:
-        values["result"] = result
-    if state is JobState.SUCCEEDED:
-        values["progress"] = 1.0
+    values = terminal_values(state, error, message, result)
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
@@ -670,10 +685,7 @@ def finish_job(
         .execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
-        data: dict[str, Any] = {"state": state.value}
-        if error is not None:
-            data["error"] = error
-        _emit(session, job_id, "state", data)
+        _emit(session, job_id, "state", state_event(state, error))
         session.commit()
     else:
         session.rollback()

@@ -12,12 +12,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
-from core.db.crud import _emit
-from core.db.models import Job, JobMetric, JobState
+from core.db.crud import _emit, add_metric, progress_values, state_event, terminal_values
+from core.db.models import Job, JobState
 
 RUNNING_STATES = (JobState.RUNNING, JobState.CANCELING)
 
@@ -73,13 +73,7 @@ def write_progress(
     event: bool = True,
 ) -> tuple[bool, bool]:
     """Like ``crud.update_progress`` but attempt-guarded; returns ``(owned, cancel_requested)``."""
-    values: dict[str, Any] = {"progress": min(max(float(progress), 0.0), 1.0), "heartbeat_at": utcnow()}
-    if step is not None:
-        values["step"] = step
-    if sparsity is not None:
-        values["sparsity"] = sparsity
-    if message is not None:
-        values["message"] = message
+    values = progress_values(progress, step, sparsity, message)
     flag = _guarded_update(session, job_id, attempt, values)
     if flag is None:
         session.rollback()
@@ -90,29 +84,8 @@ def write_progress(
     return True, flag
 
 
-def record_metric(
-    *,
-    session: Session,
-    job_id: str,
-    step: int,
-    kind: str,
-    epoch: float | None = None,
-    sparsity: float | None = None,
-    loss: float | None = None,
-    metric: float | None = None,
-    seconds: float | None = None,
-) -> JobMetric:
-    """Adds a curve point, replacing one of the same ``(step, kind)``: a resumed run recomputes the points it
-    made after its last checkpoint (identically: runs are seeded), and the curve must not hold them twice."""
-    session.execute(
-        delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step, JobMetric.kind == kind)
-    )
-    row = JobMetric(
-        job_id=job_id, step=step, kind=kind, epoch=epoch, sparsity=sparsity, loss=loss, metric=metric, seconds=seconds
-    )
-    session.add(row)
-    session.commit()
-    return row
+#: a curve point, replacing one of the same ``(step, kind)`` (a resumed run recomputes its last points)
+record_metric = add_metric
 
 
 def finish_attempt(
@@ -128,22 +101,10 @@ def finish_attempt(
     """Moves the job to a terminal state if this attempt still owns it (``crud.finish_job``, guarded).
     Returns False (and changes nothing) when it does not."""
     state = JobState(state)
-    if not state.terminal:
-        raise ValueError(f"finish_attempt needs a terminal state, not {state.value}")
-    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "error": error}
-    if message is not None:
-        values["message"] = message
-    if result is not None:
-        values["result"] = result
-    if state is JobState.SUCCEEDED:
-        values["progress"] = 1.0
-    if _guarded_update(session, job_id, attempt, values) is None:
+    if _guarded_update(session, job_id, attempt, terminal_values(state, error, message, result)) is None:
         session.rollback()
         return False
-    data: dict[str, Any] = {"state": state.value}
-    if error is not None:
-        data["error"] = error
-    _emit(session, job_id, "state", data)
+    _emit(session, job_id, "state", state_event(state, error))
     session.commit()
     return True
 
