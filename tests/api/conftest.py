@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from _api_testkit import PG_URL, create_pg_schema, drop_pg_schema, pg_available
+from _pg import fresh_schema, schema_url
 from api.main import create_app
 from core.artifacts import ArtifactStore
 from core.db import crud, migrate
@@ -85,13 +85,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'arborist.db'}"
         return
-    if not pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
-    schema, url = create_pg_schema()
-    try:
-        yield url
-    finally:
-        drop_pg_schema(schema)
+    with fresh_schema("arb_test") as schema:
+        yield schema_url(schema)
 
 
 def _free_port() -> int:

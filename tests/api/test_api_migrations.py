@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from _api_testkit import create_pg_schema, drop_pg_schema, pg_available
+from _pg import fresh_schema, schema_url
 
 from core.db import migrate
 from core.db.base import make_engine
@@ -38,13 +38,8 @@ def empty_db(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'mig.db'}"
         return
-    if not pg_available():
-        pytest.skip("PostgreSQL not reachable")
-    schema, url = create_pg_schema()
-    try:
-        yield url
-    finally:
-        drop_pg_schema(schema)
+    with fresh_schema("arb_test") as schema:
+        yield schema_url(schema)
 
 
 def test_upgrade_downgrade_upgrade(empty_db):

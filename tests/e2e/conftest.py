@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from _pg import fresh_schema, schema_url
 from _e2e_kit import (
     HEARTBEAT_TIMEOUT_S,
     REAPER_INTERVAL_S,
@@ -26,7 +27,6 @@ from _e2e_kit import (
     wait_for,
 )
 
-PG_URL = os.environ.get("ARBORIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ARBORIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # db 11: these tests only
 
 
@@ -49,29 +49,12 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(PG_URL, pool_pre_ping=True)  # survives a server restart (test_faults_e2e)
-    try:
-        with engine.connect():
-            pass
-    except Exception as exc:  # noqa: BLE001
-        engine.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-    schema = f"arb_e2e_{uuid.uuid4().hex[:12]}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
     from core.db import migrate
 
-    try:
+    with fresh_schema("arb_e2e") as schema:
+        url = schema_url(schema)
         migrate.upgrade(url)
         yield url
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
 
 
 @pytest.fixture(scope="session")

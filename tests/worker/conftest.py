@@ -14,6 +14,7 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from _pg import fresh_schema, schema_url
 from core.artifacts import ArtifactStore
 from core.data import builtin_dataset
 from core.db import crud, migrate
@@ -123,36 +124,9 @@ def world(world_factory: Callable[..., World]) -> World:
     return world_factory()
 
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
 
 @pytest.fixture(scope="session")
 def pg_schema_url() -> Iterator[Callable[[str, int], str]]:
     """A fresh PostgreSQL schema; yields ``url(host, port)`` so a test can route through a proxy."""
-    import os
-
-    import sqlalchemy as sa
-
-    base = os.environ.get("ARBORIST_TEST_PG_URL", PG_URL)
-    engine = sa.create_engine(base)
-    try:
-        with engine.connect():
-            pass
-    except Exception as exc:  # noqa: BLE001
-        engine.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {base}: {exc}")
-    schema = f"arb_worker_{uuid.uuid4().hex[:12]}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = sa.engine.make_url(base)
-
-    def at(host: str | None = None, port: int | None = None) -> str:
-        u = url.set(host=host or url.host, port=port or url.port or 5432)
-        return u.render_as_string(hide_password=False) + f"?options=-csearch_path%3D{schema}"
-
-    try:
-        yield at
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
+    with fresh_schema("arb_worker") as schema:
+        yield lambda host=None, port=None: schema_url(schema, host, port)
