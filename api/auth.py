@@ -16,7 +16,11 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def tenant_from_credentials(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Tenant:
+def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
         raise Unauthorized("Missing bearer API key")
-    return crud.authenticate(session=session, token=credentials.credentials)
+    return credentials.credentials
+
+
+def tenant_from_credentials(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Tenant:
+    return crud.authenticate(session=session, token=bearer_token(credentials))

@@ -9,10 +9,12 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from api.auth import bearer_scheme, tenant_from_credentials
 from core.artifacts import ArtifactStore
+from core.db.base import read_retrying
 from core.db.models import Tenant
 from core.queue import JobQueue
 from core.settings import Settings
@@ -76,19 +78,11 @@ def get_current_tenant(session: SessionDep, credentials: BearerCredentials) -> T
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
-async def run_authenticated_read(
-    request: Request, credentials: HTTPAuthorizationCredentials | None, read: Callable[[Session, Tenant], T]
-) -> T:
-    """``read(session, tenant)`` after authenticating, all in one trip to the threadpool, with a read-only session
-    of its own (autocommit: ``core.db.base.make_read_sessionmaker``; a write raises).
+async def run_read(request: Request, read: Callable[[Connection], T]) -> T:
+    """``read(connection)`` on a connection of the read engine (``core.db.base.read_retrying``: autocommit, no ping
+    at checkout, run again once over a dropped connection), in one trip to the threadpool.
 
     For hot read paths (the status poll): there the dependency chain (``SessionDep`` + ``CurrentTenant`` + a sync
     endpoint = three trips to the threadpool, plus one to close the session, and a transaction around two reads)
-    costs more than the queries do. The checks are the same: ``tenant_from_credentials``, then whatever ``read``
-    does with the tenant."""
-
-    def run() -> T:
-        with request.app.state.read_sessionmaker() as session:
-            return read(session, tenant_from_credentials(session, credentials))
-
-    return await run_in_threadpool(run)
+    costs more than the queries do. ``read`` must authenticate itself (``crud.authenticated_job``)."""
+    return await run_in_threadpool(read_retrying, request.app.state.read_engine, read)

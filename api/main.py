@@ -16,8 +16,9 @@ from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
 from api.routers import datasets, jobs, models, outputs, system
 from api.routing import CloseUnreadBodyMiddleware
+from core import preflight
 from core.artifacts import ArtifactStore
-from core.db.base import make_engine, make_read_sessionmaker, make_sessionmaker
+from core.db.base import make_engine, make_read_engine, make_sessionmaker
 from core.queue import JobQueue, resolve_queue
 from core.settings import Settings, get_settings
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         queue = resolve_queue(settings)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     factory = make_sessionmaker(engine)
+    read_engine = make_read_engine(engine, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
             from core.db import migrate
 
             await run_in_threadpool(migrate.upgrade, settings.database_url)
+        await run_in_threadpool(preflight.warm_up)  # before gc.freeze: what it imports is frozen too
         unwatch = watch_shutdown_signals(app)  # open event streams end when the server is told to stop
         # Everything imported so far (torch included: ~230k objects) lives as long as the process; moved out of the
         # collector's reach, a full collection no longer stalls every request for ~120 ms (seen as the p99 of
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         finally:
             unwatch()
             engine.dispose()
+            read_engine.dispose()
 
     app = FastAPI(
         title=settings.api_title,
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.shutting_down = False
     app.state.engine = engine
     app.state.sessionmaker = factory
-    app.state.read_sessionmaker = make_read_sessionmaker(engine)
+    app.state.read_engine = read_engine
     app.state.store = ArtifactStore(settings.artifact_root)
     app.state.queue = queue
     app.state.metrics = Metrics(factory)

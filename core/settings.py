@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     job_time_limit_s: float = Field(24 * 3600.0, gt=0, description="a job is stopped (failed) after this long")
     reaper_interval_s: float = Field(30.0, gt=0, description="seconds between reaper sweeps")
     max_attempts: int = Field(3, ge=1, description="worker losses tolerated per job before it fails")
+    # Jobs are batch work: on a host they share with the API, they take the CPU the API leaves (a status poll
+    # waits on its CPU share, not on the job). Linux niceness 0-19; 0 leaves jobs at the API's priority.
+    job_nice: int = Field(10, ge=0, le=19, description="CPU niceness of job processes (0 = the API's priority)")
 
     sse_poll_interval_s: float = Field(0.5, gt=0, le=30)
     sse_max_seconds: float = Field(900.0, gt=0, description="one events stream is closed after this long")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -431,9 +432,24 @@ class JobAttempt:
             return self._fail(InternalError(detail))
 
 
+def lower_cpu_priority(nice: int) -> None:
+    """Raises every thread of this process to niceness ``nice`` (never lowers one: that takes privileges). On
+    Linux niceness is per thread and inherited by new ones, so threads started later (torch's pool, the
+    heartbeat) follow; those already running (a reused Celery pool child) are set one by one."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except (ProcessLookupError, PermissionError):  # a thread that just ended; a sandbox that forbids it
+            pass
+
+
 def run_job(job_id: str, settings: Settings, *, worker: str, task_id: str | None = None,
             time_limit_errors: tuple[type[BaseException], ...] = (), control: Control | None = None) -> str:
-    """Runs (or resumes) ``job_id`` if it can be claimed; returns the outcome (see the module docstring)."""
+    """Runs (or resumes) ``job_id`` if it can be claimed, at niceness ``settings.job_nice``; returns the outcome
+    (see the module docstring)."""
+    lower_cpu_priority(settings.job_nice)
     attempt = JobAttempt(job_id, settings, worker=worker, task_id=task_id, time_limit_errors=time_limit_errors,
                          control=control)
     try:

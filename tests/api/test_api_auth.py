@@ -16,27 +16,61 @@ def test_missing_key_is_401_problem(server, path):
     assert body["instance"] == path
 
 
+# The status poll authenticates in its own query (crud.authenticated_job), apart from the other routes'
+# dependency: every key check runs on both.
+POLL = "/v1/jobs/job_0123456789abcdef0123456789ab"
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", POLL])
 @pytest.mark.parametrize(
     "header",
     ["Bearer arb_000000000000_nope", "Bearer not-a-key", "Basic dXNlcjpwYXNz", "Bearer arb__x"],
 )
-def test_invalid_key_is_401_problem(server, header):
-    resp = server.client().get("/v1/jobs", headers={"Authorization": header})
+def test_invalid_key_is_401_problem(server, header, path):
+    resp = server.client().get(path, headers={"Authorization": header})
     assert_problem(resp, 401, "unauthorized")
 
 
-def test_tampered_secret_is_401(server, account):
-    resp = server.client(account.key[:-2] + "xx").get("/v1/jobs")
-    assert_problem(resp, 401)
+def test_missing_key_on_the_status_poll_is_401(server):
+    assert_problem(server.client().get(POLL), 401, "unauthorized")
 
 
-def test_revoked_key_is_401_problem(server, account):
-    assert account.client.get("/v1/jobs").status_code == 200
+def _own_job(server, account, seed) -> str:
+    model_id, dataset_id = seed()
+    resp = account.client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id,
+                                                 "spec": {"sparsity": 0.5}})
+    assert resp.status_code == 202, resp.text
+    return resp.json()["id"]
+
+
+def test_tampered_secret_is_401(server, account, seed):
+    job_id = _own_job(server, account, seed)
+    for path in ("/v1/jobs", f"/v1/jobs/{job_id}"):
+        assert account.client.get(path).status_code == 200
+        assert_problem(server.client(account.key[:-2] + "xx").get(path), 401)
+
+
+def test_revoked_key_is_401_problem(server, account, seed):
+    job_id = _own_job(server, account, seed)
+    paths = ("/v1/jobs", f"/v1/jobs/{job_id}")
+    assert [account.client.get(path).status_code for path in paths] == [200, 200]
     prefix = account.key.split("_")[1]
     with server.session() as s:
         crud.revoke_api_key(session=s, prefix=prefix)
-    body = assert_problem(account.client.get("/v1/jobs"), 401, "unauthorized")
-    assert "revoked" in body["detail"]
+    for path in paths:
+        body = assert_problem(account.client.get(path), 401, "unauthorized")
+        assert "revoked" in body["detail"]
+
+
+def test_status_poll_answers_only_its_tenant(server, account, make_account, seed):
+    job_id = _own_job(server, account, seed)
+    mine = account.client.get(f"/v1/jobs/{job_id}")
+    assert mine.status_code == 200 and mine.headers["content-type"] == "application/json"
+    assert mine.json()["id"] == job_id and mine.json()["state"] == "queued" and mine.headers["retry-after"] == "2"
+    other = make_account()
+    assert_problem(other.client.get(f"/v1/jobs/{job_id}"), 404, "not-found")
+    for bad in ("job_0123456789abcdef0123456789ab", "nope", job_id.upper()):
+        assert_problem(account.client.get(f"/v1/jobs/{bad}"), 404, "not-found")
 
 
 def test_unknown_route_and_method_are_problems(server, client):

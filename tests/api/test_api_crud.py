@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from core.db import crud
-from core.db.base import utcnow
+from core.db.base import read_retrying, utcnow
 from core.db.models import Job, JobState
 from core.problems import Conflict, IdempotencyMismatch, NotFound
 
@@ -100,3 +102,38 @@ def test_artifacts_replace_by_name(server, job, make_account):
             crud.get_artifact(session=s, job_id=job.id, name="nope")
         with pytest.raises(NotFound):
             crud.get_job(session=s, tenant=make_account().tenant, job_id=job.id)
+
+
+def test_status_poll_rides_over_dropped_read_connections(server, account, job, db_url):
+    """The read engine pings nothing at checkout; a connection the server dropped (a restart, a failover: here
+    pg_terminate_backend) costs one retry inside the request, not an error."""
+    if server.db != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has no server to drop connections")
+    assert account.client.get(f"/v1/jobs/{job.id}").status_code == 200  # a pooled read connection now exists
+    killer = create_engine(db_url, poolclass=NullPool)
+    try:
+        with killer.connect() as conn:
+            killed = conn.scalar(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE application_name = 'arborist-read' AND datname = current_database()"))
+    finally:
+        killer.dispose()
+    assert killed >= 1
+    for _ in range(3):
+        resp = account.client.get(f"/v1/jobs/{job.id}")
+        assert resp.status_code == 200 and resp.json()["id"] == job.id, resp.text
+
+
+def test_read_retrying_repeats_only_a_read_that_lost_its_connection(server):
+    engine = create_engine(server.settings.database_url, poolclass=NullPool)
+    calls = []
+
+    def broken(conn):
+        calls.append(conn)
+        conn.execute(text("SELECT no_such_column FROM jobs"))
+
+    try:
+        with pytest.raises(DBAPIError) as err:
+            read_retrying(engine, broken)
+        assert not err.value.connection_invalidated and len(calls) == 1
+    finally:
+        engine.dispose()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import sys
 import tracemalloc
 import types
+from pathlib import Path
 
 import httpx
 import pytest
@@ -153,3 +155,29 @@ def test_lazy_module_app(monkeypatch, unit_settings):
         assert api.main.app is app
     finally:
         api.main.__dict__.pop("app", None)
+
+
+def test_a_started_app_imports_nothing_at_its_first_job_check(tmp_path):
+    """Job creation's checks import ~800 modules on their first run; the app does that at start-up, so the first
+    POST /v1/jobs does not stall the server. In a fresh interpreter: the check after start-up imports nothing."""
+    code = f"""
+import subprocess
+import sys
+from fastapi.testclient import TestClient
+from api.main import create_app
+from core.preflight import check_job
+from core.queue import NullQueue
+from core.settings import Settings
+settings = Settings(_env_file=None, database_url="sqlite:///{tmp_path}/a.db", artifact_root="{tmp_path}/art",
+                    auto_migrate=True)
+with TestClient(create_app(settings, NullQueue())):
+    before = set(sys.modules)
+    check_job(__import__("core.specs").specs.PruneSpec(sparsity=0.9), arch="mlp",
+              arch_kwargs={{"in_features": 64, "hidden": [32], "num_classes": 10}}, num_examples=1000,
+              input_shape=[64], num_classes=10, has_val=False)
+    print(len(set(sys.modules) - before), "sympy" in before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "True"], out.stdout

@@ -414,3 +414,17 @@ def sse_connect(client: httpx.Client, job_id: str, *, last_event_id: int | None 
                 kind = line[6:].strip()
             elif line.startswith("data:"):
                 data.append(line[5:].strip())
+
+
+def thread_nice(pid: int) -> set[int]:
+    """The niceness of each thread of process ``pid`` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        values.add(int(stat.rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]

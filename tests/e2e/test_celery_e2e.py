@@ -13,7 +13,18 @@ import signal
 import time
 from collections.abc import Callable
 
-from _e2e_kit import HEARTBEAT_TIMEOUT_S, Api, DigitsFiles, Proc, check_pruned_model, happy_path, job_spec, sse_events
+from _e2e_kit import (
+    HEARTBEAT_TIMEOUT_S,
+    Api,
+    DigitsFiles,
+    Proc,
+    check_pruned_model,
+    child_pids,
+    happy_path,
+    job_spec,
+    sse_events,
+    thread_nice,
+)
 
 
 def test_happy_path(api: Api, digits_files: DigitsFiles, start_worker: Callable[[str], Proc]) -> None:
@@ -38,6 +49,11 @@ def test_worker_killed_mid_job_resumes_on_another_worker(
             break
         assert kind != "end", f"job ended before a fine-tuning checkpoint: {event}\n{api.diagnostics()}"
     assert checkpoint is not None
+    # The job runs in the pool child at the default niceness (Settings.job_nice), every thread of it (torch's
+    # included); the worker's main process stays at the API's priority.
+    assert first.popen is not None
+    assert thread_nice(first.popen.pid) == {0}
+    assert [thread_nice(child) for child in child_pids(first.popen.pid)] == [{10}]
 
     first.kill_group(signal.SIGKILL)  # the main process and its pool child, like a lost container
     first.popen.wait(10)

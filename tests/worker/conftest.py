@@ -98,7 +98,7 @@ def world_factory(tmp_path: Path, digits_blobs: tuple[Path, Path]) -> Iterator[C
         url = database_url or f"sqlite:///{tmp_path / f'w-{uuid.uuid4().hex[:6]}.db'}"
         migrate.upgrade(url)
         s = Settings(_env_file=None, database_url=url, artifact_root=str(tmp_path / "artifacts"),
-                     **{"heartbeat_timeout_s": 30.0, **settings})
+                     **{"heartbeat_timeout_s": 30.0, "job_nice": 0, **settings})  # jobs run in this process
         engine = make_engine(url)
         engines.append(engine)
         sessions = make_sessionmaker(engine)

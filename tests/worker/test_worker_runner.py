@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +187,24 @@ def test_record_metric_replaces_a_recomputed_point(world: World) -> None:
         worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="prune", metric=0.1)
         rows = [(m.step, m.kind, m.metric) for m in crud.list_metrics(session=s, job_id=job_id)]
     assert rows == [(3, "epoch", 0.7), (3, "prune", 0.1)]
+
+
+def test_lower_cpu_priority_reaches_every_thread_and_never_lowers() -> None:
+    # In a child process: niceness cannot be lowered again, and this test process must keep its own.
+    code = """
+import os, threading
+from worker.runner import lower_cpu_priority
+hold = threading.Event()
+before = threading.Thread(target=hold.wait); before.start()      # running before the call
+lower_cpu_priority(7)
+after = threading.Thread(target=hold.wait); after.start()        # started after it
+lower_cpu_priority(3)                                            # a lower value changes nothing
+nice = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
+hold.set(); before.join(); after.join()
+print(*nice)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    nice = out.stdout.split()
+    assert set(nice) == {"7"} and len(nice) >= 3, out.stdout  # main, before, after (and any the imports started)
