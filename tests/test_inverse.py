@@ -82,4 +82,7 @@ def test_float32_blocks_that_round_indefinite_are_rebuilt_in_float64():
         oracle = sherman_morrison_inverse(gg.double(), 1e-3)
         assert torch.isfinite(inv.diag()).all()
         failed = torch.linalg.cholesky_ex(_gram(gg, 1e-3, small)).info != 0
-        assert rel(inv.diag()[failed].double(), oracle.diagonal(dim1=-2, dim2=-1)[failed]) < 1e-5
+        # The rebuilt blocks are float64-accurate up to their conditioning: the repeated column leaves
+        # eigenvalues of mλ = 0.05 beside ~1e10 (cond ~3e11), so even float64 Cholesky is good to
+        # ~cond·eps ≈ 7e-5 (the exact digits depend on the CPU's BLAS). Without the rebuild (placeholder factors) it is off by > 90 %.
+        assert rel(inv.diag()[failed].double(), oracle.diagonal(dim1=-2, dim2=-1)[failed]) < 1e-4
