@@ -33,12 +33,15 @@ class Settings(BaseSettings):
     )
     data_allowed_roots: list[str] = Field(default_factory=lambda: ["./data/datasets"])
 
-    # The API's connection pool. Keep db_pool_size at or above the number of requests that use the database at once:
-    # connections beyond it (the overflow) are closed when returned, so a busy API would otherwise reconnect all
-    # the time (at 8 concurrent status polls with SQLAlchemy's default of 5, one poll in ten opened a new
-    # PostgreSQL connection). Per API process: size + overflow must fit PostgreSQL's max_connections.
+    # The API's connection pools. Keep db_pool_size at or above the number of requests that use the database at
+    # once: connections beyond it (the overflow) are closed when returned, so a busy API would otherwise reconnect
+    # all the time (at 8 concurrent status polls with SQLAlchemy's default of 5, one poll in ten opened a new
+    # PostgreSQL connection). Status polls have a pool of their own (one short query each, no ping), with the same
+    # overflow. Per API process, db_pool_size + db_read_pool_size + 2 × db_max_overflow must fit PostgreSQL's
+    # max_connections (defaults: 50 of 100).
     db_pool_size: int = Field(20, ge=1, description="connections the API keeps open for reuse (opened on demand)")
-    db_max_overflow: int = Field(10, ge=0, description="extra connections the API may open at peaks")
+    db_read_pool_size: int = Field(10, ge=1, description="connections kept open for status polls (PostgreSQL)")
+    db_max_overflow: int = Field(10, ge=0, description="extra connections each pool may open at peaks")
 
     max_upload_bytes: int = Field(2 * GiB, gt=0)
     max_json_bytes: int = Field(1 * MiB, gt=0)

@@ -154,6 +154,7 @@ async def get_job(job_id: str, request: Request, credentials: BearerCredentials)
     # The status poll, the API's hottest path: the key and the job in one query, in one trip to the threadpool,
     # and the body serialized once (returning a Response skips FastAPI's second validation of the model).
     token = bearer_token(credentials)
+    crud.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
 
     def read(conn: Connection) -> Response:
         job = JobPublic.model_validate(crud.authenticated_job(conn=conn, token=token, job_id=job_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
+log = logging.getLogger("arborist.db")
 
 # Named constraints: Alembic's batch mode on SQLite needs names to alter or drop them.
 NAMING_CONVENTION = {
@@ -98,7 +100,8 @@ def make_read_engine(engine: Engine, **kwargs: Any) -> Engine:
     SQLite has no ping to save; its engine is shared."""
     if engine.url.get_backend_name() == "sqlite":
         return engine.execution_options(isolation_level="AUTOCOMMIT")
-    kwargs.setdefault("connect_args", {}).setdefault("application_name", "arborist-read")
+    if "application_name" not in engine.url.query:  # named in pg_stat_activity, unless the URL names it
+        kwargs.setdefault("connect_args", {}).setdefault("application_name", "arborist-read")
     return create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, **kwargs)
 
 
@@ -112,6 +115,7 @@ def read_retrying(read_engine: Engine, read: Callable[[Connection], T]) -> T:
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
+        log.info("read on a dropped database connection (%s); reconnecting once", type(exc.orig).__name__)
     with read_engine.connect() as conn:
         return read(conn)
 

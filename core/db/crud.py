@@ -146,7 +146,8 @@ def list_api_keys(*, session: Session, tenant: Tenant | None = None) -> list[Api
     return list(session.scalars(stmt))
 
 
-def _key_prefix(token: str) -> str:
+def key_prefix(token: str) -> str:
+    """The public prefix of a well-formed key (``arb_<prefix>_<secret>``); ``Unauthorized`` otherwise."""
     parts = token.split("_", 2)
     if "\x00" in token or len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
         raise Unauthorized("Malformed API key")
@@ -162,7 +163,7 @@ def _check_key(token: str, key_hash: str | None, revoked_at: datetime | None) ->
 
 def authenticate(*, session: Session, token: str) -> Tenant:
     """The tenant owning the bearer ``token``; ``Unauthorized`` if it is malformed, unknown or revoked."""
-    prefix = _key_prefix(token)
+    prefix = key_prefix(token)
     # One round trip: the key and its tenant together (every authenticated request runs this).
     row = session.scalar(
         select(ApiKey).options(joinedload(ApiKey.tenant, innerjoin=True)).where(ApiKey.prefix == prefix)
@@ -188,7 +189,7 @@ def authenticated_job(*, conn: Connection, token: str, job_id: str) -> dict[str,
     the job's columns by name. For the status poll, the API's hottest path, where the ORM's bookkeeping and a
     second query cost more than the lookups themselves."""
     row = conn.execute(
-        _AUTHENTICATED_JOB, {"prefix": _key_prefix(token), "job_id": job_id if is_id(job_id) else ""}
+        _AUTHENTICATED_JOB, {"prefix": key_prefix(token), "job_id": job_id if is_id(job_id) else ""}
     ).one_or_none()
     _check_key(token, row and row[0], row and row[1])
     assert row is not None

@@ -181,3 +181,20 @@ with TestClient(create_app(settings, NullQueue())):
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True"], out.stdout
+
+
+def test_the_status_poll_refuses_malformed_keys_without_the_database(tmp_path):
+    """A key that cannot be one is a 401 before any database I/O, on the status poll (its own query) as on the
+    other routes: with the database unreachable, 401 rather than 503."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    settings = Settings(_env_file=None, database_url="postgresql+psycopg://nobody@127.0.0.1:9/none",
+                        artifact_root=str(tmp_path / "art"))
+    client = TestClient(create_app(settings, NullQueue()))  # no lifespan: nothing connects at start-up
+    for path in ("/v1/jobs", "/v1/jobs/job_0123456789abcdef0123456789ab"):
+        for header in ("Bearer not-a-key", "Bearer arb__x"):
+            assert_problem(client.get(path, headers={"Authorization": header}), 401, "unauthorized")
+        # a well-formed key needs the database: the unreachable one is a 503, so the above really skipped it
+        assert_problem(client.get(path, headers={"Authorization": "Bearer arb_abc_def"}), 503)
