@@ -435,7 +435,7 @@ class JobAttempt:
 def lower_cpu_priority(nice: int) -> None:
     """Raises every thread of this process to niceness ``nice`` (never lowers one: that takes privileges). On
     Linux niceness is per thread and inherited by new ones, so threads started later (torch's pool, the
-    heartbeat) follow; those already running (a reused Celery pool child) are set one by one."""
+    heartbeat) follow; those already running (a Celery pool child's own) are set one by one."""
     tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
     for tid in tids:
         try:

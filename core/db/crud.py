@@ -178,7 +178,9 @@ _KEYS, _JOBS = ApiKey.__table__, Job.__table__
 #: form on this very object), over tables rather than mapped classes, so no ORM step runs.
 _AUTHENTICATED_JOB = (
     select(_KEYS.c.key_hash, _KEYS.c.revoked_at, *_JOBS.c)
-    .select_from(_KEYS.outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == _KEYS.c.tenant_id)))
+    .select_from(
+        _KEYS.outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == _KEYS.c.tenant_id))
+    )
     .where(_KEYS.c.prefix == bindparam("prefix"))
 )
 _JOB_KEYS = tuple(column.key for column in _JOBS.c)
