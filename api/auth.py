@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from core.db import crud
-from core.db.models import Tenant
-from core.problems import Unauthorized
+from core.service.db import crud
+from core.service.db.models import Tenant
+from core.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
     auto_error=False,

@@ -13,11 +13,11 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from api.auth import bearer_scheme, tenant_from_credentials
-from core.artifacts import ArtifactStore
-from core.db.base import read_retrying
-from core.db.models import Tenant
-from core.queue import JobQueue
-from core.settings import Settings
+from core.service.artifacts import ArtifactStore
+from core.service.db.base import read_retrying
+from core.service.db.models import Tenant
+from core.service.queue import JobQueue
+from core.service.settings import Settings
 
 T = TypeVar("T")
 
@@ -79,7 +79,7 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
 async def run_read(request: Request, read: Callable[[Connection], T]) -> T:
-    """``read(connection)`` on a connection of the read engine (``core.db.base.read_retrying``: autocommit, no ping
+    """``read(connection)`` on a connection of the read engine (``core.service.db.base.read_retrying``: autocommit, no ping
     at checkout, run again once over a dropped connection), in one trip to the threadpool.
 
     For hot read paths (the status poll): there the dependency chain (``SessionDep`` + ``CurrentTenant`` + a sync

@@ -1,7 +1,7 @@
 """Upload validation in a short-lived child process.
 
-Validating an uploaded model or dataset loads all of it and applies every check a run would (``core.model_io``,
-``core.data``): a 1 GiB dataset briefly needs ~2.7 GiB. In the API process that memory would come and go in the
+Validating an uploaded model or dataset loads all of it and applies every check a run would (``core.io.model_files``,
+``core.io.data``): a 1 GiB dataset briefly needs ~2.7 GiB. In the API process that memory would come and go in the
 server that holds every connection (``bench/upload_rss.py``), and a crafted file that crashes a native parser
 (safetensors, numpy, pyarrow, onnx) would take the server down with it. So the API runs validators here: each call
 in a child process of its own, forked from a fork server that imported the validators once (the first call starts
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 #: imported once by the fork server, so a child starts with torch and the validators loaded ("__main__": the
 #: server's entry script, e.g. uvicorn's, which multiprocessing would otherwise re-run in every child)
-PRELOAD = ["__main__", "core.data", "core.model_io", "core.zoo", "safetensors.torch"]
+PRELOAD = ["__main__", "core.io.data", "core.io.model_files", "core.io.zoo", "safetensors.torch"]
 
 _lock = threading.Lock()
 _context: BaseContext | None = None

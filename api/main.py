@@ -16,11 +16,11 @@ from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
 from api.routers import datasets, jobs, models, outputs, system
 from api.routing import CloseUnreadBodyMiddleware
-from core import preflight
-from core.artifacts import ArtifactStore
-from core.db.base import make_engine, make_read_engine, make_sessionmaker
-from core.queue import JobQueue, resolve_queue
-from core.settings import Settings, get_settings
+from core.runs import preflight
+from core.service.artifacts import ArtifactStore
+from core.service.db.base import make_engine, make_read_engine, make_sessionmaker
+from core.service.queue import JobQueue, resolve_queue
+from core.service.settings import Settings, get_settings
 
 try:
     __version__ = version("arborist")
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
-            from core.db import migrate
+            from core.service.db import migrate
 
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         await run_in_threadpool(preflight.warm_up)  # before gc.freeze: what it imports is frozen too

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.db import crud
+from core.service.db import crud
 
 log = logging.getLogger("arborist.api")
 

@@ -19,9 +19,9 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.db.base import is_transient_db_error
+from core.service.db.base import is_transient_db_error
 from core.errors import ArboristError, StorageFull, no_space_error
-from core.problems import problem_from_error, problem_type
+from core.errors import problem_from_error, problem_type
 
 log = logging.getLogger("arborist.api")
 

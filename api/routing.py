@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import TooLarge
-from core.problems import UnsupportedMediaType
+from core.errors import UnsupportedMediaType
 
 
 def is_json_media_type(content_type: str | None) -> bool:

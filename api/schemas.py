@@ -10,8 +10,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.db.models import JobState
-from core.specs import PruneSpec
+from core.service.db.models import JobState
+from core.runs.spec import PruneSpec
 
 T = TypeVar("T")
 

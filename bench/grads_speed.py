@@ -1,4 +1,4 @@
-"""Per-example gradients: vmap(grad) (core.grads) vs a per-example backward loop, on a small CNN.
+"""Per-example gradients: vmap(grad) (core.engine.grads) vs a per-example backward loop, on a small CNN.
 
 Prints the speed-up measured in this run on the same 512 examples.
 """
@@ -13,9 +13,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import save, timeit  # noqa: E402
-from core.buffers import large_empty  # noqa: E402
-from core.grads import fisher_gradients  # noqa: E402
-from core.layout import BlockLayout, select_parameters  # noqa: E402
+from core.engine.buffers import large_empty  # noqa: E402
+from core.engine.grads import fisher_gradients  # noqa: E402
+from core.engine.layout import BlockLayout, select_parameters  # noqa: E402
 
 
 def small_cnn() -> nn.Module:

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import rss_bytes, save, timeit  # noqa: E402
-from core.curvature.inverse import fisher_block_inverse  # noqa: E402
-from core.curvature.sherman_morrison import sherman_morrison_inverse  # noqa: E402
+from core.engine.curvature.inverse import fisher_block_inverse  # noqa: E402
+from core.engine.curvature.sherman_morrison import sherman_morrison_inverse  # noqa: E402
 
 LAM = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

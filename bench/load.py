@@ -417,7 +417,7 @@ class Service:
         import redis
         import sqlalchemy as sa
 
-        from core.db import migrate
+        from core.service.db import migrate
 
         self.schema = f"arb_bench_{uuid.uuid4().hex[:12]}"
         engine = sa.create_engine(PG_URL)
@@ -547,9 +547,9 @@ def digits_files(directory: Path) -> tuple[Path, Path]:
     import numpy as np
     import torch
 
-    from core.data import builtin_dataset
-    from core.model_io import save_state_dict
-    from core.zoo import build_model
+    from core.io.data import builtin_dataset
+    from core.io.model_files import save_state_dict
+    from core.io.zoo import build_model
 
     data = builtin_dataset("digits")
     torch.manual_seed(0)

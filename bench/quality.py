@@ -16,14 +16,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import save  # noqa: E402
-from core.curvature.base import FisherConfig  # noqa: E402
-from core.data import builtin_dataset  # noqa: E402
-from core.layout import select_parameters  # noqa: E402
-from core.pruner import make_pruner  # noqa: E402
-from core.run import execute  # noqa: E402
-from core.specs import FinetuneSpec, PruneSpec  # noqa: E402
-from core.train import evaluate, make_optimizer, train_epoch  # noqa: E402
-from core.zoo import build_model  # noqa: E402
+from core.engine.curvature.base import FisherConfig  # noqa: E402
+from core.io.data import builtin_dataset  # noqa: E402
+from core.engine.layout import select_parameters  # noqa: E402
+from core.engine.pruner import make_pruner  # noqa: E402
+from core.runs.run import execute  # noqa: E402
+from core.runs.spec import FinetuneSpec, PruneSpec  # noqa: E402
+from core.runs.train import evaluate, make_optimizer, train_epoch  # noqa: E402
+from core.io.zoo import build_model  # noqa: E402
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 FISHER = FisherConfig(m=512, lam=1e-3, chunk=128)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.orm import Session
 
-from core.settings import get_settings
+from core.service.settings import get_settings
 
 URL_OPTION = click.option("--url", "url", default=None, help="database URL (default: Settings.database_url)")
 
@@ -22,7 +22,7 @@ def _url(url: str | None) -> str:
 
 @contextmanager
 def _session(url: str | None) -> Iterator[Session]:
-    from core.db.base import make_engine, make_sessionmaker
+    from core.service.db.base import make_engine, make_sessionmaker
 
     engine = make_engine(_url(url))
     try:
@@ -43,7 +43,7 @@ def keys() -> None:
 @URL_OPTION
 def keys_create(tenant: str, name: str | None, url: str | None) -> None:
     """Create a key for TENANT and print it once (only its hash is stored)."""
-    from core.db import crud
+    from core.service.db import crud
 
     with _session(url) as session:
         t = crud.get_or_create_tenant(session=session, name=tenant)
@@ -57,8 +57,8 @@ def keys_create(tenant: str, name: str | None, url: str | None) -> None:
 @URL_OPTION
 def keys_revoke(prefix: str, url: str | None) -> None:
     """Revoke the key with public PREFIX (the part after ``arb_``)."""
-    from core.db import crud
-    from core.problems import NotFound
+    from core.service.db import crud
+    from core.errors import NotFound
 
     with _session(url) as session:
         try:
@@ -75,8 +75,8 @@ def keys_list(tenant: str | None, url: str | None) -> None:
     """List keys (prefix, tenant, state); never the keys themselves."""
     from sqlalchemy import select
 
-    from core.db import crud
-    from core.db.models import Tenant
+    from core.service.db import crud
+    from core.service.db.models import Tenant
 
     with _session(url) as session:
         t = session.scalar(select(Tenant).where(Tenant.name == tenant)) if tenant else None
@@ -97,7 +97,7 @@ def db() -> None:
 @URL_OPTION
 def db_upgrade(revision: str, url: str | None) -> None:
     """Migrate up to REVISION (default: head)."""
-    from core.db import migrate
+    from core.service.db import migrate
 
     migrate.upgrade(_url(url), revision)
     click.echo(f"database at {migrate.current(_url(url))}")
@@ -108,7 +108,7 @@ def db_upgrade(revision: str, url: str | None) -> None:
 @URL_OPTION
 def db_downgrade(revision: str, url: str | None) -> None:
     """Migrate down to REVISION ("base" drops every table, "-1" one step)."""
-    from core.db import migrate
+    from core.service.db import migrate
 
     migrate.downgrade(_url(url), revision)
     click.echo(f"database at {migrate.current(_url(url))}")
@@ -118,7 +118,7 @@ def db_downgrade(revision: str, url: str | None) -> None:
 @URL_OPTION
 def db_current(url: str | None) -> None:
     """Print the database's revision."""
-    from core.db import migrate
+    from core.service.db import migrate
 
     click.echo(migrate.current(_url(url)) or "(unmigrated)")
 

@@ -22,14 +22,14 @@ import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from core.checkpoint import DirectoryCheckpointer
-from core.data import Dataset, builtin_dataset, check_compatible, load_dataset
+from core.runs.checkpoint import DirectoryCheckpointer
+from core.io.data import Dataset, builtin_dataset, check_compatible, load_dataset
 from core.errors import ArboristError
-from core.model_io import load_model, save_state_dict
-from core.run import RunHooks, execute
-from core.specs import FinetuneSpec, PruneSpec
-from core.train import evaluate, make_optimizer, train_epoch
-from core.zoo import build_model
+from core.io.model_files import load_model, save_state_dict
+from core.runs.run import RunHooks, execute
+from core.runs.spec import FinetuneSpec, PruneSpec
+from core.runs.train import evaluate, make_optimizer, train_epoch
+from core.io.zoo import build_model
 
 
 class BarHooks(RunHooks):

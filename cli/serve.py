@@ -48,7 +48,7 @@ from typing import Any
 
 import click
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 log = logging.getLogger("arborist.serve")
 
@@ -164,7 +164,7 @@ def serve(host: str, port: int, data_dir: Path, database_url: str | None, concur
     import uvicorn
 
     from api.main import create_app
-    from core.db import migrate
+    from core.service.db import migrate
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = embedded_settings(data_dir, database_url)

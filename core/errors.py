@@ -1,8 +1,14 @@
-"""Domain errors. Each carries what an RFC 9457 problem needs; the edges only translate them."""
+"""Every error of the service, and its RFC 9457 problem document.
+
+Each error carries a stable ``type`` slug, a ``title`` and the HTTP ``status`` it maps to; ``problem_from_error``
+is the one converter to a problem document. The API renders it as ``application/problem+json``, the worker
+stores the same dict in ``Job.error``. Nothing here imports anything but the standard library.
+"""
 
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class ArboristError(Exception):
@@ -89,3 +95,94 @@ def no_space_error(exc: BaseException | None) -> BaseException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# -- service errors ---------------------------------------------------------------------------
+
+PROBLEM_BASE = "https://arborist.dev/problems/"
+
+
+def problem_type(slug: str) -> str:
+    """The stable ``type`` URI for a slug (``about:blank`` and absolute URIs pass through)."""
+    if slug == "about:blank" or "://" in slug:
+        return slug
+    return PROBLEM_BASE + slug
+
+
+class NotFound(ArboristError):
+    type = "not-found"
+    title = "Resource not found"
+    status = 404
+
+
+class Conflict(ArboristError):
+    """The resource's current state forbids the request (e.g. deleting a model an active job uses)."""
+
+    type = "conflict"
+    title = "Conflict with the resource's state"
+    status = 409
+
+
+class IdempotencyMismatch(ArboristError):
+    type = "idempotency-key-reused"
+    title = "Idempotency-Key reused with a different request"
+    status = 422
+
+
+class Unauthorized(ArboristError):
+    type = "unauthorized"
+    title = "Authentication required"
+    status = 401
+
+
+class UnsupportedMediaType(ArboristError):
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
+    status = 415
+
+
+class ServiceUnavailable(ArboristError):
+    type = "service-unavailable"
+    title = "Service unavailable"
+    status = 503
+
+
+# -- job failures (not caused by the inputs) ---------------------------------------------------
+
+
+class WorkerLost(ArboristError):
+    """The job's worker stopped heartbeating (killed, crashed, lost its host) once too often."""
+
+    type = "worker-lost"
+    title = "The job's worker was lost"
+    status = 503
+
+
+class TimeLimitExceeded(ArboristError):
+    type = "time-limit-exceeded"
+    title = "Job time limit exceeded"
+    status = 504
+
+
+class InternalError(ArboristError):
+    """An unexpected exception in the run: a bug, or an environment problem (disk full, CUDA error)."""
+
+    type = "internal-error"
+    title = "Internal error while running the job"
+    status = 500
+
+
+def problem_from_error(exc: ArboristError, *, instance: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The problem document for a domain error (``errors`` only when it has some)."""
+    body: dict[str, Any] = {
+        "type": problem_type(exc.type),
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    if exc.errors:
+        body["errors"] = exc.errors
+    body.update(extra)
+    return body

@@ -1,1 +1,1 @@
-"""Alembic migrations (see alembic.ini at the repository root and core.db.migrate)."""
+"""Alembic migrations (see alembic.ini at the repository root and core.service.db.migrate)."""

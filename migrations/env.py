@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from core.db.base import make_engine
-from core.db.models import Base
+from core.service.db.base import make_engine
+from core.service.db.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -23,7 +23,7 @@ def _url() -> str:
         return x["url"]
     if config.attributes.get("url"):
         return str(config.attributes["url"])
-    from core.settings import get_settings
+    from core.service.settings import get_settings
 
     return get_settings().database_url
 

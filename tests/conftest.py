@@ -26,7 +26,7 @@ def tiny_task():
 
 @pytest.fixture(scope="session")
 def digits():
-    from core.data import builtin_dataset
+    from core.io.data import builtin_dataset
 
     return builtin_dataset("digits").split(0.2, 0)
 
@@ -34,9 +34,9 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_mlp_state(digits):
     """A digits MLP (64-32-10) trained for a few epochs: its state dict."""
-    from core.specs import FinetuneSpec
-    from core.train import make_optimizer, train_epoch
-    from core.zoo import build_model
+    from core.runs.spec import FinetuneSpec
+    from core.runs.train import make_optimizer, train_epoch
+    from core.io.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
@@ -49,7 +49,7 @@ def digits_mlp_state(digits):
 
 @pytest.fixture
 def digits_mlp(digits_mlp_state):
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
     model.load_state_dict(digits_mlp_state)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.data import (
+from core.io.data import (
     Dataset,
     DatasetInfo,
     builtin_dataset,
@@ -346,7 +346,7 @@ def test_check_compatible_losses():
 
 def test_check_compatible_shapes_from_a_summary_on_the_meta_device():
     """The job-creation check: a zoo model built on 'meta' against a dataset's stored input_shape/num_classes."""
-    from core.model_io import build_architecture
+    from core.io.model_files import build_architecture
 
     mlp = build_architecture("mlp", {"in_features": 64, "hidden": [32], "num_classes": 10}, device="meta")
     assert all(p.is_meta for p in mlp.parameters())

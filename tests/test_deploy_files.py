@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"api", "worker", "redis", "postgres", "migrate"}

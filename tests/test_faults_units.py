@@ -17,10 +17,10 @@ import pytest
 import torch
 from sqlalchemy.exc import OperationalError
 
-from core.artifacts import ArtifactStore
-from core.checkpoint import DirectoryCheckpointer
+from core.service.artifacts import ArtifactStore
+from core.runs.checkpoint import DirectoryCheckpointer
 from core.errors import StorageFull, no_space_error
-from core.settings import Settings
+from core.service.settings import Settings
 
 
 def _enospc() -> OSError:
@@ -69,7 +69,7 @@ def test_store_commit_failure_leaves_nothing(tmp_path: Path) -> None:
 def test_checkpoint_not_committed_leaves_previous_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = DirectoryCheckpointer(tmp_path)
     ckpt.save({"w": torch.ones(3)}, {"step": 1})
-    import core.checkpoint as checkpoint
+    import core.runs.checkpoint as checkpoint
 
     real_fdopen = os.fdopen
 
@@ -89,7 +89,7 @@ def test_checkpoint_not_committed_leaves_previous_only(tmp_path: Path, monkeypat
 
 @pytest.fixture
 def app_settings(tmp_path: Path) -> Settings:
-    from core.db import migrate
+    from core.service.db import migrate
 
     url = f"sqlite:///{tmp_path / 'u.db'}"
     migrate.upgrade(url)
@@ -135,7 +135,7 @@ def test_events_stream_survives_database_outage_and_ends_on_shutdown(
 ) -> None:
     from api.main import create_app
     from api.routers import outputs
-    from core.db.models import JobState
+    from core.service.db.models import JobState
 
     app = create_app(app_settings)
     calls = {"n": 0}

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.buffers import large_empty
-from core.grads import fisher_gradients
-from core.layout import BlockLayout, select_parameters
+from core.engine.buffers import large_empty
+from core.engine.grads import fisher_gradients
+from core.engine.layout import BlockLayout, select_parameters
 
 
 def loop_grads(model, names, xs, ys):

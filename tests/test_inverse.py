@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from core.curvature.inverse import DenseInverse, WoodburyInverse, fisher_block_inverse
-from core.curvature.sherman_morrison import sherman_morrison_inverse
+from core.engine.curvature.inverse import DenseInverse, WoodburyInverse, fisher_block_inverse
+from core.engine.curvature.sherman_morrison import sherman_morrison_inverse
 
 
 def rel(a, b):
@@ -70,7 +70,7 @@ def test_dampening_must_be_positive():
 
 def test_float32_blocks_that_round_indefinite_are_rebuilt_in_float64():
     """Large, repeated gradient coordinates with a small λ: λI + GᵀG/m rounds indefinite in float32."""
-    from core.curvature.inverse import _gram
+    from core.engine.curvature.inverse import _gram
 
     torch.manual_seed(3)
     col = torch.randn(2, 50, 1) * 1e4

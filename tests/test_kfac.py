@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.curvature.base import FisherConfig
-from core.curvature.kfac import KroneckerInverse, kfac_factors
-from core.grads import fisher_gradients
-from core.layout import BlockLayout
+from core.engine.curvature.base import FisherConfig
+from core.engine.curvature.kfac import KroneckerInverse, kfac_factors
+from core.engine.grads import fisher_gradients
+from core.engine.layout import BlockLayout
 
 
 def exact_fisher(model, name, x, y):

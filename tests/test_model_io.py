@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import InvalidInput, UnsafeFormat
-from core.model_io import (
+from core.io.model_files import (
     ModelInfo,
     check_state_dict_matches,
     detect_format,
@@ -29,7 +29,7 @@ from core.model_io import (
 
 def _zoo_available() -> bool:
     try:
-        import core.zoo  # noqa: F401
+        import core.io.zoo  # noqa: F401
     except ImportError:
         return False
     return True
@@ -37,7 +37,7 @@ def _zoo_available() -> bool:
 
 def _onnx_import_available() -> bool:
     try:
-        import core.onnx_import  # noqa: F401
+        import core.io.onnx.importer  # noqa: F401
     except ImportError:
         return False
     return True
@@ -307,9 +307,9 @@ def test_mismatched_state_dict_lists_every_problem():
 # ----------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.skipif(not _zoo_available(), reason="core.zoo not available yet")
+@pytest.mark.skipif(not _zoo_available(), reason="core.io.zoo not available yet")
 def test_load_mlp_from_safetensors(tmp_path):
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     kwargs = {"in_features": 8, "hidden": [6], "num_classes": 3}
     torch.manual_seed(1)
@@ -339,9 +339,9 @@ def test_load_mlp_from_safetensors(tmp_path):
         load_model(path, "onnx", arch="mlp", arch_kwargs=kwargs)
 
 
-@pytest.mark.skipif(not _zoo_available(), reason="core.zoo not available yet")
+@pytest.mark.skipif(not _zoo_available(), reason="core.io.zoo not available yet")
 def test_load_model_refuses_nan_weights(tmp_path):
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     kwargs = {"in_features": 4, "hidden": [3], "num_classes": 2}
     sd = build_model("mlp", **kwargs).state_dict()
@@ -367,7 +367,7 @@ def test_onnx_detected_by_content(tmp_path):
     assert detect_format(renamed) == "onnx"
 
 
-@pytest.mark.skipif(not _onnx_import_available(), reason="core.onnx_import not available yet")
+@pytest.mark.skipif(not _onnx_import_available(), reason="core.io.onnx.importer not available yet")
 def test_load_onnx_model(tmp_path):
     path, src = _onnx_file(tmp_path)
     model = load_model(path, "onnx")

@@ -18,9 +18,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from core.errors import InvalidInput, UnsafeFormat
-from core.onnx_export import _legacy, export_onnx
-from core.onnx_import import OnnxModule, onnx_to_torch
-from core.zoo import build_model
+from core.io.onnx.export import _legacy, export_onnx
+from core.io.onnx.importer import OnnxModule, onnx_to_torch
+from core.io.zoo import build_model
 
 # torch.export's internals warn about a deprecated pytree spec; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from core.curvature.base import FisherConfig
-from core.curvature.fisher import WoodFisher
-from core.curvature.hessian import ExactHessian
-from core.layout import BlockLayout, select_parameters
-from core.obs import saliency
-from core.pruner import Method, make_pruner
+from core.engine.curvature.base import FisherConfig
+from core.engine.curvature.fisher import WoodFisher
+from core.engine.curvature.hessian import ExactHessian
+from core.engine.layout import BlockLayout, select_parameters
+from core.engine.obs import saliency
+from core.engine.pruner import Method, make_pruner
 
 
 def spearman(a, b):

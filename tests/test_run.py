@@ -7,13 +7,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from core.checkpoint import DirectoryCheckpointer
+from core.runs.checkpoint import DirectoryCheckpointer
 from core.errors import Canceled, DoesNotFit, InvalidInput
-from core.memory import fit
-from core.pruner import Method
-from core.run import RunHooks, execute
-from core.schedule import pruning_events
-from core.specs import PruneSpec
+from core.engine.memory import fit
+from core.engine.pruner import Method
+from core.runs.run import RunHooks, execute
+from core.runs.schedule import pruning_events
+from core.runs.spec import PruneSpec
 
 GRADUAL = dict(
     method="woodfisher", sparsity=0.8, mode="gradual",
@@ -65,7 +65,7 @@ def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digi
 
 @pytest.mark.parametrize("stop_after", [1, 3, 5])
 def test_resume_from_any_checkpoint_matches_the_uninterrupted_run(digits, digits_mlp_state, tmp_path, stop_after):
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     def fresh():
         m = build_model("mlp", in_features=64, hidden=[32], num_classes=10)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from core.data import load_dataset
+from core.io.data import load_dataset
 from core.errors import Forbidden
 
 s3fs = pytest.importorskip("s3fs")

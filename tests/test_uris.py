@@ -9,7 +9,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from core.errors import Forbidden, InvalidInput, TooLarge
-from core.uris import fetch_to_local, resolve_uri
+from core.io.uris import fetch_to_local, resolve_uri
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from core.errors import InvalidInput
-from core.zoo import ARCHITECTURES, build_model, describe
+from core.io.zoo import ARCHITECTURES, build_model, describe
 
 # (arch, kwargs, input shape without batch, num_classes)
 SMALL = [

@@ -28,7 +28,7 @@ from celery import Celery, bootsteps
 from celery.signals import worker_ready
 from kombu import Exchange, Queue
 
-from core.settings import Settings, get_settings
+from core.service.settings import Settings, get_settings
 from worker.queue import QUEUES
 
 log = logging.getLogger("arborist.worker")

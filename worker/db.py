@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from core.db.base import TRANSIENT_DB_ERRORS, is_transient_db_error, make_engine, make_sessionmaker
+from core.service.db.base import TRANSIENT_DB_ERRORS, is_transient_db_error, make_engine, make_sessionmaker
 
 log = logging.getLogger("arborist.worker")
 T = TypeVar("T")

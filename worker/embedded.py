@@ -27,8 +27,8 @@ from typing import Any
 
 import click
 
-from core.db import worker_crud
-from core.settings import Settings, get_settings
+from core.service.db import worker_crud
+from core.service.settings import Settings, get_settings
 from worker.db import Database
 from worker.queue import QUEUES, EmbeddedQueue
 from worker.reaper import Reaper, handle_lost, holder_dead_here, worker_name

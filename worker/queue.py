@@ -1,4 +1,4 @@
-"""``JobQueue`` implementations, registered in ``core.queue`` on import.
+"""``JobQueue`` implementations, registered in ``core.service.queue`` on import.
 
 * ``"celery"``: a task message ``worker.tasks.run_job(job_id)`` on the ``cpu`` or ``gpu`` queue of the broker
   (``Settings.broker_url``). The task is sent by name, so the API process never imports the task module (nor
@@ -6,7 +6,7 @@
 * ``"embedded"``: no broker: the ``queued`` row in SQL *is* the message, and ``worker.embedded`` polls for it.
 
 The API finds these without importing ``worker``: ``Settings.queue_plugins`` names this module, and
-``core.queue.resolve_queue`` imports it when ``Settings.queue_name`` is not registered yet.
+``core.service.queue.resolve_queue`` imports it when ``Settings.queue_name`` is not registered yet.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from core.queue import register_queue
-from core.settings import Settings
+from core.service.queue import register_queue
+from core.service.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

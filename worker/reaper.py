@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.db import crud, worker_crud
-from core.db.models import Job, JobState
-from core.problems import problem_from_error
-from core.queue import JobQueue, resolve_queue
-from core.settings import Settings, get_settings
+from core.service.db import crud, worker_crud
+from core.service.db.models import Job, JobState
+from core.errors import problem_from_error
+from core.service.queue import JobQueue, resolve_queue
+from core.service.settings import Settings, get_settings
 from worker.db import Database
-from worker.errors import WorkerLost
+from core.errors import WorkerLost
 
 log = logging.getLogger("arborist.reaper")
 

@@ -1,4 +1,4 @@
-"""One attempt at one job: claim it in SQL, load its inputs, run ``core.run.execute``, store the outputs, and
+"""One attempt at one job: claim it in SQL, load its inputs, run ``core.runs.run.execute``, store the outputs, and
 map the outcome to the job's state. Used by the Celery task and by the embedded worker alike.
 
 Outcomes (the return value of :func:`run_job`):
@@ -33,20 +33,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core.artifacts import ArtifactStore, artifact_key
-from core.checkpoint import Checkpointer, DirectoryCheckpointer
-from core.data import Dataset, check_compatible, load_dataset
-from core.db import crud, worker_crud
-from core.db.models import Job, JobState
+from core.service.artifacts import ArtifactStore, artifact_key
+from core.runs.checkpoint import Checkpointer, DirectoryCheckpointer
+from core.io.data import Dataset, check_compatible, load_dataset
+from core.service.db import crud, worker_crud
+from core.service.db.models import Job, JobState
 from core.errors import ArboristError, Canceled, InvalidInput, StorageFull, no_space_error
-from core.model_io import load_model
-from core.problems import NotFound, problem_from_error
-from core.run import RunHooks, execute
-from core.settings import Settings
-from core.specs import PruneSpec
+from core.io.model_files import load_model
+from core.errors import NotFound, problem_from_error
+from core.runs.run import RunHooks, execute
+from core.service.settings import Settings
+from core.runs.spec import PruneSpec
 from worker import reaper
 from worker.db import Database, is_transient
-from worker.errors import InternalError, TimeLimitExceeded
+from core.errors import InternalError, TimeLimitExceeded
 
 log = logging.getLogger("arborist.worker")
 

@@ -23,12 +23,12 @@ from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute, is_json_media_type, read_json_body
 from api.schemas import DatasetPublic, DatasetRegister, DatasetsPublic
 from api.uploads import MultipartUpload, is_multipart, receive_upload
-from core.artifacts import CHUNK, ArtifactStore
-from core.db import crud
-from core.db.models import Dataset, Tenant, new_id
+from core.service.artifacts import CHUNK, ArtifactStore
+from core.service.db import crud
+from core.service.db.models import Dataset, Tenant, new_id
 from core.errors import InvalidInput
-from core.problems import UnsupportedMediaType
-from core.settings import Settings
+from core.errors import UnsupportedMediaType
+from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=JSONBodyRoute)
 
@@ -69,7 +69,7 @@ def _register_upload(
     session: Session, store: ArtifactStore, tenant: Tenant, upload: MultipartUpload, name: str, fmt: str | None
 ) -> Dataset:
     assert upload.file is not None
-    data = importlib.import_module("core.data")
+    data = importlib.import_module("core.io.data")
     staging, final = upload.file.key, None
     try:
         with store.materialize(staging) as path:
@@ -100,8 +100,8 @@ def _hash_file(path: str | Path) -> tuple[int, str]:
 
 
 def _register_uri(session: Session, tenant: Tenant, settings: Settings, body: DatasetRegister) -> Dataset:
-    uris = importlib.import_module("core.uris")
-    data = importlib.import_module("core.data")
+    uris = importlib.import_module("core.io.uris")
+    data = importlib.import_module("core.io.data")
     fs, path = uris.resolve_uri(body.uri, settings.data_allowed_roots)
     if isinstance(fs, LocalFileSystem):
         if not os.path.isfile(path):

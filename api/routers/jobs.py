@@ -18,13 +18,13 @@ from api.routers._common import CursorQuery, LimitQuery
 from api.routers.models import LOCATION
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
-from core.db import crud
-from core.db.models import Dataset, Job, JobState, Model
+from core.service.db import crud
+from core.service.db.models import Dataset, Job, JobState, Model
 from core.errors import InvalidInput
-from core.preflight import check_job
-from core.problems import ServiceUnavailable, problem_from_error
-from core.queue import JobQueue
-from core.specs import PruneSpec
+from core.runs.preflight import check_job
+from core.errors import ServiceUnavailable, problem_from_error
+from core.service.queue import JobQueue
+from core.runs.spec import PruneSpec
 
 log = logging.getLogger("arborist.api")
 
@@ -60,7 +60,7 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
 
 
 def preflight(spec: PruneSpec) -> Callable[[Model, Dataset], None]:
-    """Checks a new job's spec against what is stored about its model and dataset (core.preflight: no weights
+    """Checks a new job's spec against what is stored about its model and dataset (core.runs.preflight: no weights
     loaded, no data read), so that a job the run would refuse is a 422 now rather than a failed job later."""
 
     def check(model: Model, dataset: Dataset) -> None:

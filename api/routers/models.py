@@ -1,4 +1,4 @@
-"""/v1/models: upload (streamed, validated by core.model_io before the row exists), list, get, delete."""
+"""/v1/models: upload (streamed, validated by core.io.model_files before the row exists), list, get, delete."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from api.routers._common import (
 from api.routing import JSONBodyRoute
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import MultipartUpload, receive_upload
-from core.artifacts import ArtifactStore
-from core.db import crud
-from core.db.models import Model, Tenant, new_id
+from core.service.artifacts import ArtifactStore
+from core.service.db import crud
+from core.service.db.models import Model, Tenant, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONBodyRoute)
 
@@ -41,7 +41,7 @@ UPLOAD_BODY: dict[str, Any] = {
                                  "description": "safetensors state dict or ONNX model (pickles are refused)"},
                         "name": {"type": "string", "maxLength": 200},
                         "arch": {"type": "string", "maxLength": 100,
-                                 "description": "core.zoo architecture for safetensors weights, e.g. 'mlp'"},
+                                 "description": "core.io.zoo architecture for safetensors weights, e.g. 'mlp'"},
                         "arch_kwargs": {"type": "string", "description": "JSON object of architecture arguments"},
                     },
                 }
@@ -58,7 +58,7 @@ def _register(
 ) -> Model:
     """Detects and validates the staged file, moves it into place, inserts the row; undoes all on failure."""
     assert upload.file is not None
-    model_io = importlib.import_module("core.model_io")
+    model_io = importlib.import_module("core.io.model_files")
     staging, final = upload.file.key, None
     try:
         with store.materialize(staging) as path:

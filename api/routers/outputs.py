@@ -22,10 +22,10 @@ from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.lifecycle import shutting_down
 from api.routing import JSONBodyRoute
 from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
-from core.db import crud
-from core.db.base import is_transient_db_error
-from core.db.models import TERMINAL_STATES, JobEvent, JobState
-from core.problems import NotFound
+from core.service.db import crud
+from core.service.db.base import is_transient_db_error
+from core.service.db.models import TERMINAL_STATES, JobEvent, JobState
+from core.errors import NotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBodyRoute)
 

@@ -22,10 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from _pg import fresh_schema, schema_url
 from api.main import create_app
-from core.artifacts import ArtifactStore
-from core.db import crud, migrate
-from core.db.models import Tenant
-from core.settings import Settings
+from core.service.artifacts import ArtifactStore
+from core.service.db import crud, migrate
+from core.service.db.models import Tenant
+from core.service.settings import Settings
 
 MAX_UPLOAD = 256 * 1024
 MAX_JSON = 16 * 1024

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from _api_testkit import assert_problem
 
-from core.db import crud
+from core.service.db import crud
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/job_x/metrics"])

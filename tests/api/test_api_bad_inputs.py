@@ -47,8 +47,8 @@ from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 from torch import nn
 
-from core.db import crud
-from core.db.models import ApiKey, Artifact, Dataset, Job, JobEvent, JobMetric, Model
+from core.service.db import crud
+from core.service.db.models import ApiKey, Artifact, Dataset, Job, JobEvent, JobMetric, Model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 N_EXAMPLES = 600  # no validation split: a run trains on 600 - round(0.2 * 600) = 480 of them
@@ -86,7 +86,7 @@ class CreatesFile:
 
 
 def mlp_state(**overrides: Any) -> dict[str, torch.Tensor]:
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     torch.manual_seed(0)
     return {k: v.contiguous() for k, v in build_model("mlp", **{**MLP_KWARGS, **overrides}).state_dict().items()}

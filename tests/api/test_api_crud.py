@@ -9,10 +9,10 @@ from sqlalchemy import create_engine, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from core.db import crud
-from core.db.base import read_retrying, utcnow
-from core.db.models import Job, JobState
-from core.problems import Conflict, IdempotencyMismatch, NotFound
+from core.service.db import crud
+from core.service.db.base import read_retrying, utcnow
+from core.service.db.models import Job, JobState
+from core.errors import Conflict, IdempotencyMismatch, NotFound
 
 
 @pytest.fixture

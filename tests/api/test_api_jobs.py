@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from _api_testkit import assert_problem
 
-from core.db import crud
-from core.db.models import JobState
+from core.service.db import crud
+from core.service.db.models import JobState
 
 
 @pytest.fixture

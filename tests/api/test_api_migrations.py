@@ -8,9 +8,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from _pg import fresh_schema, schema_url
 
-from core.db import migrate
-from core.db.base import make_engine
-from core.db.models import Base
+from core.service.db import migrate
+from core.service.db.base import make_engine
+from core.service.db.models import Base
 
 TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_metrics", "job_events", "artifacts"}
 

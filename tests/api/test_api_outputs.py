@@ -13,9 +13,9 @@ import time
 import pytest
 from _api_testkit import assert_problem
 
-from core.artifacts import artifact_key
-from core.db import crud
-from core.db.models import JobState
+from core.service.artifacts import artifact_key
+from core.service.db import crud
+from core.service.db.models import JobState
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from _api_testkit import assert_problem
 
-from core.artifacts import artifact_key
-from core.db import crud
+from core.service.artifacts import artifact_key
+from core.service.db import crud
 
 
 def test_second_tenant_sees_nothing(server, account, make_account, seed):

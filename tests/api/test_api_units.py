@@ -14,10 +14,10 @@ import httpx
 import pytest
 from _api_testkit import assert_problem, files_under
 
-from core.artifacts import ArtifactStore
+from core.service.artifacts import ArtifactStore
 from core.errors import TooLarge
-from core.queue import NullQueue, register_queue, resolve_queue
-from core.settings import Settings, get_settings
+from core.service.queue import NullQueue, register_queue, resolve_queue
+from core.service.settings import Settings, get_settings
 
 
 def test_settings_env_prefix_and_normalisation(monkeypatch):
@@ -106,7 +106,7 @@ def test_queue_registry(monkeypatch):
 
     plugin = types.ModuleType("arb_test_queue_plugin")
     plugin.__dict__["loaded"] = True
-    exec("from core.queue import NullQueue, register_queue\nregister_queue('plug', lambda s: NullQueue())",
+    exec("from core.service.queue import NullQueue, register_queue\nregister_queue('plug', lambda s: NullQueue())",
          plugin.__dict__)
     monkeypatch.setitem(sys.modules, "arb_test_queue_plugin", plugin)
     assert isinstance(resolve_queue(Settings(_env_file=None, queue_backend="plug",
@@ -117,7 +117,7 @@ def test_queue_registry(monkeypatch):
 
 @pytest.fixture
 def unit_settings(tmp_path):
-    from core.db import migrate
+    from core.service.db import migrate
 
     url = f"sqlite:///{tmp_path / 'u.db'}"
     migrate.upgrade(url)
@@ -165,14 +165,14 @@ import subprocess
 import sys
 from fastapi.testclient import TestClient
 from api.main import create_app
-from core.preflight import check_job
-from core.queue import NullQueue
-from core.settings import Settings
+from core.runs.preflight import check_job
+from core.service.queue import NullQueue
+from core.service.settings import Settings
 settings = Settings(_env_file=None, database_url="sqlite:///{tmp_path}/a.db", artifact_root="{tmp_path}/art",
                     auto_migrate=True)
 with TestClient(create_app(settings, NullQueue())):
     before = set(sys.modules)
-    check_job(__import__("core.specs").specs.PruneSpec(sparsity=0.9), arch="mlp",
+    check_job(__import__("core.runs.spec", fromlist=["PruneSpec"]).PruneSpec(sparsity=0.9), arch="mlp",
               arch_kwargs={{"in_features": 64, "hidden": [32], "num_classes": 10}}, num_examples=1000,
               input_shape=[64], num_classes=10, has_val=False)
     print(len(set(sys.modules) - before), "sympy" in before)

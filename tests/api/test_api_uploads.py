@@ -13,14 +13,14 @@ from _api_testkit import assert_problem, files_under
 from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 
-from core.db.models import Dataset, Model
+from core.service.db.models import Dataset, Model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
 def mlp_bytes() -> bytes:
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("mlp", **MLP_KWARGS)

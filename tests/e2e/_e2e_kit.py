@@ -166,9 +166,9 @@ def make_digits_files(directory: Path, epochs: int = 25) -> DigitsFiles:
     import numpy as np
     import torch
 
-    from core.data import builtin_dataset
-    from core.model_io import save_state_dict
-    from core.zoo import build_model
+    from core.io.data import builtin_dataset
+    from core.io.model_files import save_state_dict
+    from core.io.zoo import build_model
 
     data = builtin_dataset("digits")
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def check_pruned_model(blob: bytes, files: DigitsFiles, *, sparsity: float = 0.8
     import torch
     from safetensors.torch import load
 
-    from core.zoo import build_model
+    from core.io.zoo import build_model
 
     state = load(blob)
     weights = [v for k, v in state.items() if k.endswith("weight")]

@@ -49,7 +49,7 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    from core.db import migrate
+    from core.service.db import migrate
 
     with fresh_schema("arb_e2e") as schema:
         url = schema_url(schema)

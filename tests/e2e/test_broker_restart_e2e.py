@@ -16,11 +16,11 @@ import redis
 from sqlalchemy.orm import Session
 
 from _e2e_kit import Api, DigitsFiles, Proc, base_env, free_port, job_spec, wait_for
-from core.db import crud
-from core.db.base import make_engine, make_sessionmaker
-from core.db.models import Tenant
-from core.settings import Settings
-from core.specs import PruneSpec
+from core.service.db import crud
+from core.service.db.base import make_engine, make_sessionmaker
+from core.service.db.models import Tenant
+from core.service.settings import Settings
+from core.runs.spec import PruneSpec
 from worker.queue import BROKER_MARKER, CeleryQueue
 
 

@@ -48,8 +48,8 @@ from _e2e_kit import (
     sse_connect,
     wait_for,
 )
-from core.db import crud
-from core.db.base import make_engine, make_sessionmaker
+from core.service.db import crud
+from core.service.db.base import make_engine, make_sessionmaker
 
 FAULTS_REDIS_URL = os.environ.get("ARBORIST_TEST_FAULTS_REDIS_URL", "redis://127.0.0.1:6379/13")  # db 13: disk full
 PG_CLUSTER = os.environ.get("ARBORIST_TEST_PG_CLUSTER", "15 main").split()

@@ -15,15 +15,15 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from _pg import fresh_schema, schema_url
-from core.artifacts import ArtifactStore
-from core.data import builtin_dataset
-from core.db import crud, migrate
-from core.db.base import make_engine, make_sessionmaker
-from core.db.models import Job, Tenant
-from core.model_io import save_state_dict
-from core.settings import Settings
-from core.specs import PruneSpec
-from core.zoo import build_model
+from core.service.artifacts import ArtifactStore
+from core.io.data import builtin_dataset
+from core.service.db import crud, migrate
+from core.service.db.base import make_engine, make_sessionmaker
+from core.service.db.models import Job, Tenant
+from core.io.model_files import save_state_dict
+from core.service.settings import Settings
+from core.runs.spec import PruneSpec
+from core.io.zoo import build_model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 

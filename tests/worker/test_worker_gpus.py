@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from core.db import migrate
+from core.service.db import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 

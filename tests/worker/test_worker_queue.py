@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.queue import resolve_queue
-from core.settings import Settings
+from core.service.queue import resolve_queue
+from core.service.settings import Settings
 from worker.celery_app import DEFAULT_BROKER, make_celery
 from worker.queue import BROKER_MARKER, TASK_NAME, CeleryQueue, EmbeddedQueue
 
@@ -35,8 +35,8 @@ def test_the_api_resolves_queues_from_settings_alone() -> None:
     """What create_app does: no import of worker in api/, no torch, no CUDA in the API process."""
     code = (
         "import sys, json\n"
-        "from core.settings import Settings\n"
-        "from core.queue import resolve_queue\n"
+        "from core.service.settings import Settings\n"
+        "from core.service.queue import resolve_queue\n"
         "celery = resolve_queue(Settings(_env_file=None, broker_url='redis://127.0.0.1:1/0'))\n"
         "embedded = resolve_queue(Settings(_env_file=None))\n"
         "print(json.dumps([type(celery).__name__, type(embedded).__name__,\n"

@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from core.db import crud, worker_crud
-from core.db.base import utcnow
-from core.db.models import Job, JobState
+from core.service.db import crud, worker_crud
+from core.service.db.base import utcnow
+from core.service.db.models import Job, JobState
 from worker.reaper import Reaper, handle_lost, holder_dead_here, pid_alive, worker_name
 
 from conftest import World

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from core.db import crud, worker_crud
-from core.db.models import JobState
+from core.service.db import crud, worker_crud
+from core.service.db.models import JobState
 from core.errors import DoesNotFit
 from worker import runner
 from worker.db import Database

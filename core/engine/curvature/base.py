@@ -1,0 +1,60 @@
+"""The curvature-estimator interface every pruning method plugs into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from core.engine.grads import Loss
+from core.engine.layout import BlockLayout
+from core.engine.obs import Segment
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FisherConfig:
+    """How Fisher samples are drawn: m samples of ``fisher_batch`` examples, dampening λ."""
+
+    m: int = 256
+    fisher_batch: int = 1
+    lam: float = 1e-5
+    true_fisher: bool = False
+    loss: Loss = Loss.CROSS_ENTROPY
+    chunk: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Curvature:
+    segments: list[Segment]
+    grad: Tensor | None = None  # mean gradient in layout order (first-order term), if measured
+    info: dict = field(default_factory=dict)
+
+
+class CurvatureEstimator(Protocol):
+    """Builds block-diagonal inverse curvature for the layout's weights at the model's point."""
+
+    #: block size the layout must use (None: one block per layer)
+    block_size: int | None
+
+    def estimate(
+        self,
+        model: nn.Module,
+        layout: BlockLayout,
+        mask: Tensor,
+        data: tuple[Tensor, Tensor],
+        progress: Progress | None = None,
+    ) -> Curvature: ...
+
+
+def layer_segments(layout: BlockLayout, make) -> list[Segment]:
+    """One segment per layer, ``make(layer)`` giving its BlockInverse."""
+    return [Segment(layer.offset, make(layer)) for layer in layout.layers]
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,180 @@
+"""Batched inverse curvature blocks: what OBS needs from F⁻¹, and nothing more.
+
+Every representation holds ``nb`` independent blocks of size ``c`` and answers three questions,
+all batched over blocks (tensors shaped ``(nb, c)``):
+
+* ``diag()``              — diag(F⁻¹)
+* ``matvec(v)``           — F⁻¹ v
+* ``masked_solve(p, v)``  — x with x_P = (F⁻¹_PP)⁻¹ v_P and x = 0 off P  (P = {p == 1})
+
+so that the joint OBS update over a set P is ``δw = −F⁻¹ x`` (see ``core.engine.obs``).
+
+``DenseInverse`` keeps F⁻¹ explicitly (c ≤ m). ``WoodburyInverse`` keeps the low-rank form
+(c > m): with F = λI + GᵀG/m, G of shape (m, c) and S = mλI + GGᵀ = LLᵀ,
+
+    F⁻¹ = (I − WᵀW) / λ,      W = L⁻¹G   (m × c),
+
+so memory is O(c·m) and F⁻¹ is never materialised. The masked solve stays in the m×m space:
+(F⁻¹_PP)⁻¹ = λ (I − W_PᵀW_P)⁻¹ = λ (I + W_Pᵀ (I − W_P W_Pᵀ)⁻¹ W_P).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class BlockInverse(Protocol):
+    """F⁻¹ for ``nb`` blocks of size ``c``; vectors are shaped ``(nb, c)``."""
+
+    nb: int
+    c: int
+
+    def diag(self) -> Tensor: ...
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+    def masked_solve(self, p: Tensor, v: Tensor) -> Tensor: ...
+
+
+def _embed_identity(a: Tensor, p: Tensor) -> Tensor:
+    """P A P + (I − P) for a batch of square matrices and 0/1 vectors p."""
+    pp = p.unsqueeze(-1) * p.unsqueeze(-2)
+    eye = torch.diag_embed(1.0 - p)
+    return a * pp + eye
+
+
+@dataclass
+class DenseInverse:
+    """Explicit F⁻¹, shape ``(nb, c, c)``."""
+
+    inv: Tensor
+
+    @property
+    def nb(self) -> int:
+        return self.inv.shape[0]
+
+    @property
+    def c(self) -> int:
+        return self.inv.shape[-1]
+
+    @classmethod
+    def from_matrix(cls, f: Tensor) -> "DenseInverse":
+        """Invert SPD blocks ``f`` (nb, c, c) by Cholesky."""
+        return cls(torch.cholesky_inverse(torch.linalg.cholesky(f)))
+
+    def diag(self) -> Tensor:
+        return self.inv.diagonal(dim1=-2, dim2=-1)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return (self.inv @ v.unsqueeze(-1)).squeeze(-1)
+
+    def masked_solve(self, p: Tensor, v: Tensor) -> Tensor:
+        m = _embed_identity(self.inv, p.to(self.inv.dtype))
+        return torch.cholesky_solve((p * v).unsqueeze(-1), torch.linalg.cholesky(m)).squeeze(-1)
+
+
+@dataclass
+class WoodburyInverse:
+    """Low-rank form F⁻¹ = (I − WᵀW)/λ with ``w`` shaped ``(nb, m, c)``."""
+
+    w: Tensor
+    lam: float
+
+    @property
+    def nb(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def c(self) -> int:
+        return self.w.shape[-1]
+
+    def diag(self) -> Tensor:
+        # a norm reduction: no (m × c) temporary, unlike w.square().sum()
+        return (1.0 - torch.linalg.vector_norm(self.w, dim=-2).square()) / self.lam
+
+    def matvec(self, v: Tensor) -> Tensor:
+        wv = (self.w @ v.unsqueeze(-1)).squeeze(-1)  # (nb, m)
+        return (v - (self.w.mT @ wv.unsqueeze(-1)).squeeze(-1)) / self.lam
+
+    def masked_solve(self, p: Tensor, v: Tensor) -> Tensor:
+        p = p.to(self.w.dtype)
+        wp = self.w * p.unsqueeze(-2)  # W_P: columns off P zeroed
+        k = torch.eye(self.w.shape[-2], dtype=self.w.dtype, device=self.w.device) - wp @ wp.mT
+        r = (wp @ (p * v).unsqueeze(-1))  # (nb, m, 1)
+        s = torch.cholesky_solve(r, torch.linalg.cholesky(k))
+        return self.lam * (p * v + (wp.mT @ s).squeeze(-1))
+
+
+@dataclass
+class DiagonalInverse:
+    """Diagonal F⁻¹ (magnitude: ones; diagonal Fisher: 1/(λ + E[g²])), shape ``(nb, c)``."""
+
+    d: Tensor
+
+    @property
+    def nb(self) -> int:
+        return self.d.shape[0]
+
+    @property
+    def c(self) -> int:
+        return self.d.shape[-1]
+
+    def diag(self) -> Tensor:
+        return self.d
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.d * v
+
+    def masked_solve(self, p: Tensor, v: Tensor) -> Tensor:
+        return p.to(v.dtype) * v / self.d
+
+
+def _gram(g: Tensor, lam: float, small_side: bool) -> Tensor:
+    """m·F_b = GᵀG + mλI (dense, c × c) or S = GGᵀ + mλI (Woodbury, m × m)."""
+    a = g @ g.mT if small_side else g.mT @ g
+    a.diagonal(dim1=-2, dim2=-1).add_(g.shape[-2] * lam)
+    return a
+
+
+def _cholesky(g: Tensor, lam: float, small_side: bool) -> tuple[Tensor, Tensor | None]:
+    """Batched Cholesky of the Gram matrices, in place; blocks that fail in g's precision
+    (rounding can make λI + GᵀG/m indefinite in float32 when gradients are large) are rebuilt
+    from their gradients in float64. Returns (factors, indices of the rebuilt blocks or None)."""
+    a = _gram(g, lam, small_side)
+    info = torch.empty(a.shape[0], dtype=torch.int32, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(a, out=(a, info))
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel() == 0 or g.dtype == torch.float64:
+        if bad.numel():
+            raise ValueError("Fisher block not positive definite: raise λ")
+        return chol, None
+    return chol, bad
+
+
+def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInverse:
+    """Inverse of F_b = λI + G_bᵀG_b/m for gradient blocks ``g`` shaped ``(nb, m, c)``.
+
+    Chooses the cheaper exact form: dense Cholesky (GEMM ``(nb, c, c)``) when c ≤ m, else the
+    Woodbury form (GEMM ``(nb, m, m)`` + one triangular solve), memory O(c·m) per block.
+    """
+    if lam <= 0:
+        raise ValueError("the dampening λ must be positive")
+    nb, m, c = g.shape
+    dense = c <= m
+    chol, bad = _cholesky(g, lam, small_side=not dense)
+    if bad is not None:  # placeholder factors; these blocks are redone in float64 below
+        chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    if dense:
+        inv = torch.cholesky_inverse(chol).mul_(m)  # (GᵀG + mλI)⁻¹·m = F⁻¹
+    else:
+        inv = torch.linalg.solve_triangular(chol, g, upper=False)
+    if bad is not None:  # redo the failed blocks in float64
+        g64 = g[bad].double()
+        chol64 = torch.linalg.cholesky(_gram(g64, lam, small_side=not dense))
+        redo = torch.cholesky_inverse(chol64) * m if dense else torch.linalg.solve_triangular(chol64, g64, upper=False)
+        inv[bad] = redo.to(inv.dtype)
+    return DenseInverse(inv) if dense else WoodburyInverse(inv, lam)

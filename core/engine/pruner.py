@@ -1,0 +1,116 @@
+"""Pruners: a curvature estimator + the OBS step, reaching a target sparsity in R sub-steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from core.engine.curvature.base import CurvatureEstimator, FisherConfig
+from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
+from core.engine.curvature.hessian import ExactHessian
+from core.engine.curvature.kfac import KFAC
+from core.engine.layout import BlockLayout
+from core.engine.obs import Scope, obs_step
+
+
+class Method(str, Enum):
+    WOODFISHER = "woodfisher"
+    WOODTAYLOR = "woodtaylor"
+    MAGNITUDE = "magnitude"
+    GLOBAL_MAGNITUDE = "global_magnitude"
+    DIAG_FISHER = "diag_fisher"
+    KFAC = "kfac"
+    EXACT_OBS = "exact_obs"
+
+
+@dataclass
+class StepLog:
+    sparsity: float
+    predicted_loss_change: float
+
+
+@dataclass
+class Pruner:
+    """Prunes the named parameters of a model in place; masks are {name: 0/1 tensor}."""
+
+    estimator: CurvatureEstimator
+    scope: Scope = Scope.GLOBAL
+    joint: bool = False
+    taylor: bool = False
+    recompute: int = 1
+    dtype: torch.dtype = torch.float32
+    log: list[StepLog] = field(default_factory=list)
+
+    def prune(
+        self,
+        model: nn.Module,
+        names: list[str],
+        sparsity: float,
+        data: tuple[Tensor, Tensor],
+        masks: dict[str, Tensor] | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> dict[str, Tensor]:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError("sparsity must be in [0, 1)")
+        params = dict(model.named_parameters())
+        layout = BlockLayout.for_model(model, names, self.estimator.block_size)
+        device = params[names[0]].device
+        keep = {n: (masks[n] if masks and n in masks else torch.ones_like(params[n])) for n in names}
+        mask = layout.flatten(keep, self.dtype).to(device)
+        start = 1.0 - float(mask.sum()) / layout.numel  # padding is 0 in the mask and not counted
+        for r in range(1, self.recompute + 1):
+            target = start + (sparsity - start) * r / self.recompute
+
+            def sub(done: int, total: int, r=r) -> None:
+                if progress:
+                    progress((r - 1 + done / max(total, 1)) / self.recompute)
+
+            curvature = self.estimator.estimate(model, layout, mask, data, sub)
+            w = layout.flatten({n: params[n].detach() for n in names}, self.dtype)
+            result = obs_step(
+                w, mask, curvature.segments, layout, target, scope=self.scope, joint=self.joint,
+                grad=curvature.grad if self.taylor else None,
+            )
+            with torch.no_grad():
+                for n, t in layout.unflatten(result.weights).items():
+                    params[n].copy_(t)
+            mask = result.mask
+            self.log.append(StepLog(target, result.predicted_loss_change))
+        return {n: t.to(params[n].dtype) for n, t in layout.unflatten(mask).items()}
+
+
+def make_pruner(
+    method: Method | str,
+    fisher: FisherConfig | None = None,
+    *,
+    block_size: int | None = 128,
+    scope: Scope | str | None = None,
+    joint: bool = False,
+    recompute: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Pruner:
+    """The pruner for a method name, with the method's natural defaults."""
+    method, fisher = Method(method), fisher or FisherConfig()
+    estimators: dict[Method, Callable[[], CurvatureEstimator]] = {
+        Method.WOODFISHER: lambda: WoodFisher(fisher, block_size),
+        Method.WOODTAYLOR: lambda: WoodFisher(fisher, block_size, taylor=True),
+        Method.MAGNITUDE: Identity,
+        Method.GLOBAL_MAGNITUDE: Identity,
+        Method.DIAG_FISHER: lambda: DiagonalFisher(fisher),
+        Method.KFAC: lambda: KFAC(fisher),
+        Method.EXACT_OBS: lambda: ExactHessian(lam=fisher.lam, loss=fisher.loss),
+    }
+    if scope is None:
+        scope = Scope.LAYER if method is Method.MAGNITUDE else Scope.GLOBAL
+    if method is Method.MAGNITUDE and Scope(scope) is not Scope.LAYER:
+        raise ValueError("magnitude is per layer; use global_magnitude for a global threshold")
+    if method is Method.KFAC and joint:
+        raise ValueError("K-FAC supports the summed update only")
+    return Pruner(
+        estimators[method](), Scope(scope), joint, taylor=method is Method.WOODTAYLOR,
+        recompute=recompute, dtype=dtype,
+    )

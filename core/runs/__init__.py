@@ -1,0 +1,1 @@
+"""Runs: a spec + a model + data → pruned model, masks, curve and report, resumable from checkpoints."""

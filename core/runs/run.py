@@ -1,0 +1,315 @@
+"""A run: spec + model + data → pruned model, masks, metrics curve and report.
+
+The same code serves the CLI, the workers, the benches and the tests. It talks to its caller only
+through ``RunHooks`` (progress, metric points, events, cancellation) and a ``Checkpointer``; it
+checkpoints after every pruning step and every fine-tuning epoch, and a resumed run ends with the
+same weights as an uninterrupted one (all randomness is keyed by seed and epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
+from core.engine.curvature.base import FisherConfig
+from core.io.data import Dataset
+from core.errors import Canceled, InvalidInput
+from core.engine.layout import select_parameters
+from core.engine.memory import MemoryPlan, fit
+from core.io.model_files import save_state_dict
+from core.engine.pruner import make_pruner
+from core.runs.report import atomic_write, count_macs, curve_csv, curve_png
+from core.runs.schedule import pruning_events
+from core.runs.spec import FisherKind, PruneSpec, Update
+from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
+
+log = logging.getLogger(__name__)
+ARTIFACTS = {
+    "pruned": "pruned.safetensors", "masks": "masks.safetensors", "onnx": "model.onnx",
+    "report": "report.json", "curve_csv": "curve.csv", "curve_png": "curve.png",
+}
+
+
+class RunHooks:
+    """What a run tells its caller. The defaults do nothing; the CLI and the worker override."""
+
+    def progress(self, fraction: float, message: str) -> None: ...
+
+    def metric(self, point: dict) -> None: ...
+
+    def event(self, kind: str, data: dict) -> None: ...
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@dataclass
+class RunResult:
+    artifacts: dict[str, Path]
+    report: dict
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint restores besides tensors."""
+
+    cursor: tuple[int, int] = (-1, 1)  # (epoch, phase) last completed; phase 0 pruned, 1 trained
+    lam: float | None = None
+    curve: list[dict] = field(default_factory=list)
+    fidelity: list[dict] = field(default_factory=list)
+    before: dict = field(default_factory=dict)
+    lambda_sweep: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device 'cuda' requested but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pruned_names(model: nn.Module, spec: PruneSpec) -> list[str]:
+    names = select_parameters(model, spec.layers.include, spec.layers.exclude)
+    if spec.layers.keep_first_dense:
+        names = names[1:]
+    if spec.layers.keep_last_dense:
+        names = names[:-1]
+    if not names:
+        raise InvalidInput("no parameter selected for pruning", errors=[{"loc": ["spec", "layers"], "msg": "empty selection"}])
+    return names
+
+
+class Run:
+    """One execution of a spec; ``execute()`` runs or resumes it to completion."""
+
+    def __init__(self, spec: PruneSpec, model: nn.Module, data: Dataset, out_dir: Path,
+                 hooks: RunHooks | None = None, checkpointer: Checkpointer | None = None):
+        self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
+        self.out_dir = Path(out_dir)
+        self.device = resolve_device(spec.device)
+        self.dtype = torch.float64 if spec.dtype == "float64" else torch.float32
+        self.model = model.to(self.device, self.dtype)
+        data = data if data.has_val else data.split(spec.val_fraction, spec.seed)
+        self.x, self.y = self._put(data.x_train, data.y_train)
+        self.xv, self.yv = self._put(data.x_val, data.y_val)
+        self.names = pruned_names(self.model, spec)
+        params = dict(self.model.named_parameters())
+        self.masks = {n: torch.ones_like(params[n]) for n in self.names}
+        self.events = pruning_events(spec)
+        self.epochs = spec.finetune.epochs
+        self.optimizer = make_optimizer(self.model, spec.finetune) if self.epochs else None
+        need = spec.fisher_examples
+        if need > len(self.x):
+            raise InvalidInput(
+                f"fisher.samples × fisher.batch_size = {need} exceeds the {len(self.x)} training examples",
+                errors=[{"loc": ["spec", "fisher", "samples"], "msg": "larger than the training split"}],
+            )
+        shapes = {n: tuple(params[n].shape) for n in self.names}
+        budget = spec.memory_budget_mb * 2**20 if spec.memory_budget_mb else None
+        self.plan: MemoryPlan = fit(spec.method, shapes, spec.block_size, spec.fisher.samples,
+                                    torch.finfo(self.dtype).bits // 8, budget, spec.allow_block_shrink)
+        self.state = _State()
+        self._units = len(self.events) + self.epochs + 1
+
+    def _put(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+        y = y.to(self.device, self.dtype if y.is_floating_point() else y.dtype)
+        return x, y
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _pruner(self, lam: float, seed: int):
+        f = self.spec.fisher
+        cfg = FisherConfig(m=f.samples, fisher_batch=f.batch_size, lam=lam, true_fisher=f.kind is FisherKind.TRUE,
+                           loss=self.spec.loss, chunk=f.chunk, seed=seed)
+        return make_pruner(self.spec.method, cfg, block_size=self.plan.block_size, scope=self.spec.scope,
+                           joint=f.update is Update.JOINT, recompute=f.recompute, dtype=self.dtype)
+
+    def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        return evaluate(self.model, x, y, self.spec.loss)
+
+    def _score(self, m: dict) -> float:
+        return m["accuracy"] if self.spec.metric == "accuracy" else m["loss"]
+
+    def _sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(float(m.sum()) for m in self.masks.values()) / total
+
+    def _check_cancel(self) -> None:
+        if self.hooks.cancelled():
+            raise Canceled("the run was canceled; its last checkpoint is kept")
+
+    def _progress(self, unit: float, message: str) -> None:
+        self.hooks.progress(min(unit / self._units, 1.0), message)
+
+    def _point(self, step: int, epoch: int, kind: str, metrics: dict, started: float) -> None:
+        point = {"step": step, "epoch": epoch, "kind": kind, "sparsity": self._sparsity(), "loss": metrics["loss"],
+                 "metric": self._score(metrics), "seconds": self.state.seconds + time.perf_counter() - started}
+        self.state.curve.append(point)
+        self.hooks.metric(point)
+
+    def _choose_lambda(self) -> float:
+        """λ = 'auto': one-shot prune a copy per λ in the grid, keep the best on the validation split."""
+        first = self.events[min(self.events)]
+        best, results = None, []
+        original = copy.deepcopy(self.model.state_dict())
+        for i, lam in enumerate(self.spec.fisher.lambda_grid):
+            self._check_cancel()
+            self._pruner(lam, self.spec.seed).prune(self.model, self.names, first, (self.x, self.y))
+            score = self._score(self._metric(self.xv, self.yv))
+            results.append({"lambda": lam, "sparsity": first, self.spec.metric: score})
+            self.model.load_state_dict(original)
+            better = best is None or (score > best[1] if self.spec.metric == "accuracy" else score < best[1])
+            best = (lam, score) if better else best
+            self.hooks.progress(0.0, f"lambda sweep {i + 1}/{len(self.spec.fisher.lambda_grid)}")
+        self.state.lambda_sweep = results
+        self.hooks.event("lambda_chosen", {"lambda": best[0], "sweep": results})
+        return best[0]
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self, cursor: tuple[int, int], started: float) -> None:
+        self.state.cursor = cursor
+        if self.ckpt is None:
+            return
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"mask.{k}": v for k, v in self.masks.items()})
+        meta = {"state": {**self.state.__dict__, "seconds": self.state.seconds + time.perf_counter() - started}}
+        if self.optimizer:
+            opt_tensors, meta["optimizer"] = optimizer_state(self.optimizer)
+            tensors.update(opt_tensors)
+        self.ckpt.save(tensors, json.loads(json.dumps(meta)))
+        self.hooks.event("checkpoint", {"epoch": cursor[0], "phase": ["pruned", "trained"][cursor[1]]})
+
+    def _resume(self) -> bool:
+        loaded = self.ckpt.load() if self.ckpt else None
+        if loaded is None:
+            return False
+        tensors, meta = loaded
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_sd)
+        self.masks = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("mask.")}
+        if self.optimizer and "optimizer" in meta:
+            restore_optimizer(self.optimizer, tensors, meta["optimizer"])
+        st = meta["state"]
+        st["cursor"] = tuple(st["cursor"])
+        self.state = _State(**st)
+        self.hooks.event("resumed", {"epoch": st["cursor"][0], "phase": st["cursor"][1]})
+        return True
+
+    # -- the run --------------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        started = time.perf_counter()
+        if not self._resume():
+            self.state.before = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+            self.state.lam = self._choose_lambda() if self.spec.fisher.damping == "auto" else self.spec.fisher.damping
+            self._point(0, 0, "dense", self.state.before["val"], started)
+        self.hooks.event("started", {"lambda": self.state.lam, "memory_plan": self.plan.as_dict()})
+        fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
+        fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
+        step = len(self.state.curve) - 1
+        for epoch in range(max(self.epochs, 1)):
+            if epoch in self.events and (epoch, 0) > self.state.cursor:
+                self._check_cancel()
+                step += 1
+                self._prune(epoch, step, fx, fy, started)
+                self._save((epoch, 0), started)
+            if self.epochs and (epoch, 1) > self.state.cursor:
+                self._check_cancel()
+                step += 1
+                self._train(epoch, step, started)
+                self._save((epoch, 1), started)
+        self.state.seconds += time.perf_counter() - started
+        return self._finish()
+
+    def _prune(self, epoch: int, step: int, fx: Tensor, fy: Tensor, started: float) -> None:
+        target = self.events[epoch]
+        unit = sum(1 for e in self.events if e < epoch) + epoch
+        self._progress(unit, f"pruning to {target:.1%}")
+        before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
+        pruner = self._pruner(self.state.lam, self.spec.seed * 1000 + epoch)
+        self.masks = pruner.prune(self.model, self.names, target, (self.x, self.y), self.masks,
+                                  progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"))
+        after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
+        predicted = sum(s.predicted_loss_change for s in pruner.log)
+        self.state.fidelity.append({"step": step, "sparsity": target, "predicted_loss_change": predicted,
+                                    "actual_loss_change": after - before})
+        self._point(step, epoch, "prune", self._metric(self.xv, self.yv), started)
+        self.hooks.event("pruned", {"step": step, "sparsity": self._sparsity()})
+
+    def _train(self, epoch: int, step: int, started: float) -> None:
+        ft = self.spec.finetune
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(ft, epoch)
+        torch.manual_seed(self.spec.seed * 1000 + epoch)  # dropout etc.
+        unit = sum(1 for e in self.events if e <= epoch) + epoch
+
+        def on_batch(b: int, n: int) -> None:
+            self._check_cancel()
+            self._progress(unit + b / n, f"fine-tuning epoch {epoch + 1}/{self.epochs}")
+
+        train_epoch(self.model, self.x, self.y, self.optimizer, loss=self.spec.loss, batch_size=ft.batch_size,
+                    masks=self.masks, generator=torch.Generator().manual_seed(self.spec.seed * 7919 + epoch),
+                    on_batch=on_batch)
+        self._point(step, epoch, "epoch", self._metric(self.xv, self.yv), started)
+
+    def _finish(self) -> RunResult:
+        apply_masks(self.model, self.masks)
+        after = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+        model = self.model.to("cpu", torch.float32).eval()
+        masks = {k: v.to("cpu", torch.float32) for k, v in self.masks.items()}
+        example = self.xv[:1].to("cpu", torch.float32) if self.xv.is_floating_point() else self.xv[:1].cpu()
+        out = {k: self.out_dir / v for k, v in ARTIFACTS.items()}
+        save_state_dict(model.state_dict(), out["pruned"])
+        save_state_dict(masks, out["masks"])
+        onnx_error = None
+        try:
+            from core.io.onnx.export import export_onnx
+
+            export_onnx(model, example, out["onnx"])
+        except Exception as e:  # noqa: BLE001 — the run's weights are still good; say why in the report
+            log.warning("ONNX export failed: %s", e)
+            onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
+        report = self._report(model, masks, example, after, onnx_error)
+        atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
+        atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, f"{self.spec.method.value}"))
+        atomic_write(out["report"], json.dumps(report, indent=2).encode())
+        self.hooks.progress(1.0, "done")
+        return RunResult(out, report)
+
+    def _report(self, model: nn.Module, masks: dict, example: Tensor, after: dict, onnx_error: str | None) -> dict:
+        params = dict(model.named_parameters())
+        layers = [{"name": n, "shape": list(params[n].shape), "numel": m.numel(),
+                   "sparsity": 1.0 - float(m.sum()) / m.numel()} for n, m in masks.items()]
+        total = sum(p.numel() for p in params.values())
+        zeros = sum(m.numel() - int(m.sum()) for m in masks.values())
+        dense_macs, sparse_macs = count_macs(model, example, masks)
+        fid = self.state.fidelity
+        num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in fid)
+        den = sum(f["predicted_loss_change"] ** 2 for f in fid)
+        return {
+            "version": 1, "spec": self.spec.model_dump(mode="json", by_alias=True),
+            "method": self.spec.method.value, "lambda": self.state.lam, "block_size": self.plan.block_size,
+            "memory_plan": self.plan.as_dict(), "lambda_sweep": self.state.lambda_sweep,
+            "sparsity": {"target": self.spec.sparsity, "pruned_layers": self._sparsity(), "global": zeros / total},
+            "parameters": {"total": total, "nonzero": total - zeros, "pruned_layers": sum(m.numel() for m in masks.values())},
+            "macs": {"dense": dense_macs, "sparse": sparse_macs},
+            "layers": layers, "metrics": {"before": self.state.before, "after": after},
+            "quadratic_model": {"steps": fid, "fitted_scale": num / den if den else None},
+            "curve": self.state.curve, "seconds": self.state.seconds, "device": str(self.device),
+            "onnx_error": onnx_error,
+        }
+
+
+def execute(spec: PruneSpec, model: nn.Module, data: Dataset, out_dir: Path,
+            hooks: RunHooks | None = None, checkpointer: Checkpointer | None = None) -> RunResult:
+    """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``."""
+    return Run(spec, model, data, out_dir, hooks, checkpointer).execute()
