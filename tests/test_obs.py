@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.engine.curvature.inverse import DenseInverse
+from core.engine.curvature.inverse import DenseInverse, Segment
 from core.engine.layout import BlockLayout
-from core.engine.obs import Segment, obs_step, saliency
+from core.engine.obs import obs_step, saliency
 
 
 def quadratic(n=12, seed=0):

@@ -9,8 +9,9 @@ from core.engine.curvature.base import FisherConfig
 from core.engine.curvature.fisher import WoodFisher
 from core.engine.curvature.hessian import ExactHessian
 from core.engine.layout import BlockLayout, select_parameters
+from core.engine.methods import Method, method_info
 from core.engine.obs import saliency
-from core.engine.pruner import Method, make_pruner
+from core.engine.pruner import make_pruner
 
 
 def spearman(a, b):
@@ -28,7 +29,7 @@ def test_every_method_reaches_the_sparsity_exactly(tiny_task, method):
     model, x, y = tiny_task
     model = copy.deepcopy(model)
     names = select_parameters(model)
-    joint = method not in (Method.KFAC,)
+    joint = method_info(method).supports_joint
     pruner = make_pruner(method, FisherConfig(m=200, lam=1e-4), block_size=16, joint=joint, dtype=torch.float64)
     masks = pruner.prune(model, names, 0.6, (x, y))
     params = dict(model.named_parameters())
@@ -92,7 +93,8 @@ def test_woodfisher_beats_magnitude_on_the_tiny_task(tiny_task):
     def loss_after(method, lam, recompute):
         m = copy.deepcopy(model)
         cfg = FisherConfig(m=600, lam=lam)
-        make_pruner(method, cfg, block_size=None, joint=True, recompute=recompute, dtype=torch.float64).prune(m, names, 0.5, (x, y))
+        pruner = make_pruner(method, cfg, block_size=None, joint=True, recompute=recompute, dtype=torch.float64)
+        pruner.prune(m, names, 0.5, (x, y))
         with torch.no_grad():
             return float(torch.nn.functional.cross_entropy(m(x), y))
 

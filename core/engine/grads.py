@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 from core.engine.buffers import large_empty
 from core.engine.layout import BlockLayout
+from core.engine.modes import eval_mode
 
 
 class Loss(str, Enum):
@@ -98,9 +99,7 @@ def fisher_gradients(
     out = large_empty(m, layout.width, dtype=dtype, device=xs.device)
     for layer in layout.layers:  # block padding only; real columns are all written below
         out[:, layer.offset + layer.numel : layer.offset + layer.width] = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
             g = per_sample(selected, xs[start:stop], ys[start:stop])
@@ -108,8 +107,6 @@ def fisher_gradients(
                 out[start:stop, layer.offset : layer.offset + layer.numel] = g[layer.name].flatten(1)
             if progress:
                 progress(stop, m)
-    finally:
-        model.train(was_training)
     if mask is not None and not bool(mask.all()):
         out.mul_(mask.to(dtype))
     return FisherSamples(out)

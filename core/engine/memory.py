@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from core.errors import DoesNotFit
 from core.engine.layout import BlockLayout
-from core.engine.pruner import Method
+from core.engine.methods import Method, method_info
+from core.errors import DoesNotFit
 
 
 @dataclass
@@ -24,23 +24,11 @@ class MemoryPlan:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def plan(method: Method, shapes: dict[str, tuple[int, ...]], block_size: int | None, m: int, itemsize: int) -> MemoryPlan:
-    layout = BlockLayout(shapes, block_size)
-    grads = inverse = 0
-    if method in (Method.WOODFISHER, Method.WOODTAYLOR):
-        grads = m * layout.width * itemsize
-        for layer in layout.layers:
-            c = layer.block
-            inverse += layer.nb * (c * c if c <= m else m * c + m * m) * itemsize
-    elif method is Method.DIAG_FISHER:
-        grads, inverse = m * layout.width * itemsize, layout.width * itemsize
-    elif method is Method.KFAC:
-        for shape in shapes.values():
-            out, inp = shape[0], math.prod(shape[1:])
-            inverse += 2 * (out * out + inp * inp) * itemsize
-    elif method is Method.EXACT_OBS:
-        inverse = 3 * layout.width**2 * itemsize
-    return MemoryPlan(block_size, grads, inverse)
+def plan(
+    method: Method, shapes: dict[str, tuple[int, ...]], block_size: int | None, m: int, itemsize: int
+) -> MemoryPlan:
+    """The bytes the method's estimate holds for these weights, by the formula its table entry declares."""
+    return MemoryPlan(block_size, *method_info(method).memory(BlockLayout(shapes, block_size), m, itemsize))
 
 
 def fit(
@@ -51,7 +39,7 @@ def fit(
     p = plan(method, shapes, block_size, m, itemsize)
     if budget_bytes is None or p.total_bytes <= budget_bytes:
         return p
-    if allow_shrink and method in (Method.WOODFISHER, Method.WOODTAYLOR):
+    if allow_shrink and method_info(method).uses_blocks:
         c = block_size or max(math.prod(s) for s in shapes.values())
         while c > 1:
             c //= 2

@@ -19,24 +19,13 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from core.engine.curvature.inverse import BlockInverse
+from core.engine.curvature.inverse import Segment
 from core.engine.layout import BlockLayout
 
 
 class Scope(str, Enum):
     GLOBAL = "global"
     LAYER = "layer"
-
-
-@dataclass
-class Segment:
-    """A run of ``inv.nb`` blocks of ``inv.c`` weights starting at ``offset`` in the flat vector."""
-
-    offset: int
-    inv: BlockInverse
-
-    def view(self, flat: Tensor) -> Tensor:
-        return flat[self.offset : self.offset + self.inv.nb * self.inv.c].view(self.inv.nb, self.inv.c)
 
 
 @dataclass

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from core.engine.curvature.base import CurvatureEstimator, FisherConfig
-from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
-from core.engine.curvature.hessian import ExactHessian
-from core.engine.curvature.kfac import KFAC
 from core.engine.layout import BlockLayout
+from core.engine.methods import Method, method_info
 from core.engine.obs import Scope, obs_step
-
-
-class Method(str, Enum):
-    WOODFISHER = "woodfisher"
-    WOODTAYLOR = "woodtaylor"
-    MAGNITUDE = "magnitude"
-    GLOBAL_MAGNITUDE = "global_magnitude"
-    DIAG_FISHER = "diag_fisher"
-    KFAC = "kfac"
-    EXACT_OBS = "exact_obs"
 
 
 @dataclass
@@ -93,24 +80,11 @@ def make_pruner(
     recompute: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> Pruner:
-    """The pruner for a method name, with the method's natural defaults."""
-    method, fisher = Method(method), fisher or FisherConfig()
-    estimators: dict[Method, Callable[[], CurvatureEstimator]] = {
-        Method.WOODFISHER: lambda: WoodFisher(fisher, block_size),
-        Method.WOODTAYLOR: lambda: WoodFisher(fisher, block_size, taylor=True),
-        Method.MAGNITUDE: Identity,
-        Method.GLOBAL_MAGNITUDE: Identity,
-        Method.DIAG_FISHER: lambda: DiagonalFisher(fisher),
-        Method.KFAC: lambda: KFAC(fisher),
-        Method.EXACT_OBS: lambda: ExactHessian(lam=fisher.lam, loss=fisher.loss),
-    }
-    if scope is None:
-        scope = Scope.LAYER if method is Method.MAGNITUDE else Scope.GLOBAL
-    if method is Method.MAGNITUDE and Scope(scope) is not Scope.LAYER:
-        raise ValueError("magnitude is per layer; use global_magnitude for a global threshold")
-    if method is Method.KFAC and joint:
-        raise ValueError("K-FAC supports the summed update only")
+    """The pruner for a method name, with the method's natural defaults (see ``core.engine.methods``)."""
+    info = method_info(method)
+    scope = info.default_scope if scope is None else Scope(scope)
+    info.check(scope, joint)
     return Pruner(
-        estimators[method](), Scope(scope), joint, taylor=method is Method.WOODTAYLOR,
+        info.estimator(fisher or FisherConfig(), block_size), scope, joint, taylor=info.taylor,
         recompute=recompute, dtype=dtype,
     )

@@ -7,8 +7,6 @@ the previous complete checkpoint or the new one — never half of one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
 
 
@@ -23,21 +22,6 @@ class Checkpointer(Protocol):
     def save(self, tensors: dict[str, Tensor], meta: dict) -> None: ...
 
     def load(self) -> tuple[dict[str, Tensor], dict] | None: ...
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Writes ``path`` through a temporary file, renamed into place; on failure (a full disk) the temporary
-    file is removed and ``path`` is left as it was."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class DirectoryCheckpointer:
@@ -51,7 +35,8 @@ class DirectoryCheckpointer:
         name = f"state-{generation}.safetensors"
         save_state_dict(tensors, self.root / name)  # atomic itself: complete, or no file at all
         try:
-            _write_json_atomic(self.root / "latest.json", {"generation": generation, "tensors": name, "meta": meta})
+            latest = {"generation": generation, "tensors": name, "meta": meta}
+            atomic_write(self.root / "latest.json", json.dumps(latest).encode())  # on failure: as it was
         except BaseException:
             # Not committed: the previous generation stays the latest; its successor must not linger.
             (self.root / name).unlink(missing_ok=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from core.engine.modes import eval_mode
 
 CURVE_FIELDS = ["step", "epoch", "kind", "sparsity", "loss", "metric", "seconds"]
 
@@ -33,30 +32,13 @@ def count_macs(model: nn.Module, example: Tensor, masks: dict[str, Tensor] | Non
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             hooks.append(mod.register_forward_hook(hook(f"{name}.weight" if name else "weight")))
-    was = model.training
-    model.eval()
     try:
-        model(example[:1])
+        with eval_mode(model):
+            model(example[:1])
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return totals[0], totals[1]
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
-        raise
-    return path
 
 
 def curve_csv(points: list[dict]) -> str:

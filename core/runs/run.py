@@ -19,16 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
-from core.engine.curvature.base import FisherConfig
 from core.io.data import Dataset
 from core.errors import Canceled, InvalidInput
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan, fit
+from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
 from core.engine.pruner import make_pruner
-from core.runs.report import atomic_write, count_macs, curve_csv, curve_png
+from core.runs.report import count_macs, curve_csv, curve_png
 from core.runs.schedule import pruning_events
-from core.runs.spec import FisherKind, PruneSpec, Update
+from core.runs.spec import PruneSpec, Update
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,10 @@ class Run:
 
     # -- pieces ---------------------------------------------------------------------------------
     def _pruner(self, lam: float, seed: int):
-        f = self.spec.fisher
-        cfg = FisherConfig(m=f.samples, fisher_batch=f.batch_size, lam=lam, true_fisher=f.kind is FisherKind.TRUE,
-                           loss=self.spec.loss, chunk=f.chunk, seed=seed)
-        return make_pruner(self.spec.method, cfg, block_size=self.plan.block_size, scope=self.spec.scope,
-                           joint=f.update is Update.JOINT, recompute=f.recompute, dtype=self.dtype)
+        spec = self.spec
+        return make_pruner(spec.method, spec.fisher_config(lam, seed), block_size=self.plan.block_size,
+                           scope=spec.scope, joint=spec.fisher.update is Update.JOINT, recompute=spec.fisher.recompute,
+                           dtype=self.dtype)
 
     def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
         return evaluate(self.model, x, y, self.spec.loss)

@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
+from core.engine.methods import Method, method_info
 from core.engine.obs import Scope
-from core.engine.pruner import Method
 
 
 class _Strict(BaseModel):
@@ -111,10 +112,7 @@ class PruneSpec(_Strict):
                 raise ValueError("schedule.end_epoch must be < finetune.epochs")
             if self.schedule.initial_sparsity > self.sparsity:
                 raise ValueError("schedule.initial_sparsity must be ≤ sparsity")
-        if self.method is Method.KFAC and self.fisher.update is Update.JOINT:
-            raise ValueError("kfac supports fisher.update = 'summed' only")
-        if self.method is Method.MAGNITUDE and self.scope is Scope.GLOBAL:
-            raise ValueError("magnitude is per layer; use method global_magnitude")
+        method_info(self.method).check(self.scope, self.fisher.update is Update.JOINT)
         if self.loss is Loss.MSE and self.metric == "accuracy":
             raise ValueError("metric 'accuracy' needs loss 'cross_entropy'")
         return self
@@ -125,7 +123,13 @@ class PruneSpec(_Strict):
 
     @property
     def fisher_examples(self) -> int:
-        """Training examples the curvature estimate draws (samples × batch size); 0 for magnitude methods."""
-        if self.method in (Method.MAGNITUDE, Method.GLOBAL_MAGNITUDE):
+        """Training examples the curvature estimate draws (samples × batch size); 0 for methods that draw none."""
+        if not method_info(self.method).needs_data:
             return 0
         return self.fisher.samples * self.fisher.batch_size
+
+    def fisher_config(self, lam: float, seed: int) -> FisherConfig:
+        """The engine's Fisher settings for one estimate: λ (the one chosen when 'auto') and its seed."""
+        f = self.fisher
+        return FisherConfig(m=f.samples, fisher_batch=f.batch_size, lam=lam, true_fisher=f.kind is FisherKind.TRUE,
+                            loss=self.loss, chunk=f.chunk, seed=seed)

@@ -9,22 +9,21 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.grads import Loss, loss_fn
+from core.engine.modes import eval_mode
 from core.runs.spec import FinetuneSpec
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss: Loss | str, batch: int = 1024) -> dict[str, float]:
     """Mean loss and (for classification) top-1 accuracy, in eval mode."""
-    was = model.training
-    model.eval()
     criterion = loss_fn(loss)
     total, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        total += float(criterion(out, y[i : i + batch])) * len(out)
-        if Loss(loss) is Loss.CROSS_ENTROPY:
-            correct += int((out.argmax(-1) == y[i : i + batch]).sum())
-    model.train(was)
+    with eval_mode(model):
+        for i in range(0, len(x), batch):
+            out = model(x[i : i + batch])
+            total += float(criterion(out, y[i : i + batch])) * len(out)
+            if Loss(loss) is Loss.CROSS_ENTROPY:
+                correct += int((out.argmax(-1) == y[i : i + batch]).sum())
     result = {"loss": total / len(x)}
     if Loss(loss) is Loss.CROSS_ENTROPY:
         result["accuracy"] = correct / len(x)

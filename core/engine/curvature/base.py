@@ -8,9 +8,9 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from core.engine.curvature.inverse import Segment
 from core.engine.grads import Loss
 from core.engine.layout import BlockLayout
-from core.engine.obs import Segment
 
 Progress = Callable[[int, int], None]
 

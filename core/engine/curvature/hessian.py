@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
 from core.engine.curvature.base import Curvature, Progress
-from core.engine.curvature.inverse import DenseInverse
+from core.engine.curvature.inverse import DenseInverse, Segment
 from core.engine.grads import Loss, loss_fn
 from core.engine.layout import BlockLayout
-from core.engine.obs import Segment
+from core.engine.modes import eval_mode
 
 
 def loss_hessian(model: nn.Module, layout: BlockLayout, x: Tensor, y: Tensor, loss: Loss | str) -> tuple[Tensor, Tensor]:
@@ -25,13 +25,9 @@ def loss_hessian(model: nn.Module, layout: BlockLayout, x: Tensor, y: Tensor, lo
     def f(flat: Tensor) -> Tensor:
         return criterion(functional_call(model, ({**params, **layout.unflatten(flat)}, buffers), (x,)), y)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         h = hessian(f)(flat0)
         g = torch.func.grad(f)(flat0)
-    finally:
-        model.train(was_training)
     return h, g
 
 

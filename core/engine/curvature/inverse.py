@@ -8,6 +8,7 @@ all batched over blocks (tensors shaped ``(nb, c)``):
 * ``masked_solve(p, v)``  — x with x_P = (F⁻¹_PP)⁻¹ v_P and x = 0 off P  (P = {p == 1})
 
 so that the joint OBS update over a set P is ``δw = −F⁻¹ x`` (see ``core.engine.obs``).
+A ``Segment`` places one such representation at its offset in the flat weight vector.
 
 ``DenseInverse`` keeps F⁻¹ explicitly (c ≤ m). ``WoodburyInverse`` keeps the low-rank form
 (c > m): with F = λI + GᵀG/m, G of shape (m, c) and S = mλI + GGᵀ = LLᵀ,
@@ -38,6 +39,17 @@ class BlockInverse(Protocol):
     def matvec(self, v: Tensor) -> Tensor: ...
 
     def masked_solve(self, p: Tensor, v: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Segment:
+    """A run of ``inv.nb`` blocks of ``inv.c`` weights starting at ``offset`` in the flat vector."""
+
+    offset: int
+    inv: BlockInverse
+
+    def view(self, flat: Tensor) -> Tensor:
+        return flat[self.offset : self.offset + self.inv.nb * self.inv.c].view(self.inv.nb, self.inv.c)
 
 
 def _embed_identity(a: Tensor, p: Tensor) -> Tensor:

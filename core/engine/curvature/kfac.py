@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.engine.curvature.base import Curvature, FisherConfig, Progress, generator
+from core.engine.curvature.inverse import Segment
 from core.engine.grads import loss_fn, sample_labels
 from core.engine.layout import BlockLayout
-from core.engine.obs import Segment
+from core.engine.modes import eval_mode
 
 
 @dataclass
@@ -126,18 +127,16 @@ def kfac_factors(
     for n, mod in targets.items():
         hooks.append(mod.register_forward_hook(fwd(n)))
     criterion = loss_fn(config.loss)
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, config.m, config.chunk):
-            xb, yb = xs[i : i + config.chunk], ys[i : i + config.chunk]
+    with eval_mode(model):
+        try:
+            for i in range(0, config.m, config.chunk):
+                xb, yb = xs[i : i + config.chunk], ys[i : i + config.chunk]
+                model.zero_grad(set_to_none=True)
+                (criterion(model(xb), yb) * len(xb)).backward()  # sum-reduced: per-example δ
+        finally:
+            for h in hooks:
+                h.remove()
             model.zero_grad(set_to_none=True)
-            (criterion(model(xb), yb) * len(xb)).backward()  # sum-reduced: per-example δ
-    finally:
-        for h in hooks:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return {n: (s[0] / (config.m * s[2]), s[1] / config.m) for n, s in sums.items()}
 
 
