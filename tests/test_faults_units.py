@@ -69,7 +69,7 @@ def test_store_commit_failure_leaves_nothing(tmp_path: Path) -> None:
 def test_checkpoint_not_committed_leaves_previous_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = DirectoryCheckpointer(tmp_path)
     ckpt.save({"w": torch.ones(3)}, {"step": 1})
-    import core.runs.checkpoint as checkpoint
+    import core.io.files as files  # the checkpoint's atomic write
 
     real_fdopen = os.fdopen
 
@@ -78,7 +78,7 @@ def test_checkpoint_not_committed_leaves_previous_only(tmp_path: Path, monkeypat
         fh.write = lambda *_: (_ for _ in ()).throw(_enospc())  # type: ignore[method-assign]
         return fh
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", full_fdopen)
+    monkeypatch.setattr(files.os, "fdopen", full_fdopen)
     with pytest.raises(OSError):
         ckpt.save({"w": torch.zeros(3)}, {"step": 2})
     monkeypatch.undo()
@@ -135,7 +135,7 @@ def test_events_stream_survives_database_outage_and_ends_on_shutdown(
 ) -> None:
     from api.main import create_app
     from api.routers import outputs
-    from core.service.db.models import JobState
+    from core.service.db.tables import JobState
 
     app = create_app(app_settings)
     calls = {"n": 0}

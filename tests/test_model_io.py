@@ -25,22 +25,7 @@ from core.io.model_files import (
     save_state_dict,
     validate_model_file,
 )
-
-
-def _zoo_available() -> bool:
-    try:
-        import core.io.zoo  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _onnx_import_available() -> bool:
-    try:
-        import core.io.onnx.importer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from core.io.zoo import build_model
 
 
 class _CreatesFile:
@@ -113,7 +98,7 @@ def test_torch_export_pt2_refused(tmp_path):
     path = tmp_path / "exported.pt2"
     ep = torch.export.export(_tiny(), (torch.randn(2, 4),))
     torch.export.save(ep, str(path))
-    with pytest.raises(UnsafeFormat, match="torch.export"):
+    with pytest.raises(UnsafeFormat, match=r"torch\.export"):
         detect_format(path)
 
 
@@ -307,10 +292,7 @@ def test_mismatched_state_dict_lists_every_problem():
 # ----------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.skipif(not _zoo_available(), reason="core.io.zoo not available yet")
 def test_load_mlp_from_safetensors(tmp_path):
-    from core.io.zoo import build_model
-
     kwargs = {"in_features": 8, "hidden": [6], "num_classes": 3}
     torch.manual_seed(1)
     src = build_model("mlp", **kwargs)
@@ -339,10 +321,7 @@ def test_load_mlp_from_safetensors(tmp_path):
         load_model(path, "onnx", arch="mlp", arch_kwargs=kwargs)
 
 
-@pytest.mark.skipif(not _zoo_available(), reason="core.io.zoo not available yet")
 def test_load_model_refuses_nan_weights(tmp_path):
-    from core.io.zoo import build_model
-
     kwargs = {"in_features": 4, "hidden": [3], "num_classes": 2}
     sd = build_model("mlp", **kwargs).state_dict()
     key = next(iter(sd))
@@ -353,7 +332,6 @@ def test_load_model_refuses_nan_weights(tmp_path):
 
 
 def _onnx_file(tmp_path):
-    pytest.importorskip("onnxscript")
     path = tmp_path / "m.onnx"
     model = _tiny().eval()
     torch.onnx.export(model, (torch.randn(2, 4),), str(path), dynamo=True, external_data=False)
@@ -367,7 +345,6 @@ def test_onnx_detected_by_content(tmp_path):
     assert detect_format(renamed) == "onnx"
 
 
-@pytest.mark.skipif(not _onnx_import_available(), reason="core.io.onnx.importer not available yet")
 def test_load_onnx_model(tmp_path):
     path, src = _onnx_file(tmp_path)
     model = load_model(path, "onnx")

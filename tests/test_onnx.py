@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from core.errors import InvalidInput, UnsafeFormat
 from core.io.onnx.export import _legacy, export_onnx
-from core.io.onnx.importer import OnnxModule, onnx_to_torch
+from core.io.onnx import OnnxModule, onnx_to_torch
 from core.io.zoo import build_model
 
 # torch.export's internals warn about a deprecated pytree spec; not ours to fix

@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import onnx
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.errors import ArboristError, InvalidInput, UnsafeFormat
+from core.io.files import atomic_path
+from core.io.onnx import onnx_to_torch
+from core.io.zoo import build_model
 
 __all__ = [
     "ModelFormat",
@@ -142,11 +147,7 @@ def _looks_like_safetensors(path: str | os.PathLike, size: int) -> bool:
     return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
-def _parse_onnx(path: str | os.PathLike):
-    try:
-        import onnx
-    except ImportError as e:  # pragma: no cover - onnx is a declared dependency
-        raise InvalidInput("ONNX support is not installed on this server") from e
+def _parse_onnx(path: str | os.PathLike) -> onnx.ModelProto | None:
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:
@@ -293,9 +294,6 @@ def _all_finite(t: Tensor) -> bool:
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a safetensors file, after the header check; NaN/Inf weights are refused."""
     read_safetensors_header(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(os.fspath(path), device="cpu")
     except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
@@ -356,8 +354,6 @@ def _build_arch(arch: str | None, arch_kwargs: dict | None) -> nn.Module:
         )
     if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
         raise InvalidInput("arch_kwargs must be an object", errors=[_err(["arch_kwargs"], "not an object", "type_error")])
-    from core.io.zoo import build_model  # lazy: the zoo is optional for ONNX-only use
-
     try:
         return build_model(arch, **(arch_kwargs or {}))
     except ArboristError:
@@ -397,8 +393,6 @@ def _load(
             raise InvalidInput(f"the weights cannot be loaded into {arch!r}: {e}") from e
         return model.eval(), detected
 
-    from core.io.onnx.importer import onnx_to_torch  # lazy: heavy, and only needed for ONNX
-
     try:
         model = onnx_to_torch(os.fspath(path))
     except ArboristError:
@@ -417,7 +411,7 @@ def load_model(
     """The model in ``path``, in eval mode. ``fmt`` (if given) must agree with the file's content.
 
     safetensors: ``core.io.zoo.build_model(arch, **arch_kwargs)`` with the checked weights loaded strictly.
-    ONNX: ``core.io.onnx.importer.onnx_to_torch(path)`` (``arch`` is ignored).
+    ONNX: ``core.io.onnx.onnx_to_torch(path)`` (``arch`` is ignored).
     """
     return _load(path, fmt, arch, arch_kwargs)[0]
 
@@ -440,9 +434,7 @@ def validate_model_file(
 def save_state_dict(
     tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write ``tensors`` as safetensors atomically (temporary file in the same directory, then rename)."""
-    from safetensors.torch import save_file
-
+    """Write ``tensors`` as safetensors atomically (:func:`core.io.files.atomic_path`)."""
     out: dict[str, Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
@@ -455,16 +447,6 @@ def save_state_dict(
         else:
             seen.add(key)
         out[name] = t
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
+    return Path(path)

@@ -11,6 +11,7 @@ whether the service may read it:
 
 :func:`fetch_to_local` copies an allowed file into a local directory, enforcing a byte cap while it
 streams (never trusting a declared size alone), under a temporary name that is renamed when complete.
+:func:`local_path` gives a local path for an allowed file: where it is, or a fetched copy.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ import posixpath
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from core.errors import Forbidden, InvalidInput, TooLarge
+from core.io.files import atomic_path
 
-__all__ = ["resolve_uri", "fetch_to_local", "CHUNK_BYTES"]
+__all__ = ["CHUNK_BYTES", "fetch_to_local", "local_path", "resolve_uri"]
 
 CHUNK_BYTES = 1 << 20  # 1 MiB per read while streaming
 
@@ -162,8 +167,9 @@ def _safe_basename(path: str) -> str:
     return name[:200] or "download"
 
 
-def _open_local(path: str, local_roots: list[str]):
-    """Open a resolved local path without following a symlink swapped in since it was checked."""
+def _open_local(path: str, allowed_roots: list[str]) -> tuple[BinaryIO, int]:
+    """Open a resolved local path without following a symlink swapped in since it was checked; (file, size)."""
+    local_roots, _ = _split_roots(allowed_roots)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -203,8 +209,7 @@ def fetch_to_local(uri: str, allowed_roots: list[str], dest_dir: str | os.PathLi
     dest.mkdir(parents=True, exist_ok=True)
 
     if isinstance(fs, LocalFileSystem):
-        local_roots, _ = _split_roots(allowed_roots)
-        src, declared = _open_local(path, local_roots)
+        src, declared = _open_local(path, allowed_roots)
     else:
         try:
             info = fs.info(path)
@@ -222,17 +227,14 @@ def fetch_to_local(uri: str, allowed_roots: list[str], dest_dir: str | os.PathLi
         raise TooLarge(f"{uri} is {declared} bytes, over the limit of {max_bytes} bytes")
 
     final = dest / _safe_basename(path)
-    fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=".fetch-", suffix=".part")
-    tmp = Path(tmp_name)
-    out = os.fdopen(fd, "wb")
-    try:
+    with atomic_path(final) as tmp:
         if src is None:
             try:
                 src = fs.open(path, "rb")
             except Exception as e:
                 raise InvalidInput(f"cannot read {uri}: {e}") from e
         total = 0
-        with src, out:
+        with src, open(tmp, "wb") as out:
             while True:
                 chunk = src.read(CHUNK_BYTES)
                 if not chunk:
@@ -241,13 +243,21 @@ def fetch_to_local(uri: str, allowed_roots: list[str], dest_dir: str | os.PathLi
                 if total > max_bytes:
                     raise TooLarge(f"{uri} is larger than the limit of {max_bytes} bytes")
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        out.close()
-        if src is not None:
-            src.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return final
+
+
+@contextmanager
+def local_path(uri: str, allowed_roots: list[str], max_bytes: int) -> Iterator[str]:
+    """A local path to the file at ``uri`` (checked by :func:`resolve_uri`) for the block.
+
+    A local file is used where it is, once it is known to be a regular file still inside the roots (symlinks not
+    followed); a remote one is fetched (:func:`fetch_to_local`, capped at ``max_bytes``) into a temporary
+    directory that is removed when the block ends.
+    """
+    fs, resolved = resolve_uri(uri, allowed_roots)
+    if isinstance(fs, LocalFileSystem):
+        _open_local(resolved, allowed_roots)[0].close()
+        yield resolved
+        return
+    with tempfile.TemporaryDirectory(prefix="arborist-data-") as tmp:
+        yield os.fspath(fetch_to_local(uri, allowed_roots, tmp, max_bytes))

@@ -13,17 +13,17 @@ reason (it traces, so such a model is exported for the path the example input ta
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 from torch import Tensor, nn
+
+from core.engine.modes import eval_mode
+from core.io.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +81,22 @@ def _legacy(model: nn.Module, x: Tensor, tmp: Path) -> onnx.ModelProto:
 def export_onnx(model: nn.Module, example_input: Tensor, path: Path) -> Path:
     """Export ``model`` (in eval mode; its mode is restored) to ``path``; returns ``path``.
 
-    The graph must pass ``onnx.checker``. It is written to a temporary file in the destination
-    folder, fsynced and renamed over ``path``, so a reader never sees a half-written model and a
-    failure leaves nothing behind.
+    The graph must pass ``onnx.checker``. It is written through :func:`core.io.files.atomic_path`, so a
+    reader never sees a half-written model and a failure leaves nothing behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    was_training = model.training
-    model.eval()
-    try:
+    with atomic_path(path) as tmp, eval_mode(model):
         with torch.no_grad():
             try:
                 proto = _dynamo(model, example_input)
             except Exception as e:  # noqa: BLE001 — torch.export could not capture the model
                 first = (str(e).strip().splitlines() or [""])[0][:300]
-                log.warning("dynamo ONNX export failed (%s: %s); trying the TorchScript exporter", type(e).__name__, first)
-                proto = _legacy(model, example_input, tmp)
+                log.warning(
+                    "dynamo ONNX export failed (%s: %s); trying the TorchScript exporter", type(e).__name__, first
+                )
+                proto = _legacy(model, example_input, tmp)  # the temporary file doubles as its scratch file
         onnx.checker.check_model(proto)
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        model.train(was_training)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
+        tmp.write_bytes(proto.SerializeToString())
+    return Path(path)
 
 
 __all__ = ["export_onnx"]
