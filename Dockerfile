@@ -45,7 +45,7 @@ COPY cli ./cli
 COPY migrations ./migrations
 # Editable: the code stays in /app, next to migrations/ (core.service.db.migrate finds it there).
 RUN pip install -e ".[s3]" \
-    && python -c "import torch, core.runs.run, api.main, worker.queue; assert torch.__version__.startswith('2.13.0')"
+    && python -c "import torch, core.runs.run, api.main, worker.tasks; assert torch.__version__.startswith('2.13.0')"
 
 # Unprivileged user; the artifact and dataset directories exist (owned by it) so named volumes inherit that.
 RUN useradd --create-home --uid 10001 --user-group arborist \

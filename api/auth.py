@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from core.service.db import crud
-from core.service.db.models import Tenant
+from core.service.db import tenants
+from core.service.db.tables import Tenant
 from core.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
@@ -23,4 +23,4 @@ def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def tenant_from_credentials(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Tenant:
-    return crud.authenticate(session=session, token=bearer_token(credentials))
+    return tenants.authenticate(session=session, token=bearer_token(credentials))

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from api.auth import bearer_scheme, tenant_from_credentials
 from core.service.artifacts import ArtifactStore
 from core.service.db.base import read_retrying
-from core.service.db.models import Tenant
+from core.service.db.tables import Tenant
 from core.service.queue import JobQueue
 from core.service.settings import Settings
 
@@ -84,5 +84,5 @@ async def run_read(request: Request, read: Callable[[Connection], T]) -> T:
 
     For hot read paths (the status poll): there the dependency chain (``SessionDep`` + ``CurrentTenant`` + a sync
     endpoint = three trips to the threadpool, plus one to close the session, and a transaction around two reads)
-    costs more than the queries do. ``read`` must authenticate itself (``crud.authenticated_job``)."""
+    costs more than the queries do. ``read`` must authenticate itself (``tenants.authenticated_job``)."""
     return await run_in_threadpool(read_retrying, request.app.state.read_engine, read)

@@ -19,7 +19,7 @@ from api.routing import CloseUnreadBodyMiddleware
 from core.runs import preflight
 from core.service.artifacts import ArtifactStore
 from core.service.db.base import make_engine, make_read_engine, make_sessionmaker
-from core.service.queue import JobQueue, resolve_queue
+from core.service.queue import JobQueue, make_queue
 from core.service.settings import Settings, get_settings
 
 try:
@@ -29,11 +29,10 @@ except PackageNotFoundError:  # pragma: no cover
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
-    """The API over ``settings`` (default: environment) and ``queue`` (default: the registered
-    ``settings.queue_name``)."""
+    """The API over ``settings`` (default: environment) and ``queue`` (default: ``make_queue(settings)``)."""
     settings = settings or get_settings()
     if queue is None:
-        queue = resolve_queue(settings)
+        queue = make_queue(settings)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     factory = make_sessionmaker(engine)
     read_engine = make_read_engine(engine, pool_size=settings.db_read_pool_size,

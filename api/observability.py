@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.service.db import crud
+from core.service.db import jobs
 
 log = logging.getLogger("arborist.api")
 
@@ -28,7 +28,7 @@ class JobsByState(Collector):
         family = GaugeMetricFamily("arborist_jobs", "Jobs by state (all tenants)", labels=["state"])
         try:
             with self.factory() as session:
-                counts = crud.jobs_by_state(session=session)
+                counts = jobs.counts_by_state(session=session)
         except Exception:
             log.warning("jobs-by-state query failed", exc_info=True)
             return

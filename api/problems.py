@@ -2,13 +2,14 @@
 
 Domain errors (``ArboristError``), request validation errors (with a field list in ``errors``), HTTP errors
 raised by the framework and unexpected exceptions (a generic 500, details only in the log) all go through here.
+The documents themselves come from ``core.errors`` (``problem_from_error``, ``problem_for_status``); this module
+only sends them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,75 +20,37 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.errors import (
+    ArboristError,
+    InvalidInput,
+    InvalidRequest,
+    StorageFull,
+    no_space_error,
+    problem_for_status,
+    problem_from_error,
+)
 from core.service.db.base import is_transient_db_error
-from core.errors import ArboristError, StorageFull, no_space_error
-from core.errors import problem_from_error, problem_type
 
 log = logging.getLogger("arborist.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-
-HTTP_SLUGS = {
-    400: "bad-request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not-found",
-    405: "method-not-allowed",
-    406: "not-acceptable",
-    409: "conflict",
-    411: "length-required",
-    413: "too-large",
-    415: "unsupported-media-type",
-    422: "invalid-input",
-    429: "too-many-requests",
-    500: "internal-error",
-    503: "service-unavailable",
-}
 
 
 class ProblemResponse(JSONResponse):
     media_type = PROBLEM_MEDIA_TYPE
 
 
-def _title(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def problem(
-    status: int,
-    *,
-    slug: str | None = None,
-    title: str | None = None,
-    detail: str | None = None,
-    instance: str | None = None,
-    errors: list[dict[str, Any]] | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> ProblemResponse:
-    body: dict[str, Any] = {
-        "type": problem_type(slug or HTTP_SLUGS.get(status, "about:blank")),
-        "title": title or _title(status),
-        "status": status,
-    }
-    if detail is not None:
-        body["detail"] = detail
-    if instance is not None:
-        body["instance"] = instance
-    if errors:
-        body["errors"] = errors
-    return ProblemResponse(body, status_code=status, headers=dict(headers or {}))
-
-
-def _auth_headers(status: int) -> dict[str, str]:
-    return {"WWW-Authenticate": 'Bearer realm="arborist"'} if status == 401 else {}
+def _as_response(body: dict[str, Any], headers: Mapping[str, str] | None = None) -> ProblemResponse:
+    """A problem document (``core.errors``) as the response; a 401 says how to authenticate."""
+    out = dict(headers or {})
+    if body["status"] == 401:
+        out["WWW-Authenticate"] = 'Bearer realm="arborist"'
+    return ProblemResponse(body, status_code=body["status"], headers=out)
 
 
 async def _arborist_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, ArboristError)
-    body = problem_from_error(exc, instance=request.url.path)
-    return ProblemResponse(body, status_code=exc.status, headers=_auth_headers(exc.status))
+    return _as_response(problem_from_error(exc, instance=request.url.path))
 
 
 def _jsonable(value: Any) -> Any:
@@ -115,25 +78,23 @@ async def _validation_error(request: Request, exc: Exception) -> ProblemResponse
     if first is not None:
         loc = ".".join(str(p) for p in first["loc"])
         detail += f"; first: {loc}: {first['msg']}"
-    return problem(422, slug="validation-error", title="Request validation failed", detail=detail,
-                   instance=request.url.path, errors=errors)
+    return _as_response(problem_from_error(InvalidRequest(detail, errors=errors), instance=request.url.path))
 
 
 async def _http_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, StarletteHTTPException)
-    headers = dict(exc.headers or {})
-    headers.update(_auth_headers(exc.status_code))
     detail = exc.detail if isinstance(exc.detail, str) else None
-    if detail == _title(exc.status_code):
-        detail = None
-    return problem(exc.status_code, detail=detail, instance=request.url.path, headers=headers)
+    body = problem_for_status(exc.status_code, detail=detail, instance=request.url.path)
+    if detail == body["title"]:  # the framework's default detail is the reason phrase: say it once
+        del body["detail"]
+    return _as_response(body, exc.headers)
 
 
 async def _data_error(request: Request, exc: Exception) -> ProblemResponse:
     """The database refused a value (e.g. a NUL byte in text on PostgreSQL): the input was bad."""
     log.info("database rejected a value on %s: %s", request.url.path, exc)
-    return problem(422, slug="invalid-input", title="Invalid input",
-                   detail="A value in the request was rejected by the database", instance=request.url.path)
+    err = InvalidInput("A value in the request was rejected by the database")
+    return _as_response(problem_from_error(err, instance=request.url.path))
 
 
 class UnexpectedErrorMiddleware:
@@ -163,7 +124,8 @@ class UnexpectedErrorMiddleware:
             response = environment_problem(exc, scope.get("path"))
             if response is None:
                 log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-                response = problem(500, detail="An unexpected error occurred", instance=scope.get("path"))
+                response = _as_response(problem_for_status(500, detail="An unexpected error occurred",
+                                                               instance=scope.get("path")))
             await response(scope, receive, send)
 
 
@@ -172,12 +134,12 @@ def environment_problem(exc: BaseException, instance: str | None) -> ProblemResp
     (a restart: 503 with Retry-After, the client tries again) and a full disk (507)."""
     if is_transient_db_error(exc):
         log.warning("database unreachable on %s: %s", instance, exc)
-        return problem(503, detail="The database is unavailable; retry shortly", instance=instance,
-                       headers={"Retry-After": "5"})
+        body = problem_for_status(503, detail="The database is unavailable; retry shortly", instance=instance)
+        return _as_response(body, {"Retry-After": "5"})
     if no_space_error(exc) is not None:
         log.error("storage full on %s: %s", instance, exc)
-        return problem(507, slug=StorageFull.type, title=StorageFull.title,
-                       detail="The server has no storage space left; retry later", instance=instance)
+        err = StorageFull("The server has no storage space left; retry later")
+        return _as_response(problem_from_error(err, instance=instance))
     return None
 
 

@@ -12,8 +12,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import TooLarge
-from core.errors import UnsupportedMediaType
+from core.errors import TooLarge, UnsupportedMediaType
 
 
 def is_json_media_type(content_type: str | None) -> bool:

@@ -6,18 +6,23 @@ Stored-only columns (paths, hashes of keys, idempotency data, task ids) never ap
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.service.db.models import JobState
 from core.runs.spec import PruneSpec
+from core.service.db.tables import JobState
 
 T = TypeVar("T")
 
 
-class _Public(BaseModel):
+class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def of(cls, row: Any) -> Self:
+        """The public view of a stored row."""
+        return cls.model_validate(row)
 
 
 class _Body(BaseModel):
@@ -42,11 +47,17 @@ class Page(BaseModel, Generic[T]):
     count: int = Field(..., description="total rows matching the filter")
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last")
 
+    @classmethod
+    def of(cls, rows: Any) -> Self:
+        """A page of stored rows (``core.service.db.rows.Page``) in their public view."""
+        item = get_args(cls.model_fields["data"].annotation)[0]
+        return cls(data=[item.of(row) for row in rows.items], count=rows.count, next_cursor=rows.next_cursor)
+
 
 # --- models -------------------------------------------------------------------------------------------------
 
 
-class ModelPublic(_Public):
+class ModelPublic(Public):
     id: str
     name: str
     format: str
@@ -73,7 +84,7 @@ class DatasetRegister(_Body):
     format: Literal["npz", "safetensors", "parquet"] | None = None
 
 
-class DatasetPublic(_Public):
+class DatasetPublic(Public):
     id: str
     name: str
     format: str
@@ -88,7 +99,8 @@ class DatasetPublic(_Public):
     created_at: datetime
 
     @classmethod
-    def of(cls, row: Any) -> DatasetPublic:
+    def of(cls, row: Any) -> Self:
+        """The public view of a stored row: ``source`` says whether it was uploaded or registered by URI."""
         return cls.model_validate(
             {**{k: getattr(row, k) for k in cls.model_fields if k != "source"},
              "source": "uri" if row.uri else "upload"}
@@ -108,7 +120,7 @@ class JobCreate(_Body):
     spec: PruneSpec
 
 
-class JobPublic(_Public):
+class JobPublic(Public):
     id: str
     model_id: str | None
     dataset_id: str | None
@@ -133,7 +145,7 @@ class JobsPublic(Page[JobPublic]):
     pass
 
 
-class MetricPublic(_Public):
+class MetricPublic(Public):
     step: int
     kind: str
     epoch: float | None
@@ -151,7 +163,7 @@ class MetricsPublic(BaseModel):
 METRIC_CSV_COLUMNS = list(MetricPublic.model_fields)
 
 
-class ArtifactPublic(_Public):
+class ArtifactPublic(Public):
     name: str
     kind: str
     size: int

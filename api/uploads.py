@@ -16,9 +16,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from core.errors import InvalidInput, TooLarge, UnsupportedMediaType
 from core.service.artifacts import ArtifactStore, StreamWriter
-from core.errors import InvalidInput, TooLarge
-from core.errors import UnsupportedMediaType
 
 FIELD_MAX_BYTES = 64 * 1024
 MAX_FIELDS = 32

@@ -61,6 +61,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._util import free_port  # noqa: E402
+from core.service.settings import env_vars  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 
 PG_URL = os.environ.get("ARBORIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -351,12 +354,6 @@ async def _client_main(cfg: dict[str, Any]) -> dict[str, Any]:
 # ================================================================================================ the service
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(predicate: Any, timeout: float, what: str, procs: list[Any] = ()) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -377,8 +374,7 @@ def service_env(**arborist: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    for k, v in arborist.items():
-        env[f"ARBORIST_{k.upper()}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    env.update(env_vars(arborist))
     return env
 
 

@@ -43,11 +43,11 @@ def keys() -> None:
 @URL_OPTION
 def keys_create(tenant: str, name: str | None, url: str | None) -> None:
     """Create a key for TENANT and print it once (only its hash is stored)."""
-    from core.service.db import crud
+    from core.service.db import tenants
 
     with _session(url) as session:
-        t = crud.get_or_create_tenant(session=session, name=tenant)
-        row, key = crud.create_api_key(session=session, tenant=t, name=name)
+        t = tenants.get_or_create_tenant(session=session, name=tenant)
+        row, key = tenants.create_api_key(session=session, tenant=t, name=name)
         click.echo(key)
         click.echo(f"tenant={t.name} prefix={row.prefix} (store the key now: it is not shown again)", err=True)
 
@@ -57,12 +57,12 @@ def keys_create(tenant: str, name: str | None, url: str | None) -> None:
 @URL_OPTION
 def keys_revoke(prefix: str, url: str | None) -> None:
     """Revoke the key with public PREFIX (the part after ``arb_``)."""
-    from core.service.db import crud
     from core.errors import NotFound
+    from core.service.db import tenants
 
     with _session(url) as session:
         try:
-            row = crud.revoke_api_key(session=session, prefix=prefix)
+            row = tenants.revoke_api_key(session=session, prefix=prefix)
         except NotFound as exc:
             raise click.ClickException(exc.detail) from None
         click.echo(f"revoked {row.prefix} at {row.revoked_at.isoformat() if row.revoked_at else '?'}")
@@ -75,14 +75,14 @@ def keys_list(tenant: str | None, url: str | None) -> None:
     """List keys (prefix, tenant, state); never the keys themselves."""
     from sqlalchemy import select
 
-    from core.service.db import crud
-    from core.service.db.models import Tenant
+    from core.service.db import tenants
+    from core.service.db.tables import Tenant
 
     with _session(url) as session:
         t = session.scalar(select(Tenant).where(Tenant.name == tenant)) if tenant else None
         if tenant and t is None:
             raise click.ClickException(f"no tenant named {tenant!r}")
-        for k in crud.list_api_keys(session=session, tenant=t):
+        for k in tenants.list_api_keys(session=session, tenant=t):
             state = f"revoked {k.revoked_at.isoformat()}" if k.revoked_at else "active"
             click.echo(f"{k.prefix}\t{k.tenant.name}\t{k.name or ''}\t{state}")
 

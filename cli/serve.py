@@ -35,7 +35,6 @@ Limits
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -51,20 +50,6 @@ import click
 from core.service.settings import Settings
 
 log = logging.getLogger("arborist.serve")
-
-#: Settings fields passed to the worker as ARBORIST_* variables (everything but the computed ones)
-_COMPUTED = {"is_sqlite", "queue_name"}
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as ``ARBORIST_*`` environment variables (lists as JSON), for a child process."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json", exclude=_COMPUTED).items():
-        if value is None:
-            continue
-        env[f"ARBORIST_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return env
-
 
 def embedded_settings(data_dir: Path, database_url: str | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from the environment, with the embedded mode's database, artifact root and queue."""
@@ -86,7 +71,7 @@ class WorkerSupervisor:
 
     def __init__(self, settings: Settings, concurrency: int, log_level: str):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
-        self.env.update(settings_env(settings))
+        self.env.update(settings.to_env())
         self.cmd = [sys.executable, "-m", "worker.embedded", "--concurrency", str(concurrency),
                     "--log-level", log_level]
         self.proc: subprocess.Popen[bytes] | None = None

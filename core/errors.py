@@ -1,14 +1,23 @@
-"""Every error of the service, and its RFC 9457 problem document.
+"""Every error of the service, and the one converter to an RFC 9457 problem document.
 
-Each error carries a stable ``type`` slug, a ``title`` and the HTTP ``status`` it maps to; ``problem_from_error``
-is the one converter to a problem document. The API renders it as ``application/problem+json``, the worker
-stores the same dict in ``Job.error``. Nothing here imports anything but the standard library.
+Each error class carries a stable ``type`` slug, a ``title`` and the HTTP ``status`` it maps to. They come in
+three groups: input errors (the request, its files or its spec are wrong), service errors (the request is
+sound but the service refuses or cannot serve it now) and job failures (a job ended without a result, not
+because of its inputs). ``problem_from_error`` turns an error into its problem document and
+``problem_for_status`` does the same for a bare HTTP status (an error the web framework raises); the API sends
+these as ``application/problem+json``, the worker stores the same dict in ``Job.error``.
+
+Imported by every layer, so it imports nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import errno
+from http import HTTPStatus
 from typing import Any
+
+#: a slug's ``type`` URI is this plus the slug
+PROBLEM_BASE = "https://arborist.dev/problems/"
 
 
 class ArboristError(Exception):
@@ -24,6 +33,9 @@ class ArboristError(Exception):
         self.errors = errors or []
 
 
+# -- input errors -----------------------------------------------------------------------------
+
+
 class InvalidInput(ArboristError):
     """A user input (file, URI, spec) is malformed or inconsistent."""
 
@@ -32,15 +44,31 @@ class InvalidInput(ArboristError):
     status = 422
 
 
-class UnsafeFormat(InvalidInput):
+class InvalidRequest(InvalidInput):
+    """A request's body, query or path parameters fail their schema; ``errors`` lists the fields."""
+
+    type = "validation-error"
+    title = "Request validation failed"
+
+
+class UnsupportedMediaType(ArboristError):
+    """A request body of a media type the endpoint does not take."""
+
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
+    status = 415
+
+
+class UnsafeFormat(UnsupportedMediaType):
     """An upload in a format that would execute code when loaded (pickle, TorchScript, torch.export)."""
 
     type = "unsafe-format"
     title = "Unsafe file format refused"
-    status = 415
 
 
 class TooLarge(ArboristError):
+    """A request body or file over its size limit."""
+
     type = "too-large"
     title = "Payload too large"
     status = 413
@@ -62,10 +90,47 @@ class DoesNotFit(ArboristError):
     status = 422
 
 
-class Canceled(ArboristError):
-    type = "canceled"
-    title = "Run canceled"
+class IdempotencyMismatch(ArboristError):
+    """An Idempotency-Key sent again with a different request body."""
+
+    type = "idempotency-key-reused"
+    title = "Idempotency-Key reused with a different request"
+    status = 422
+
+
+# -- service errors ---------------------------------------------------------------------------
+
+
+class Unauthorized(ArboristError):
+    """No API key, or one that is malformed, unknown or revoked."""
+
+    type = "unauthorized"
+    title = "Authentication required"
+    status = 401
+
+
+class NotFound(ArboristError):
+    """No such resource for this tenant (another tenant's resources are not found either)."""
+
+    type = "not-found"
+    title = "Resource not found"
+    status = 404
+
+
+class Conflict(ArboristError):
+    """The resource's current state forbids the request (e.g. deleting a model an active job uses)."""
+
+    type = "conflict"
+    title = "Conflict with the resource's state"
     status = 409
+
+
+class ServiceUnavailable(ArboristError):
+    """A dependency (database, queue) cannot be reached; the client retries later."""
+
+    type = "service-unavailable"
+    title = "Service unavailable"
+    status = 503
 
 
 class StorageFull(ArboristError):
@@ -97,57 +162,15 @@ def no_space_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
-# -- service errors ---------------------------------------------------------------------------
-
-PROBLEM_BASE = "https://arborist.dev/problems/"
-
-
-def problem_type(slug: str) -> str:
-    """The stable ``type`` URI for a slug (``about:blank`` and absolute URIs pass through)."""
-    if slug == "about:blank" or "://" in slug:
-        return slug
-    return PROBLEM_BASE + slug
-
-
-class NotFound(ArboristError):
-    type = "not-found"
-    title = "Resource not found"
-    status = 404
-
-
-class Conflict(ArboristError):
-    """The resource's current state forbids the request (e.g. deleting a model an active job uses)."""
-
-    type = "conflict"
-    title = "Conflict with the resource's state"
-    status = 409
-
-
-class IdempotencyMismatch(ArboristError):
-    type = "idempotency-key-reused"
-    title = "Idempotency-Key reused with a different request"
-    status = 422
-
-
-class Unauthorized(ArboristError):
-    type = "unauthorized"
-    title = "Authentication required"
-    status = 401
-
-
-class UnsupportedMediaType(ArboristError):
-    type = "unsupported-media-type"
-    title = "Unsupported media type"
-    status = 415
-
-
-class ServiceUnavailable(ArboristError):
-    type = "service-unavailable"
-    title = "Service unavailable"
-    status = 503
-
-
 # -- job failures (not caused by the inputs) ---------------------------------------------------
+
+
+class Canceled(ArboristError):
+    """The job was canceled by its owner."""
+
+    type = "canceled"
+    title = "Run canceled"
+    status = 409
 
 
 class WorkerLost(ArboristError):
@@ -159,6 +182,8 @@ class WorkerLost(ArboristError):
 
 
 class TimeLimitExceeded(ArboristError):
+    """The run took longer than the job's time limit."""
+
     type = "time-limit-exceeded"
     title = "Job time limit exceeded"
     status = 504
@@ -172,17 +197,50 @@ class InternalError(ArboristError):
     status = 500
 
 
-def problem_from_error(exc: ArboristError, *, instance: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The problem document for a domain error (``errors`` only when it has some)."""
-    body: dict[str, Any] = {
-        "type": problem_type(exc.type),
-        "title": exc.title,
-        "status": exc.status,
-        "detail": exc.detail,
-    }
+# -- problem documents ------------------------------------------------------------------------
+
+#: the problem type of a bare HTTP status; statuses not listed are ``about:blank``
+STATUS_TYPES: dict[int, str] = {
+    400: "bad-request",
+    401: Unauthorized.type,
+    403: "forbidden",
+    404: NotFound.type,
+    405: "method-not-allowed",
+    406: "not-acceptable",
+    409: Conflict.type,
+    411: "length-required",
+    413: TooLarge.type,
+    415: UnsupportedMediaType.type,
+    422: InvalidInput.type,
+    429: "too-many-requests",
+    500: InternalError.type,
+    503: ServiceUnavailable.type,
+}
+
+
+def _problem(slug: str, title: str, status: int, detail: str | None, instance: str | None,
+             errors: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+    uri = slug if slug == "about:blank" or "://" in slug else PROBLEM_BASE + slug
+    body: dict[str, Any] = {"type": uri, "title": title, "status": status}
+    if detail is not None:
+        body["detail"] = detail
     if instance is not None:
         body["instance"] = instance
-    if exc.errors:
-        body["errors"] = exc.errors
+    if errors:
+        body["errors"] = errors
     body.update(extra)
     return body
+
+
+def problem_from_error(exc: ArboristError, *, instance: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The problem document for a domain error (``errors`` only when it has some; ``extra`` members added)."""
+    return _problem(exc.type, exc.title, exc.status, exc.detail, instance, exc.errors, extra)
+
+
+def problem_for_status(status: int, *, detail: str | None = None, instance: str | None = None) -> dict[str, Any]:
+    """The problem document for a bare HTTP status: its type from ``STATUS_TYPES``, its reason phrase as title."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return _problem(STATUS_TYPES.get(status, "about:blank"), title, status, detail, instance, [], {})

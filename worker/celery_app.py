@@ -26,46 +26,28 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery.signals import worker_ready
-from kombu import Exchange, Queue
 
+from core.service.queue.celery import CeleryQueue, messaging_config
 from core.service.settings import Settings, get_settings
-from worker.queue import QUEUES
 
 log = logging.getLogger("arborist.worker")
 
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-#: how much longer than the longest job a Redis message stays invisible while unacked
-VISIBILITY_MARGIN_S = 3600.0
 #: seconds between the soft time limit (the job fails cleanly) and the hard one (the child is killed)
 HARD_LIMIT_GRACE_S = 120.0
 
 
-def broker_url(settings: Settings) -> str:
-    """``Settings.broker_url``, or local Redis db 0 (the production default)."""
-    return settings.broker_url or DEFAULT_BROKER
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
+    """``messaging_config`` (what the senders use too) and the worker's own part: acks, prefetch, time limits."""
     limit = settings.job_time_limit_s
     return {
-        "broker_url": broker_url(settings),
-        "result_backend": None,
-        "task_ignore_result": True,
+        **messaging_config(settings),
         "task_store_errors_even_if_ignored": False,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": 1,
-        "broker_transport_options": {"visibility_timeout": int(limit + VISIBILITY_MARGIN_S)},
-        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
-        "task_default_exchange": "cpu",
-        "task_default_routing_key": "cpu",
-        "task_default_queue": "cpu",
-        "task_create_missing_queues": False,
         "task_soft_time_limit": limit,
         "task_time_limit": limit + HARD_LIMIT_GRACE_S,
-        "task_serializer": "json",
-        "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
@@ -86,11 +68,10 @@ class ReaperStep(bootsteps.StartStopStep):
         self.reaper: Any = None
 
     def start(self, worker: Any) -> None:
-        from worker.queue import CeleryQueue
         from worker.reaper import Reaper
 
         settings = settings_of(worker.app)
-        self.reaper = Reaper(settings, queue=CeleryQueue(app=worker.app))
+        self.reaper = Reaper(settings, queue=CeleryQueue(worker.app))
         self.tref = worker.timer.call_repeatedly(settings.reaper_interval_s, self.reaper.safe_sweep, priority=10)
         log.info("reaper: every %gs (heartbeat timeout %gs, max attempts %d)", settings.reaper_interval_s,
                  settings.heartbeat_timeout_s, settings.max_attempts)
@@ -126,7 +107,7 @@ def _no_cuda_before_fork(sender: Any = None, **_: Any) -> None:
 
 def __getattr__(name: str) -> Any:
     """``worker.celery_app.app`` (what ``celery -A worker.celery_app`` loads) is built on first access from the
-    environment's Settings, so importing this module (the API does, through ``worker.queue``) has no effect."""
+    environment's Settings, so importing this module has no effect."""
     if name in ("app", "celery"):
         app = make_celery()
         app.set_current()

@@ -13,14 +13,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from core.service.db.base import TRANSIENT_DB_ERRORS, is_transient_db_error, make_engine, make_sessionmaker
+from core.service.db.base import is_transient_db_error, make_engine, make_sessionmaker
 
 log = logging.getLogger("arborist.worker")
 T = TypeVar("T")
-
-#: errors that mean "the database is (momentarily) unreachable", not "the statement is wrong"
-TRANSIENT = TRANSIENT_DB_ERRORS
-is_transient = is_transient_db_error
 
 
 def engine_for(url: str, *, pooled: bool = True) -> Engine:
@@ -34,7 +30,7 @@ def engine_for(url: str, *, pooled: bool = True) -> Engine:
 
 
 class Database:
-    """``call(fn)`` runs ``fn(session)`` and commits nothing itself (the crud functions commit)."""
+    """``call(fn)`` runs ``fn(session)`` and commits nothing itself (the ``core.service.db`` functions do)."""
 
     def __init__(self, url: str, *, pooled: bool = True, engine: Engine | None = None):
         self.engine = engine or engine_for(url, pooled=pooled)
@@ -58,7 +54,7 @@ class Database:
                 with self.sessions() as session:
                     return fn(session)
             except Exception as exc:
-                if not is_transient(exc):
+                if not is_transient_db_error(exc):
                     raise
                 attempt += 1
                 elapsed = time.monotonic() - start

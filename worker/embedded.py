@@ -27,10 +27,11 @@ from typing import Any
 
 import click
 
-from core.service.db import worker_crud
+from core.service.db import attempts
+from core.service.queue import QUEUES, EmbeddedQueue
 from core.service.settings import Settings, get_settings
+from worker.control import Control
 from worker.db import Database
-from worker.queue import QUEUES, EmbeddedQueue
 from worker.reaper import Reaper, handle_lost, holder_dead_here, worker_name
 
 log = logging.getLogger("arborist.embedded")
@@ -38,10 +39,6 @@ log = logging.getLogger("arborist.embedded")
 NODE = f"embedded@{socket.gethostname()}"
 #: seconds a stopping worker gives its jobs to release themselves before they are killed
 STOP_GRACE_S = 30.0
-
-
-def _settings_payload(settings: Settings) -> dict[str, Any]:
-    return settings.model_dump(mode="json", exclude={"is_sqlite", "queue_name"})
 
 
 class JobTimeLimit(Exception):
@@ -53,8 +50,8 @@ def _job_process(job_id: str, payload: dict[str, Any]) -> None:
     from worker import runner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(_env_file=None, **payload)
-    control = runner.Control()
+    settings = Settings.from_payload(payload)
+    control = Control()
 
     def interrupt(signum: int, _frame: Any) -> None:
         control.interrupt("the embedded worker is shutting down")
@@ -85,18 +82,18 @@ class EmbeddedWorker:
             raise ValueError("concurrency must be ≥ 1")
         self.settings, self.concurrency, self.poll_s, self.queues = settings, concurrency, poll_s, queues
         self.db = Database(settings.database_url)
-        self.reaper = Reaper(settings, queue=EmbeddedQueue(settings), db=self.db)
+        self.reaper = Reaper(settings, queue=EmbeddedQueue(), db=self.db)
         self.children: dict[str, BaseProcess] = {}
         self.stopping = threading.Event()
         self._ctx = _context()
-        self._payload = _settings_payload(settings)
+        self._payload = settings.as_payload()
 
     def recover(self) -> None:
         """Requeues jobs held by processes of this node that no longer exist."""
         me = worker_name(NODE)
-        jobs = self.db.call(lambda s: worker_crud.running_jobs(session=s, worker_prefix=f"{NODE}:"),
+        held = self.db.call(lambda s: attempts.running_jobs(session=s, worker_prefix=f"{NODE}:"),
                             deadline_s=10, what="recover")
-        for job in jobs:
+        for job in held:
             if holder_dead_here(job.worker, me):
                 handle_lost(self.db, job, self.settings, reason="its embedded worker process exited")
 
@@ -124,8 +121,8 @@ class EmbeddedWorker:
         free = self.concurrency - len(self.children)
         if free <= 0 or self.stopping.is_set():
             return
-        ids = self.db.call(lambda s: worker_crud.next_queued(session=s, queues=self.queues,
-                                                             exclude=list(self.children), limit=free),
+        ids = self.db.call(lambda s: attempts.next_queued(session=s, queues=self.queues,
+                                                          exclude=list(self.children), limit=free),
                            deadline_s=10, what="poll")
         for job_id in ids:
             self._start(job_id)

@@ -27,13 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.service.db import crud, worker_crud
-from core.service.db.models import Job, JobState
-from core.errors import problem_from_error
-from core.service.queue import JobQueue, resolve_queue
+from core.errors import WorkerLost, problem_from_error
+from core.service.db import attempts, jobs
+from core.service.db.tables import Job, JobState
+from core.service.queue import JobQueue, make_queue
 from core.service.settings import Settings, get_settings
 from worker.db import Database
-from core.errors import WorkerLost
 
 log = logging.getLogger("arborist.reaper")
 
@@ -85,7 +84,7 @@ def handle_lost(
     (a late heartbeat, another reaper)."""
     attempt = job.attempts
     if job.state is JobState.CANCELING or job.cancel_requested:
-        ok = db.call(lambda s: worker_crud.finish_lost(
+        ok = db.call(lambda s: attempts.finish_lost(
             session=s, job_id=job.id, attempt=attempt, state=JobState.CANCELED, older_than=older_than,
             message=f"canceled ({reason}); the last checkpoint is kept"), what="reaper: cancel lost job")
         outcome = "canceled" if ok else "raced"
@@ -95,12 +94,12 @@ def handle_lost(
             "The last checkpoint is kept: retrying the job resumes from it."
         )
         error = problem_from_error(exc, instance=f"/v1/jobs/{job.id}", attempts=attempt)
-        ok = db.call(lambda s: worker_crud.finish_lost(
+        ok = db.call(lambda s: attempts.finish_lost(
             session=s, job_id=job.id, attempt=attempt, state=JobState.FAILED, older_than=older_than,
             message=exc.detail, error=error), what="reaper: fail lost job")
         outcome = "failed" if ok else "raced"
     else:
-        ok = db.call(lambda s: worker_crud.requeue_lost(
+        ok = db.call(lambda s: attempts.requeue_lost(
             session=s, job_id=job.id, attempt=attempt, reason=reason, older_than=older_than),
             what="reaper: requeue lost job")
         outcome = "requeued" if ok else "raced"
@@ -135,7 +134,7 @@ class Reaper:
     @property
     def queue(self) -> JobQueue:
         if self._queue is None:
-            self._queue = resolve_queue(self.settings)
+            self._queue = make_queue(self.settings)
         return self._queue
 
     def _send(self, job_id: str, queue_name: str) -> bool:
@@ -147,27 +146,25 @@ class Reaper:
             return False
         self._unsent.pop(job_id, None)
         if task_id:
-            self.db.call(lambda s: crud.set_task_id(session=s, job_id=job_id, task_id=task_id), what="set task id")
+            self.db.call(lambda s: jobs.set_task_id(session=s, job_id=job_id, task_id=task_id), what="set task id")
         return True
 
     def _resend_needed(self) -> float | None:
         """How long a queued job must have waited to be re-sent (0 = all), or None for no resend."""
-        if not getattr(self.queue, "resend_waiting", True):
+        if not self.queue.resends_waiting:
             return None
-        lost = getattr(self.queue, "lost_messages", None)
-        if lost is not None:
-            try:
-                if lost():
-                    log.warning("the broker lost its messages (restarted without persistence?): re-sending queued jobs")
-                    return 0.0
-            except Exception as exc:
-                log.warning("cannot ask the broker whether it lost messages: %s", exc)
+        try:
+            if self.queue.lost_messages():
+                log.warning("the broker lost its messages (restarted without persistence?): re-sending queued jobs")
+                return 0.0
+        except Exception as exc:
+            log.warning("cannot ask the broker whether it lost messages: %s", exc)
         return RESEND_AFTER_S
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
         timeout = self.settings.heartbeat_timeout_s
-        stale = self.db.call(lambda s: crud.stale_jobs(session=s, older_than=timeout), deadline_s=10,
+        stale = self.db.call(lambda s: attempts.stale_jobs(session=s, older_than=timeout), deadline_s=10,
                              what="reaper: stale jobs")
         for job in stale:
             reason = f"no heartbeat for {timeout:g}s from worker {job.worker or '?'}"
@@ -183,14 +180,14 @@ class Reaper:
 
         waited = self._resend_needed()
         if waited is not None:
-            waiting = self.db.call(lambda s: worker_crud.waiting_jobs(session=s, older_than=waited), deadline_s=10,
+            waiting = self.db.call(lambda s: attempts.waiting_jobs(session=s, older_than=waited), deadline_s=10,
                                    what="reaper: waiting jobs")
             for job in waiting:
                 if job.id in report.requeued:
                     continue
                 reason = "broker lost its messages" if waited == 0 else f"queued for over {waited:g}s"
                 if self._send(job.id, job.queue):
-                    self.db.call(lambda s, j=job.id: worker_crud.mark_resent(session=s, job_id=j, reason=reason),
+                    self.db.call(lambda s, j=job.id: attempts.mark_resent(session=s, job_id=j, reason=reason),
                                  what="reaper: mark resent")
                     report.resent.append(job.id)
         if report:

@@ -7,10 +7,10 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from core.service.db.base import is_transient_db_error
+from core.service.queue.celery import TASK_NAME
 from worker import runner
 from worker.celery_app import settings_of
-from worker.db import is_transient
-from worker.queue import TASK_NAME
 from worker.reaper import worker_name
 
 #: seconds before a task whose database was unreachable is tried again (doubling, capped)
@@ -33,9 +33,9 @@ def run_job(self: Any, job_id: str) -> str:
             worker=worker_name(self.request.hostname or "celery"),
             task_id=self.request.id,
             time_limit_errors=(SoftTimeLimitExceeded,),
-        )
+        ).value
     except Exception as exc:
-        if not is_transient(exc):
+        if not is_transient_db_error(exc):
             raise
         countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(self.request.retries, 8))
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc

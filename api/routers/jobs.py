@@ -14,12 +14,11 @@ from sqlalchemy.orm import Session
 
 from api.auth import bearer_token
 from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, run_read
-from api.routers._common import CursorQuery, LimitQuery
-from api.routers.models import LOCATION
+from api.routers._common import LOCATION, CursorQuery, LimitQuery
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
-from core.service.db import crud
-from core.service.db.models import Dataset, Job, JobState, Model
+from core.service.db import jobs, tenants
+from core.service.db.tables import Dataset, Job, JobState, Model
 from core.errors import InvalidInput
 from core.runs.preflight import check_job
 from core.errors import ServiceUnavailable, problem_from_error
@@ -52,11 +51,11 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
     except Exception as exc:
         log.exception("enqueue of job %s failed", job.id)
         err = ServiceUnavailable("The job queue is unavailable; retry the job later (POST .../retry)")
-        crud.finish_job(session=session, job_id=job.id, state=JobState.FAILED,
-                        error=problem_from_error(err, instance=f"/v1/jobs/{job.id}"))
+        jobs.finish(session=session, job_id=job.id, state=JobState.FAILED,
+                    error=problem_from_error(err, instance=f"/v1/jobs/{job.id}"))
         raise err from exc
-    crud.set_task_id(session=session, job_id=job.id, task_id=task_id)
-    return crud.get_job(session=session, tenant=None, job_id=job.id)
+    jobs.set_task_id(session=session, job_id=job.id, task_id=task_id)
+    return jobs.get_unscoped(session=session, job_id=job.id)
 
 
 def preflight(spec: PruneSpec) -> Callable[[Model, Dataset], None]:
@@ -116,7 +115,7 @@ def create_job(
             errors=[{"loc": ["body", "spec", "memory_budget_mb"], "msg": f"at most {cap}", "type": "less_than_equal"}],
         )
     spec_json = spec.model_dump(mode="json", by_alias=True)
-    job, created = crud.create_job(
+    job, created = jobs.create(
         session=session,
         tenant=tenant,
         model_id=body.model_id,
@@ -144,7 +143,7 @@ def list_jobs(
     limit: int = LimitQuery,
     cursor: str | None = CursorQuery,
 ) -> JobsPublic:
-    page = crud.list_jobs(session=session, tenant=tenant, state=state, limit=limit, cursor=cursor)
+    page = jobs.list_page(session=session, tenant=tenant, state=state, limit=limit, cursor=cursor)
     return JobsPublic(data=[JobPublic.model_validate(j) for j in page.items], count=page.count,
                       next_cursor=page.next_cursor)
 
@@ -154,10 +153,10 @@ async def get_job(job_id: str, request: Request, credentials: BearerCredentials)
     # The status poll, the API's hottest path: the key and the job in one query, in one trip to the threadpool,
     # and the body serialized once (returning a Response skips FastAPI's second validation of the model).
     token = bearer_token(credentials)
-    crud.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
+    tenants.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
 
     def read(conn: Connection) -> Response:
-        job = JobPublic.model_validate(crud.authenticated_job(conn=conn, token=token, job_id=job_id))
+        job = JobPublic.model_validate(tenants.authenticated_job(conn=conn, token=token, job_id=job_id))
         headers = {"Retry-After": str(RETRY_AFTER_S[job.state])} if job.state in RETRY_AFTER_S else None
         return Response(job.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -169,7 +168,7 @@ def cancel_job(
     job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
 ) -> JobPublic:
     """Queued jobs are canceled at once; running ones move to ``canceling`` until the worker stops."""
-    job = crud.request_cancel(session=session, tenant=tenant, job_id=job_id)
+    job = jobs.cancel(session=session, tenant=tenant, job_id=job_id)
     if job.task_id:
         try:
             queue.revoke(job.task_id)
@@ -188,7 +187,7 @@ def retry_job(
     job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
 ) -> JobPublic:
     """Failed or canceled → queued again; the worker resumes from its last checkpoint."""
-    job = crud.retry_job(session=session, tenant=tenant, job_id=job_id)
+    job = jobs.retry(session=session, tenant=tenant, job_id=job_id)
     job = enqueue(session, queue, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _public(job, response)

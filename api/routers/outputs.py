@@ -22,9 +22,9 @@ from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.lifecycle import shutting_down
 from api.routing import JSONBodyRoute
 from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
-from core.service.db import crud
+from core.service.db import jobs, outputs
 from core.service.db.base import is_transient_db_error
-from core.service.db.models import TERMINAL_STATES, JobEvent, JobState
+from core.service.db.tables import TERMINAL_STATES, JobEvent, JobState
 from core.errors import NotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBodyRoute)
@@ -58,8 +58,8 @@ def job_metrics(
     tenant: CurrentTenant,
     format: Annotated[Literal["json", "csv"] | None, Query(description="overrides the Accept header")] = None,
 ) -> Any:
-    crud.get_job(session=session, tenant=tenant, job_id=job_id)
-    rows = [MetricPublic.model_validate(m) for m in crud.list_metrics(session=session, job_id=job_id)]
+    jobs.get(session=session, tenant=tenant, job_id=job_id)
+    rows = [MetricPublic.model_validate(m) for m in outputs.list_metrics(session=session, job_id=job_id)]
     if not _wants_csv(request, format):
         return MetricsPublic(data=rows)
     buf = io.StringIO()
@@ -86,10 +86,10 @@ def _poll(factory: sessionmaker[Session], job_id: str, after: int) -> tuple[JobS
     """The job's state *then* the events after ``after``: if the state was terminal, no event can follow."""
     with factory() as session:
         try:
-            state = crud.get_job(session=session, tenant=None, job_id=job_id).state
+            state = jobs.get_unscoped(session=session, job_id=job_id).state
         except NotFound:
             return None, []
-        return state, crud.list_events(session=session, job_id=job_id, after_seq=after, limit=EVENT_BATCH)
+        return state, outputs.list_events(session=session, job_id=job_id, after_seq=after, limit=EVENT_BATCH)
 
 
 async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_s: float) -> AsyncIterator[str]:
@@ -152,7 +152,7 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
 ) -> StreamingResponse:
     def check() -> None:
-        crud.get_job(session=session, tenant=tenant, job_id=job_id)
+        jobs.get(session=session, tenant=tenant, job_id=job_id)
         session.close()  # the stream polls with short sessions of its own: it holds no connection while it lasts
 
     await run_in_threadpool(check)
@@ -171,8 +171,8 @@ async def job_events(
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
 def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactsPublic:
-    crud.get_job(session=session, tenant=tenant, job_id=job_id)
-    rows = crud.list_artifacts(session=session, job_id=job_id)
+    jobs.get(session=session, tenant=tenant, job_id=job_id)
+    rows = outputs.list_artifacts(session=session, job_id=job_id)
     return ArtifactsPublic(data=[
         ArtifactPublic(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, media_type=a.media_type,
                        created_at=a.created_at, url=f"/v1/jobs/{job_id}/artifacts/{quote(a.name)}")
@@ -204,8 +204,8 @@ def download_artifact(
     store: StoreDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    crud.get_job(session=session, tenant=tenant, job_id=job_id)
-    art = crud.get_artifact(session=session, job_id=job_id, name=name)
+    jobs.get(session=session, tenant=tenant, job_id=job_id)
+    art = outputs.get_artifact(session=session, job_id=job_id, name=name)
     etag = f'"{art.sha256}"'
     b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
     headers = {"ETag": etag, "X-Checksum-Sha256": art.sha256, "Digest": f"sha-256={b64}",

@@ -152,6 +152,11 @@ class ArtifactStore:
     def open(self, key: str) -> IO[bytes]:
         return self.fs.open(self._path(validate_key(key)), "rb")
 
+    def get_file(self, key: str, dst: str | os.PathLike[str]) -> None:
+        """Copies the stored ``key`` to the local file ``dst``."""
+        with self.open(key) as src, open(dst, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         with self.open(key) as fh:
             while chunk := fh.read(chunk_size):
@@ -171,8 +176,7 @@ class ArtifactStore:
         suffix = "".join(Path(key).suffixes[-1:])
         with tempfile.TemporaryDirectory(prefix="arborist-") as tmp:
             dst = Path(tmp) / f"artifact{suffix}"
-            with self.open(key) as src, open(dst, "wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
+            self.get_file(key, dst)
             yield dst
 
     def size(self, key: str) -> int:
@@ -184,6 +188,11 @@ class ArtifactStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(validate_key(key)))
+
+    def delete_tree(self, prefix: str) -> None:
+        """Deletes every key under ``prefix/`` (nothing there is fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(validate_key(prefix)), recursive=True)
 
     def sha256(self, key: str) -> str:
         h = hashlib.sha256()

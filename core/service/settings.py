@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,12 +26,8 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./data/arborist.db"
     artifact_root: str = Field("./data/artifacts", description="a local directory or any fsspec URL")
     broker_url: str | None = Field(None, description="Celery broker; None = embedded mode")
-    queue_backend: str | None = Field(
-        None, description="name of a registered JobQueue; default 'celery' with a broker, else 'embedded'"
-    )
-    queue_plugins: list[str] = Field(
-        default_factory=lambda: ["worker.queue"],
-        description="modules imported (if present) to register queue backends before resolving queue_backend",
+    queue_backend: Literal["celery", "embedded", "null"] | None = Field(
+        None, description="how jobs reach workers (core.service.queue); default 'celery' with a broker, else 'embedded'"
     )
     data_allowed_roots: list[str] = Field(default_factory=lambda: ["./data/datasets"])
 
@@ -84,10 +82,32 @@ class Settings(BaseSettings):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def queue_name(self) -> str:
+    def queue_name(self) -> Literal["celery", "embedded", "null"]:
         if self.queue_backend:
             return self.queue_backend
         return "celery" if self.broker_url else "embedded"
+
+    # --- passing settings to a child process ----------------------------------------------------------------
+
+    def as_payload(self) -> dict[str, Any]:
+        """The fields as JSON values (the computed ones left out): ``from_payload`` rebuilds these settings."""
+        return self.model_dump(mode="json", exclude=set(type(self).model_computed_fields))
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Settings:
+        """The settings ``as_payload`` gave, whatever this process's environment and ``.env`` say."""
+        return cls(_env_file=None, **payload)
+
+    def to_env(self) -> dict[str, str]:
+        """The fields as ``ARBORIST_*`` environment variables, for a child process that reads its own Settings."""
+        return env_vars(self.as_payload())
+
+
+def env_vars(values: Mapping[str, Any]) -> dict[str, str]:
+    """Settings values by field name as ``ARBORIST_*`` environment variables: lists and dicts as JSON, ``None``
+    left unset (the field's default)."""
+    return {f"ARBORIST_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for name, value in values.items() if value is not None}
 
 
 @lru_cache

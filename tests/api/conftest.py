@@ -7,7 +7,6 @@ with the worker. Each test gets its own tenant, so tests never see each other's 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -20,11 +19,12 @@ import pytest
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from _pg import fresh_schema, schema_url
+from _net import free_port
+from _pg import DATABASES, empty_database
 from api.main import create_app
 from core.service.artifacts import ArtifactStore
-from core.service.db import crud, migrate
-from core.service.db.models import Tenant
+from core.service.db import inputs, migrate, tenants
+from core.service.db.tables import Tenant
 from core.service.settings import Settings
 
 MAX_UPLOAD = 256 * 1024
@@ -80,19 +80,10 @@ class Harness:
         return c
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=DATABASES)
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'arborist.db'}"
-        return
-    with fresh_schema("arb_test") as schema:
-        yield schema_url(schema)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with empty_database(request.param, tmp_path_factory.mktemp(request.param)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +103,7 @@ def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ha
     )
     queue = RecordingQueue()
     app = create_app(settings, queue)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, name=f"uvicorn-{port}", daemon=True)
@@ -150,8 +141,8 @@ class Account:
 def make_account(server: Harness) -> Callable[[], Account]:
     def make() -> Account:
         with server.session() as s:
-            tenant = crud.get_or_create_tenant(session=s, name=f"t-{uuid.uuid4().hex[:10]}")
-            _, key = crud.create_api_key(session=s, tenant=tenant)
+            tenant = tenants.get_or_create_tenant(session=s, name=f"t-{uuid.uuid4().hex[:10]}")
+            _, key = tenants.create_api_key(session=s, tenant=tenant)
         return Account(tenant=tenant, key=key, client=server.client(key))
 
     return make
@@ -169,18 +160,18 @@ def client(account: Account) -> httpx.Client:
 
 @pytest.fixture
 def seed(server: Harness, account: Account) -> Callable[..., tuple[str, str]]:
-    """Inserts a model and a dataset row for the current tenant via crud (no files): for job tests. They fit each
+    """Inserts a model and a dataset row for the current tenant (no files): for job tests. They fit each
     other and the default spec (job creation checks the rows: a 64-input MLP, 1000 examples of 64 features)."""
 
     def make(tenant: Tenant | None = None) -> tuple[str, str]:
         t = tenant or account.tenant
         with server.session() as s:
-            m = crud.create_model(session=s, tenant=t, name="m", format="safetensors", size=1, sha256="0" * 64,
-                                  path=f"models/{t.id}/none.safetensors", arch="mlp",
-                                  arch_kwargs={"in_features": 64, "hidden": [32], "num_classes": 10},
-                                  num_parameters=64 * 32 + 32 + 32 * 10 + 10)
-            d = crud.create_dataset(session=s, tenant=t, name="d", format="npz", size=1, path=f"datasets/{t.id}/x",
-                                    num_examples=1000, input_shape=[64], num_classes=10)
+            m = inputs.create_model(session=s, tenant=t, name="m", format="safetensors", size=1, sha256="0" * 64,
+                                    path=f"models/{t.id}/none.safetensors", arch="mlp",
+                                    arch_kwargs={"in_features": 64, "hidden": [32], "num_classes": 10},
+                                    num_parameters=64 * 32 + 32 + 32 * 10 + 10)
+            d = inputs.create_dataset(session=s, tenant=t, name="d", format="npz", size=1, path=f"datasets/{t.id}/x",
+                                      num_examples=1000, input_shape=[64], num_classes=10)
             return m.id, d.id
 
     return make

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from _api_testkit import assert_problem
 
-from core.service.db import crud
+from core.service.db import tenants
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/job_x/metrics"])
@@ -16,7 +16,7 @@ def test_missing_key_is_401_problem(server, path):
     assert body["instance"] == path
 
 
-# The status poll authenticates in its own query (crud.authenticated_job), apart from the other routes'
+# The status poll authenticates in its own query (tenants.authenticated_job), apart from the other routes'
 # dependency: every key check runs on both.
 POLL = "/v1/jobs/job_0123456789abcdef0123456789ab"
 
@@ -56,7 +56,7 @@ def test_revoked_key_is_401_problem(server, account, seed):
     assert [account.client.get(path).status_code for path in paths] == [200, 200]
     prefix = account.key.split("_")[1]
     with server.session() as s:
-        crud.revoke_api_key(session=s, prefix=prefix)
+        tenants.revoke_api_key(session=s, prefix=prefix)
     for path in paths:
         body = assert_problem(account.client.get(path), 401, "unauthorized")
         assert "revoked" in body["detail"]

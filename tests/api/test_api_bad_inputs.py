@@ -47,8 +47,8 @@ from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 from torch import nn
 
-from core.service.db import crud
-from core.service.db.models import ApiKey, Artifact, Dataset, Job, JobEvent, JobMetric, Model
+from core.service.db import tenants
+from core.service.db.tables import ApiKey, Artifact, Dataset, Job, JobEvent, JobMetric, Model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 N_EXAMPLES = 600  # no validation split: a run trains on 600 - round(0.2 * 600) = 480 of them
@@ -255,10 +255,10 @@ def _created(resp: httpx.Response) -> str:
 @pytest.fixture(scope="module")
 def world(server, private_tempdir: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     with server.session() as s:
-        tenant = crud.get_or_create_tenant(session=s, name=f"bad-inputs-{uuid.uuid4().hex[:8]}")
-        _, key = crud.create_api_key(session=s, tenant=tenant)
-        _, revoked = crud.create_api_key(session=s, tenant=tenant)
-        crud.revoke_api_key(session=s, prefix=revoked.split("_")[1])
+        tenant = tenants.get_or_create_tenant(session=s, name=f"bad-inputs-{uuid.uuid4().hex[:8]}")
+        _, key = tenants.create_api_key(session=s, tenant=tenant)
+        _, revoked = tenants.create_api_key(session=s, tenant=tenant)
+        tenants.revoke_api_key(session=s, prefix=revoked.split("_")[1])
     client = server.client(key)
 
     def upload_dataset(data: bytes, name: str) -> str:

@@ -10,8 +10,8 @@ import pytest
 
 from cli.client import ApiError, Client
 from core.service.artifacts import artifact_key
-from core.service.db import crud
-from core.service.db.models import JobState
+from core.service.db import attempts, outputs
+from core.service.db.tables import JobState
 
 
 @pytest.fixture
@@ -27,13 +27,13 @@ def test_wait_reconnects_across_stream_limits_without_losing_events(server, arb,
 
     def worker():
         with server.session() as s:
-            crud.claim_job(session=s, job_id=job_id)
+            attempt = attempts.claim(session=s, job_id=job_id).attempts
         for i in range(3):
             time.sleep(limit * 0.8)  # the events land in different streams
             with server.session() as s:
-                crud.update_progress(session=s, job_id=job_id, progress=(i + 1) / 4, step=i)
+                attempts.write_progress(session=s, job_id=job_id, attempt=attempt, progress=(i + 1) / 4, step=i)
         with server.session() as s:
-            crud.finish_job(session=s, job_id=job_id, state=JobState.SUCCEEDED)
+            attempts.finish(session=s, job_id=job_id, attempt=attempt, state=JobState.SUCCEEDED)
 
     seen: list[tuple[str, dict]] = []
     thread = threading.Thread(target=worker)
@@ -62,7 +62,7 @@ def test_pagination_errors_and_download(server, arb, seed, tmp_path):
     key = artifact_key(ids[0], "report.json")
     size, sha = server.store.put_stream(key, [b'{"ok": true}'])
     with server.session() as s:
-        crud.add_artifact(session=s, job_id=ids[0], name="report.json", path=key, size=size, sha256=sha)
+        outputs.add_artifact(session=s, job_id=ids[0], name="report.json", path=key, size=size, sha256=sha)
     path = arb.download(ids[0], "report.json", tmp_path)
     assert path.read_bytes() == b'{"ok": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     with pytest.raises(ApiError):

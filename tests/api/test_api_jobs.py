@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from _api_testkit import assert_problem
 
-from core.service.db import crud
-from core.service.db.models import JobState
+from core.service.db import attempts, jobs
+from core.service.db.tables import JobState
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_list_pagination_and_state_filter(server, account, client, inputs):
     assert_problem(client.get("/v1/jobs", params={"limit": 0}), 422)
 
 
-def test_cancel_and_retry_transitions(server, client, inputs):
+def test_cancel_and_retry_transitions(server, account, client, inputs):
     job = client.post("/v1/jobs", json=_body(inputs)).json()
     jid = job["id"]
     # queued → canceled at once; the task is revoked
@@ -138,26 +138,26 @@ def test_cancel_and_retry_transitions(server, client, inputs):
 
     # running → canceling (the worker stops), then the worker finishes it as canceled
     with server.session() as s:
-        assert crud.claim_job(session=s, job_id=jid, task_id="t1").state is JobState.RUNNING
+        assert attempts.claim(session=s, job_id=jid, task_id="t1").state is JobState.RUNNING
     assert client.post(f"/v1/jobs/{jid}/cancel").json()["state"] == "canceling"
     with server.session() as s:
-        assert crud.heartbeat(session=s, job_id=jid) is True
-        crud.finish_job(session=s, job_id=jid, state=JobState.CANCELED)
+        assert attempts.heartbeat(session=s, job_id=jid, attempt=1) == (True, True)  # owned, cancel requested
+        assert attempts.finish(session=s, job_id=jid, attempt=1, state=JobState.CANCELED)
     assert client.get(f"/v1/jobs/{jid}").json()["state"] == "canceled"
 
     # failed → retry; succeeded → cancel/retry conflict
     with server.session() as s:
-        crud.retry_job(session=s, tenant=None, job_id=jid)
-        crud.claim_job(session=s, job_id=jid)
-        crud.finish_job(session=s, job_id=jid, state=JobState.FAILED,
+        jobs.retry(session=s, tenant=account.tenant, job_id=jid)
+        attempts.claim(session=s, job_id=jid)
+        attempts.finish(session=s, job_id=jid, attempt=2, state=JobState.FAILED,
                         error={"type": "https://arborist.dev/problems/x", "title": "X", "status": 422})
     failed = client.get(f"/v1/jobs/{jid}")
     assert failed.json()["state"] == "failed" and failed.json()["error"]["title"] == "X"
     assert "retry-after" not in failed.headers
     assert client.post(f"/v1/jobs/{jid}/retry").json()["error"] is None
     with server.session() as s:
-        crud.claim_job(session=s, job_id=jid)
-        crud.finish_job(session=s, job_id=jid, state=JobState.SUCCEEDED)
+        attempts.claim(session=s, job_id=jid)
+        attempts.finish(session=s, job_id=jid, attempt=3, state=JobState.SUCCEEDED)
     done = client.get(f"/v1/jobs/{jid}").json()
     assert done["state"] == "succeeded" and done["progress"] == 1.0 and done["attempts"] == 3
     assert_problem(client.post(f"/v1/jobs/{jid}/cancel"), 409)

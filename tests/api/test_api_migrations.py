@@ -6,11 +6,11 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from _pg import fresh_schema, schema_url
+from _pg import DATABASES, empty_database
 
 from core.service.db import migrate
 from core.service.db.base import make_engine
-from core.service.db.models import Base
+from core.service.db.tables import Base
 
 TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_metrics", "job_events", "artifacts"}
 
@@ -33,13 +33,10 @@ def _diff(url: str) -> list:
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 def empty_db(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'mig.db'}"
-        return
-    with fresh_schema("arb_test") as schema:
-        yield schema_url(schema)
+    with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 def test_upgrade_downgrade_upgrade(empty_db):

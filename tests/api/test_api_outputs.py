@@ -1,4 +1,4 @@
-"""Job outputs written through crud (as the worker will): metrics JSON/CSV, SSE events, artifact downloads."""
+"""Job outputs written as the worker writes them: metrics JSON/CSV, SSE events, artifact downloads."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from _api_testkit import assert_problem
 
 from core.service.artifacts import artifact_key
-from core.service.db import crud
-from core.service.db.models import JobState
+from core.service.db import attempts, outputs
+from core.service.db.tables import JobState
 
 
 @pytest.fixture
@@ -27,9 +27,9 @@ def job_id(client, seed):
 
 def test_metrics_json_and_csv(server, client, job_id):
     with server.session() as s:
-        crud.claim_job(session=s, job_id=job_id)
-        crud.add_metric(session=s, job_id=job_id, step=0, sparsity=0.0, loss=2.3, metric=0.1, seconds=0.5)
-        crud.add_metric(session=s, job_id=job_id, step=1, kind="finetune", epoch=1.0, sparsity=0.5, loss=1.2)
+        attempts.claim(session=s, job_id=job_id)
+        outputs.add_metric(session=s, job_id=job_id, step=0, sparsity=0.0, loss=2.3, metric=0.1, seconds=0.5)
+        outputs.add_metric(session=s, job_id=job_id, step=1, kind="finetune", epoch=1.0, sparsity=0.5, loss=1.2)
     data = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
     assert [(m["step"], m["kind"], m["loss"]) for m in data] == [(0, "prune", 2.3), (1, "finetune", 1.2)]
     assert data[1]["metric"] is None
@@ -63,15 +63,15 @@ def _read_sse(resp) -> list[dict]:
 
 def test_events_replay_and_follow_until_terminal(server, client, job_id):
     with server.session() as s:
-        crud.claim_job(session=s, job_id=job_id)
-        crud.update_progress(session=s, job_id=job_id, progress=0.25, step=1, sparsity=0.2)
-        crud.add_event(session=s, job_id=job_id, type="log", data={"msg": "hello"})
+        attempts.claim(session=s, job_id=job_id)
+        attempts.write_progress(session=s, job_id=job_id, attempt=1, progress=0.25, step=1, sparsity=0.2)
+        outputs.add_event(session=s, job_id=job_id, type="log", data={"msg": "hello"})
 
     def finish_later():
         time.sleep(0.4)
         with server.session() as s:
-            crud.update_progress(session=s, job_id=job_id, progress=0.9, step=2)
-            crud.finish_job(session=s, job_id=job_id, state=JobState.SUCCEEDED)
+            attempts.write_progress(session=s, job_id=job_id, attempt=1, progress=0.9, step=2)
+            attempts.finish(session=s, job_id=job_id, attempt=1, state=JobState.SUCCEEDED)
 
     t = threading.Thread(target=finish_later)
     t.start()
@@ -112,11 +112,11 @@ def test_artifact_download_etag_and_304(server, client, job_id):
     size, sha = server.store.put_stream(key, [payload[:5000], payload[5000:]])
     assert (size, sha) == (len(payload), hashlib.sha256(payload).hexdigest())
     with server.session() as s:
-        crud.claim_job(session=s, job_id=job_id)
-        crud.add_artifact(session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha,
-                          kind="model")
-        crud.add_artifact(session=s, job_id=job_id, name="report.json", path=key, size=size, sha256=sha,
-                          kind="report", media_type="application/json")
+        attempts.claim(session=s, job_id=job_id)
+        outputs.add_artifact(session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha,
+                             kind="model")
+        outputs.add_artifact(session=s, job_id=job_id, name="report.json", path=key, size=size, sha256=sha,
+                             kind="report", media_type="application/json")
 
     listed = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     assert [a["name"] for a in listed] == ["model.safetensors", "report.json"]

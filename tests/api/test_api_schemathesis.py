@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from core.service.db import crud
+from core.service.db import tenants
 
 MAX_EXAMPLES = 10
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
@@ -23,8 +23,8 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 @pytest.fixture(scope="session")
 def fuzz_key(server) -> str:
     with server.session() as s:
-        tenant = crud.get_or_create_tenant(session=s, name=f"fuzz-{server.db}")
-        return crud.create_api_key(session=s, tenant=tenant)[1]
+        tenant = tenants.get_or_create_tenant(session=s, name=f"fuzz-{server.db}")
+        return tenants.create_api_key(session=s, tenant=tenant)[1]
 
 
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])

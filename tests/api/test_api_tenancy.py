@@ -5,7 +5,7 @@ from __future__ import annotations
 from _api_testkit import assert_problem
 
 from core.service.artifacts import artifact_key
-from core.service.db import crud
+from core.service.db import outputs
 
 
 def test_second_tenant_sees_nothing(server, account, make_account, seed):
@@ -16,8 +16,8 @@ def test_second_tenant_sees_nothing(server, account, make_account, seed):
     key = artifact_key(job_id, "model.safetensors")
     size, sha = server.store.put_stream(key, [b"weights"])
     with server.session() as s:
-        crud.add_metric(session=s, job_id=job_id, step=0, loss=1.0)
-        crud.add_artifact(session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha)
+        outputs.add_metric(session=s, job_id=job_id, step=0, loss=1.0)
+        outputs.add_artifact(session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha)
     ids = {"model_id": model_id, "dataset_id": dataset_id, "job_id": job_id, "name": "model.safetensors"}
 
     other = make_account().client

@@ -1,22 +1,22 @@
-"""Settings, the artifact store, the queue registry and the app factory, without a server."""
+"""Settings, the artifact store, ``make_queue`` and the app factory, without a server."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import sys
 import tracemalloc
-import types
 from pathlib import Path
 
 import httpx
 import pytest
 from _api_testkit import assert_problem, files_under
 
-from core.service.artifacts import ArtifactStore
 from core.errors import TooLarge
-from core.service.queue import NullQueue, register_queue, resolve_queue
+from core.service.artifacts import ArtifactStore
+from core.service.queue import EmbeddedQueue, JobQueue, NullQueue, make_queue
 from core.service.settings import Settings, get_settings
 
 
@@ -39,6 +39,20 @@ def test_defaults():
     assert s.database_url == "sqlite:///./data/arborist.db" and s.broker_url is None
     assert s.max_upload_bytes == 2 * 1024**3 and s.max_json_bytes == 1024**2
     assert s.data_allowed_roots == ["./data/datasets"] and s.environment == "dev"
+
+
+def test_settings_travel_to_a_child_process(monkeypatch):
+    s = Settings(_env_file=None, database_url="postgresql://u:p@db/a", data_allowed_roots=["/a"], memory_budget_mb=512,
+                 queue_backend="null")
+    assert Settings.from_payload(s.as_payload()) == s
+    env = s.to_env()
+    assert env["ARBORIST_DATA_ALLOWED_ROOTS"] == '["/a"]' and env["ARBORIST_MEMORY_BUDGET_MB"] == "512.0"
+    assert "ARBORIST_BROKER_URL" not in env and "ARBORIST_QUEUE_NAME" not in env  # unset, computed
+    for name in [n for n in os.environ if n.startswith("ARBORIST_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(_env_file=None) == s
 
 
 def test_placeholder_secrets_rejected_outside_dev():
@@ -98,21 +112,20 @@ def test_memory_fsspec_store():
         assert path.read_bytes() == b"hello"
 
 
-def test_queue_registry(monkeypatch):
-    s = Settings(_env_file=None, queue_backend="null", queue_plugins=[])
-    assert isinstance(resolve_queue(s), NullQueue)
-    with pytest.raises(LookupError, match="no JobQueue registered as 'nope'"):
-        resolve_queue(Settings(_env_file=None, queue_backend="nope", queue_plugins=["no.such.module"]))
+def test_make_queue_builds_the_backend_settings_name():
+    from core.service.queue.celery import CeleryQueue
 
-    plugin = types.ModuleType("arb_test_queue_plugin")
-    plugin.__dict__["loaded"] = True
-    exec("from core.service.queue import NullQueue, register_queue\nregister_queue('plug', lambda s: NullQueue())",
-         plugin.__dict__)
-    monkeypatch.setitem(sys.modules, "arb_test_queue_plugin", plugin)
-    assert isinstance(resolve_queue(Settings(_env_file=None, queue_backend="plug",
-                                             queue_plugins=["arb_test_queue_plugin"])), NullQueue)
-    register_queue("custom", lambda settings: NullQueue())
-    assert isinstance(resolve_queue(s, "custom"), NullQueue)
+    broker = "redis://127.0.0.1:1/0"  # nothing listens: building a queue connects to nothing
+    cases = [({}, EmbeddedQueue), ({"broker_url": broker}, CeleryQueue), ({"queue_backend": "null"}, NullQueue),
+             ({"broker_url": broker, "queue_backend": "embedded"}, EmbeddedQueue)]
+    for values, kind in cases:
+        queue = make_queue(Settings(_env_file=None, **values))
+        assert type(queue) is kind and isinstance(queue, JobQueue)
+        assert queue.resends_waiting is (kind is CeleryQueue)
+    for queue in (NullQueue(), EmbeddedQueue()):  # nothing to lose, nothing to send again
+        assert queue.lost_messages() is False and queue.enqueue("job_x", queue="cpu") is None and queue.ping()
+    with pytest.raises(ValueError):
+        Settings(_env_file=None, queue_backend="nope")
 
 
 @pytest.fixture

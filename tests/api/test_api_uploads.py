@@ -13,7 +13,7 @@ from _api_testkit import assert_problem, files_under
 from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 
-from core.service.db.models import Dataset, Model
+from core.service.db.tables import Dataset, Model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from _net import free_port
+from core.service.settings import env_vars
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -25,12 +27,6 @@ MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 # Short timeouts so a killed worker is noticed within seconds.
 HEARTBEAT_TIMEOUT_S = 4.0
 REAPER_INTERVAL_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2,
@@ -64,7 +60,7 @@ class Proc:
     _log: Any = None
 
     def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (open while the process runs; stop() closes it)
         self.popen = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=self._log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -119,35 +115,54 @@ def base_env(**arborist: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    for key, value in arborist.items():
-        env[f"ARBORIST_{key.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    env.update(env_vars(arborist))
     return env
 
 
 # --- SSE ---------------------------------------------------------------------------------------------------------
 
 
-def sse_events(client: httpx.Client, job_id: str, *, timeout: float, after: int = 0) -> Iterator[tuple[str, dict]]:
-    """Yields ``(event, data)`` from ``GET /v1/jobs/{id}/events`` until ``end`` (inclusive) or ``timeout``."""
+@dataclass
+class SseEvent:
+    id: int | None
+    kind: str
+    data: dict
+
+
+def sse_connect(client: httpx.Client, job_id: str, *, last_event_id: int | None = None, after: int | None = None,
+                timeout: float = 60.0) -> Iterator[SseEvent]:
+    """One connection to ``GET /v1/jobs/{id}/events`` (from ``after``, or with ``Last-Event-ID`` when given),
+    yielding events until the server ends the stream (after ``end``, or without it: then reconnect). A broken
+    connection raises ``httpx`` errors; a stream still open after ``timeout`` fails the test."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    params = {"after": after} if after is not None else {}
     deadline = time.monotonic() + timeout
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", params={"after": after},
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, params=params,
                        timeout=httpx.Timeout(10.0, read=max(timeout, 1.0))) as resp:
         assert resp.status_code == 200, resp.read().decode()
         assert resp.headers["content-type"].startswith("text/event-stream")
-        kind, data = "message", []
+        event_id, kind, data = None, "message", []
         for line in resp.iter_lines():
             if time.monotonic() > deadline:
                 raise AssertionError(f"events of job {job_id} did not end within {timeout:.0f}s")
             if line == "":
                 if data:
-                    yield kind, json.loads("\n".join(data))
+                    yield SseEvent(event_id, kind, json.loads("\n".join(data)))
                     if kind == "end":
                         return
-                kind, data = "message", []
+                event_id, kind, data = None, "message", []
+            elif line.startswith("id:"):
+                event_id = int(line[3:].strip())
             elif line.startswith("event:"):
                 kind = line[6:].strip()
             elif line.startswith("data:"):
                 data.append(line[5:].strip())
+
+
+def sse_events(client: httpx.Client, job_id: str, *, timeout: float, after: int = 0) -> Iterator[tuple[str, dict]]:
+    """Yields ``(event, data)`` from ``GET /v1/jobs/{id}/events`` until ``end`` (inclusive) or ``timeout``."""
+    for event in sse_connect(client, job_id, after=after, timeout=timeout):
+        yield event.kind, event.data
 
 
 # --- the job, from the client's side --------------------------------------------------------------------------------
@@ -324,7 +339,7 @@ def happy_path(api: Api, files: DigitsFiles, *, timeout: float = 120.0) -> dict[
 
 
 
-# --- a restartable API server, and an events stream that survives it -------------------------------------------
+# --- a restartable API server ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -335,6 +350,7 @@ class ApiServer:
     log_dir: Path
     processes: list[Proc]
     name: str = "api"
+    log_level: str = "info"
     port: int = field(default_factory=free_port)
     proc: Proc | None = None
     starts: int = 0
@@ -347,7 +363,7 @@ class ApiServer:
         self.starts += 1
         self.proc = Proc(f"uvicorn {self.name}#{self.starts}",
                          [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                          "--log-level", "info"], self.env, self.log_dir / f"uvicorn-{self.name}.log").start()
+                          "--log-level", self.log_level], self.env, self.log_dir / f"uvicorn-{self.name}.log").start()
         self.processes.append(self.proc)
         if wait:
             self.wait_ready(timeout)
@@ -378,42 +394,6 @@ class ApiServer:
         took = time.monotonic() - started
         self.proc.stop(grace=0)  # closes the log (and kills anything left in its group)
         return took
-
-
-@dataclass
-class SseEvent:
-    id: int | None
-    kind: str
-    data: dict
-
-
-def sse_connect(client: httpx.Client, job_id: str, *, last_event_id: int | None = None,
-                timeout: float = 60.0) -> Iterator[SseEvent]:
-    """One connection to ``GET /v1/jobs/{id}/events`` (with ``Last-Event-ID`` when given), yielding events
-    until the server ends the stream (after ``end``, or without it: then reconnect). A broken connection
-    raises ``httpx`` errors."""
-    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    deadline = time.monotonic() + timeout
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                       timeout=httpx.Timeout(10.0, read=max(timeout, 1.0))) as resp:
-        assert resp.status_code == 200, resp.read().decode()
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        event_id, kind, data = None, "message", []
-        for line in resp.iter_lines():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"events of job {job_id} did not end within {timeout:.0f}s")
-            if line == "":
-                if data:
-                    yield SseEvent(event_id, kind, json.loads("\n".join(data)))
-                    if kind == "end":
-                        return
-                event_id, kind, data = None, "message", []
-            elif line.startswith("id:"):
-                event_id = int(line[3:].strip())
-            elif line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
 
 
 def thread_nice(pid: int) -> set[int]:

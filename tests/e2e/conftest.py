@@ -12,34 +12,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _pg import fresh_schema, schema_url
 from _e2e_kit import (
     HEARTBEAT_TIMEOUT_S,
     REAPER_INTERVAL_S,
     VENV_BIN,
     Api,
+    ApiServer,
     DigitsFiles,
     Proc,
     base_env,
     create_key,
-    free_port,
     make_digits_files,
     wait_for,
 )
+from _pg import fresh_schema, schema_url
+from _redis import flushed_db
 
 REDIS_URL = os.environ.get("ARBORIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # db 11: these tests only
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: end-to-end tests with real server and worker processes")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.e2e)
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -59,19 +48,8 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    client.flushdb()
-    try:
+    with flushed_db(REDIS_URL):
         yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -112,19 +90,7 @@ def diagnostics(procs: list[Proc]) -> Callable[[], str]:
 
 @pytest.fixture(scope="session")
 def api_server(service_env: dict[str, str], e2e_dir: Path, processes: list[Proc]) -> str:
-    port = free_port()
-    proc = Proc("uvicorn", [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-                            "--log-level", "warning"], service_env, e2e_dir / "uvicorn.log").start()
-    processes.append(proc)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"uvicorn exited\n{proc.describe()}")
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-
-    wait_for(ready, timeout=60, what="the API to be ready", on_timeout=proc.describe)
-    return base
+    return ApiServer(service_env, e2e_dir, processes, log_level="warning").start().base
 
 
 @pytest.fixture(scope="session")

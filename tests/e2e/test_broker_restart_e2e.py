@@ -16,12 +16,12 @@ import redis
 from sqlalchemy.orm import Session
 
 from _e2e_kit import Api, DigitsFiles, Proc, base_env, free_port, job_spec, wait_for
-from core.service.db import crud
-from core.service.db.base import make_engine, make_sessionmaker
-from core.service.db.models import Tenant
-from core.service.settings import Settings
 from core.runs.spec import PruneSpec
-from worker.queue import BROKER_MARKER, CeleryQueue
+from core.service.queue.celery import BROKER_MARKER, CeleryQueue
+from core.service.db import inputs, jobs, outputs
+from core.service.db.base import make_engine, make_sessionmaker
+from core.service.db.tables import Model, Tenant
+from core.service.settings import Settings
 
 
 class PrivateRedis:
@@ -62,9 +62,9 @@ def private_redis(tmp_path: Path, processes: list[Proc]) -> Iterator[PrivateRedi
 def _create_job(sessions: Callable[[], Session], model_id: str, dataset_id: str, spec: dict) -> str:
     """What ``POST /v1/jobs`` does before it enqueues (the API under test talks to the shared Redis)."""
     with sessions() as s:
-        tenant = s.get(Tenant, crud.get_model(session=s, tenant=None, model_id=model_id).tenant_id)
+        tenant = s.get(Tenant, inputs.get_unscoped(Model, session=s, id=model_id).tenant_id)
         spec_json = PruneSpec.model_validate(spec).model_dump(mode="json", by_alias=True)
-        job, _ = crud.create_job(session=s, tenant=tenant, model_id=model_id, dataset_id=dataset_id, spec=spec_json)
+        job, _ = jobs.create(session=s, tenant=tenant, model_id=model_id, dataset_id=dataset_id, spec=spec_json)
         return job.id
 
 
@@ -73,7 +73,7 @@ def test_redis_restart_loses_no_job(
     start_worker: Callable[..., Proc],
 ) -> None:
     start_worker("redis-restart", ARBORIST_BROKER_URL=private_redis.url)
-    queue = CeleryQueue(Settings(_env_file=None, broker_url=private_redis.url))
+    queue = CeleryQueue.from_settings(Settings(_env_file=None, broker_url=private_redis.url))
     engine = make_engine(pg_url)
     sessions = make_sessionmaker(engine)
     broker = private_redis.client()
@@ -100,7 +100,7 @@ def test_redis_restart_loses_no_job(
         assert done_a["state"] == "succeeded" and done_a["attempts"] == 1, done_a
         assert done_b["state"] == "succeeded" and done_b["attempts"] == 1, done_b
         with sessions() as s:
-            resent = [e.data for e in crud.list_events(session=s, job_id=job_b, limit=1000) if e.type == "resent"]
+            resent = [e.data for e in outputs.list_events(session=s, job_id=job_b, limit=1000) if e.type == "resent"]
         assert resent == [{"reason": "broker lost its messages"}], resent
     finally:
         broker.close()

@@ -48,7 +48,7 @@ from _e2e_kit import (
     sse_connect,
     wait_for,
 )
-from core.service.db import crud
+from core.service.db import jobs
 from core.service.db.base import make_engine, make_sessionmaker
 
 FAULTS_REDIS_URL = os.environ.get("ARBORIST_TEST_FAULTS_REDIS_URL", "redis://127.0.0.1:6379/13")  # db 13: disk full
@@ -298,7 +298,7 @@ def test_api_restart_mid_job(
 
     def db_job(job_id: str):  # noqa: ANN202 — what the worker sees while the API is down
         with sessions() as s:
-            return crud.get_job(session=s, tenant=None, job_id=job_id)
+            return jobs.get_unscoped(session=s, job_id=job_id)
 
     try:
         api = connect()

@@ -15,15 +15,15 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from _pg import fresh_schema, schema_url
-from core.service.artifacts import ArtifactStore
 from core.io.data import builtin_dataset
-from core.service.db import crud, migrate
-from core.service.db.base import make_engine, make_sessionmaker
-from core.service.db.models import Job, Tenant
 from core.io.model_files import save_state_dict
-from core.service.settings import Settings
-from core.runs.spec import PruneSpec
 from core.io.zoo import build_model
+from core.runs.spec import PruneSpec
+from core.service.artifacts import ArtifactStore
+from core.service.db import inputs, jobs, migrate, outputs, tenants
+from core.service.db.base import make_engine, make_sessionmaker
+from core.service.db.tables import Job, Model, Tenant
+from core.service.settings import Settings
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}
 
@@ -72,22 +72,22 @@ class World:
         model_id = self.model_id
         if model_overrides:
             with self.sessions() as s:
-                base = crud.get_model(session=s, tenant=None, model_id=self.model_id)
-                model_id = crud.create_model(session=s, tenant=self.tenant, name="m2", format=base.format,
-                                             size=base.size, sha256=base.sha256, path=base.path, arch=base.arch,
-                                             arch_kwargs=model_overrides.get("arch_kwargs", base.arch_kwargs)).id
+                base = inputs.get(Model, session=s, tenant=self.tenant, id=self.model_id)
+                model_id = inputs.create_model(session=s, tenant=self.tenant, name="m2", format=base.format,
+                                               size=base.size, sha256=base.sha256, path=base.path, arch=base.arch,
+                                               arch_kwargs=model_overrides.get("arch_kwargs", base.arch_kwargs)).id
         with self.sessions() as s:
-            job, _ = crud.create_job(session=s, tenant=self.tenant, model_id=model_id, dataset_id=self.dataset_id,
-                                     spec=spec_json)
+            job, _ = jobs.create(session=s, tenant=self.tenant, model_id=model_id, dataset_id=self.dataset_id,
+                                 spec=spec_json)
             return job.id
 
     def get(self, job_id: str) -> Job:
         with self.sessions() as s:
-            return crud.get_job(session=s, tenant=None, job_id=job_id)
+            return jobs.get(session=s, tenant=self.tenant, job_id=job_id)
 
     def events(self, job_id: str) -> list[tuple[str, dict]]:
         with self.sessions() as s:
-            return [(e.type, e.data or {}) for e in crud.list_events(session=s, job_id=job_id, limit=10_000)]
+            return [(e.type, e.data or {}) for e in outputs.list_events(session=s, job_id=job_id, limit=10_000)]
 
 
 @pytest.fixture
@@ -107,11 +107,11 @@ def world_factory(tmp_path: Path, digits_blobs: tuple[Path, Path]) -> Iterator[C
         msize, msha = store.put_file("models/t/m.safetensors", model_path)
         dsize, dsha = store.put_file("datasets/t/d.npz", data_path)
         with sessions() as session:
-            tenant = crud.get_or_create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:6]}")
-            model = crud.create_model(session=session, tenant=tenant, name="m", format="safetensors", size=msize,
-                                      sha256=msha, path="models/t/m.safetensors", arch="mlp", arch_kwargs=MLP_KWARGS)
-            ds = crud.create_dataset(session=session, tenant=tenant, name="d", format="npz", size=dsize,
-                                     path="datasets/t/d.npz", sha256=dsha)
+            tenant = tenants.get_or_create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:6]}")
+            model = inputs.create_model(session=session, tenant=tenant, name="m", format="safetensors", size=msize,
+                                        sha256=msha, path="models/t/m.safetensors", arch="mlp", arch_kwargs=MLP_KWARGS)
+            ds = inputs.create_dataset(session=session, tenant=tenant, name="d", format="npz", size=dsize,
+                                       path="datasets/t/d.npz", sha256=dsha)
         return World(s, sessions, store, tenant, model.id, ds.id)
 
     yield make

@@ -1,4 +1,4 @@
-"""The Celery side: configuration, the queue registry as the API sees it, messages on the right queue."""
+"""The Celery side: configuration, ``make_queue`` as the API uses it, messages on the right queue."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from redis import Redis
 
-from core.service.queue import resolve_queue
+from _redis import flushed_db
+from core.service.queue import EmbeddedQueue, make_queue
+from core.service.queue.celery import BROKER_MARKER, DEFAULT_BROKER, TASK_NAME, CeleryQueue
 from core.service.settings import Settings
-from worker.celery_app import DEFAULT_BROKER, make_celery
-from worker.queue import BROKER_MARKER, TASK_NAME, CeleryQueue, EmbeddedQueue
+from worker.celery_app import make_celery
 
 REDIS_URL = os.environ.get("ARBORIST_TEST_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/12")  # db 12: this module
 
@@ -31,16 +33,16 @@ def test_celery_configuration() -> None:
     assert make_celery(Settings(_env_file=None)).conf.broker_url == DEFAULT_BROKER
 
 
-def test_the_api_resolves_queues_from_settings_alone() -> None:
-    """What create_app does: no import of worker in api/, no torch, no CUDA in the API process."""
+def test_the_api_makes_its_queue_from_settings_alone() -> None:
+    """What create_app does: no import of worker/, no torch, no CUDA in the API process."""
     code = (
         "import sys, json\n"
         "from core.service.settings import Settings\n"
-        "from core.service.queue import resolve_queue\n"
-        "celery = resolve_queue(Settings(_env_file=None, broker_url='redis://127.0.0.1:1/0'))\n"
-        "embedded = resolve_queue(Settings(_env_file=None))\n"
+        "from core.service.queue import make_queue\n"
+        "celery = make_queue(Settings(_env_file=None, broker_url='redis://127.0.0.1:1/0'))\n"
+        "embedded = make_queue(Settings(_env_file=None))\n"
         "print(json.dumps([type(celery).__name__, type(embedded).__name__,\n"
-        "                  'torch' in sys.modules, 'worker.tasks' in sys.modules]))\n"
+        "                  'torch' in sys.modules, any(m.split('.')[0] == 'worker' for m in sys.modules)]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == ["CeleryQueue", "EmbeddedQueue", False, False]
@@ -53,33 +55,25 @@ def test_the_worker_modules_do_not_touch_cuda() -> None:
 
 
 def test_embedded_queue_sends_nothing() -> None:
-    q = resolve_queue(Settings(_env_file=None))
+    q = make_queue(Settings(_env_file=None))
     assert isinstance(q, EmbeddedQueue) and q.enqueue("job_x", queue="gpu") is None and q.ping()
     with pytest.raises(ValueError):
         q.enqueue("job_x", queue="tpu")
 
 
 @pytest.fixture
-def redis_db() -> Iterator[object]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def redis_db() -> Iterator[Redis]:
+    with flushed_db(REDIS_URL) as client:
+        yield client
 
 
-def test_celery_queue_puts_the_message_on_the_named_queue(redis_db: object) -> None:
-    queue = CeleryQueue(Settings(_env_file=None, broker_url=REDIS_URL))
+def test_celery_queue_puts_the_message_on_the_named_queue(redis_db: Redis) -> None:
+    queue = CeleryQueue.from_settings(Settings(_env_file=None, broker_url=REDIS_URL))
     assert queue.ping()
     task_id = queue.enqueue("job_abc", queue="gpu")
     assert task_id
-    raw = redis_db.lpop("gpu")  # type: ignore[attr-defined]
-    assert raw is not None and redis_db.llen("cpu") == 0  # type: ignore[attr-defined]
+    raw = redis_db.lpop("gpu")
+    assert raw is not None and redis_db.llen("cpu") == 0
     message = json.loads(raw)
     assert message["headers"]["task"] == TASK_NAME and message["headers"]["id"] == task_id
     assert message["headers"]["argsrepr"] == "['job_abc']"
@@ -87,11 +81,11 @@ def test_celery_queue_puts_the_message_on_the_named_queue(redis_db: object) -> N
         queue.enqueue("job_abc", queue="default")
 
 
-def test_lost_messages_is_true_once_per_loss_of_redis_data(redis_db: object) -> None:
-    queue = CeleryQueue(Settings(_env_file=None, broker_url=REDIS_URL))
+def test_lost_messages_is_true_once_per_loss_of_redis_data(redis_db: Redis) -> None:
+    queue = CeleryQueue.from_settings(Settings(_env_file=None, broker_url=REDIS_URL))
     assert queue.lost_messages() is True  # nothing marked yet: first sweep, or Redis lost its data
     assert queue.lost_messages() is False
-    redis_db.delete(BROKER_MARKER)  # type: ignore[attr-defined]
+    redis_db.delete(BROKER_MARKER)
     assert queue.lost_messages() is True
-    memory = CeleryQueue(Settings(_env_file=None, broker_url="memory://"))
+    memory = CeleryQueue.from_settings(Settings(_env_file=None, broker_url="memory://"))
     assert memory.lost_messages() is False

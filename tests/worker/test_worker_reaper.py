@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from core.service.db import crud, worker_crud
+from core.service.db import attempts, jobs
 from core.service.db.base import utcnow
-from core.service.db.models import Job, JobState
+from core.service.db.tables import Job, JobState
 from worker.reaper import Reaper, handle_lost, holder_dead_here, pid_alive, worker_name
 
 from conftest import World
@@ -20,7 +20,7 @@ PROBLEMS = "https://arborist.dev/problems/"
 
 
 class RecordingQueue:
-    resend_waiting = True
+    resends_waiting = True
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
@@ -43,18 +43,18 @@ class RecordingQueue:
         return lost
 
 
-def _running(world: World, *, age_s: float, worker: str = "w@host:1", attempts: int | None = None,
+def _running(world: World, *, age_s: float, worker: str = "w@host:1", attempts_used: int | None = None,
              cancel: bool = False) -> str:
     job_id = world.job()
     with world.sessions() as s:
-        crud.claim_job(session=s, job_id=job_id, worker=worker)
+        attempts.claim(session=s, job_id=job_id, worker=worker)
         values = {"heartbeat_at": utcnow() - timedelta(seconds=age_s)}
-        if attempts is not None:
-            values["attempts"] = attempts
+        if attempts_used is not None:
+            values["attempts"] = attempts_used
         s.execute(update(Job).where(Job.id == job_id).values(**values))
         s.commit()
         if cancel:
-            crud.request_cancel(session=s, tenant=None, job_id=job_id)
+            jobs.cancel(session=s, tenant=world.tenant, job_id=job_id)
     return job_id
 
 
@@ -77,11 +77,11 @@ def test_stale_job_is_requeued_and_sent_again(world: World) -> None:
     assert world.get(fresh).state is JobState.RUNNING
     # The next claim is attempt 2.
     with world.sessions() as s:
-        assert crud.claim_job(session=s, job_id=stale, worker="w@host:2").attempts == 2
+        assert attempts.claim(session=s, job_id=stale, worker="w@host:2").attempts == 2
 
 
 def test_gives_up_after_max_attempts(world: World) -> None:
-    job_id = _running(world, age_s=60, attempts=world.settings.max_attempts)
+    job_id = _running(world, age_s=60, attempts_used=world.settings.max_attempts)
     reaper, queue = _reaper(world)
     assert reaper.sweep().failed == [job_id] and queue.sent == []
     job = world.get(job_id)
@@ -101,7 +101,7 @@ def test_a_late_heartbeat_wins_the_race(world: World) -> None:
     job_id = _running(world, age_s=60)
     stale_view = world.get(job_id)
     with world.sessions() as s:  # the worker was only slow
-        assert worker_crud.heartbeat(session=s, job_id=job_id, attempt=1) == (True, False)
+        assert attempts.heartbeat(session=s, job_id=job_id, attempt=1) == (True, False)
     from worker.db import Database
 
     db = Database(world.settings.database_url)
@@ -135,7 +135,7 @@ def test_queued_jobs_are_resent_when_the_broker_lost_its_messages(world: World) 
 def test_no_resends_for_a_queue_without_messages(world: World) -> None:
     world.job()
     queue = RecordingQueue()
-    queue.resend_waiting = False
+    queue.resends_waiting = False
     queue.lost = True
     reaper, _ = _reaper(world, queue)
     assert reaper.sweep().resent == [] and queue.sent == []

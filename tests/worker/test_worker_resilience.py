@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from core.service.db.models import JobState
+from core.service.db.tables import JobState
 from worker.db import Database
 from worker.runner import run_job
 

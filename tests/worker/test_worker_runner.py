@@ -11,13 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from core.service.db import crud, worker_crud
-from core.service.db.models import JobState
 from core.errors import DoesNotFit
+from core.service.artifacts import ArtifactStore
+from core.service.checkpoints import StoreCheckpointer, checkpointer_for, delete_checkpoint
+from core.service.db import attempts, jobs, outputs
+from core.service.db.tables import JobState
 from worker import runner
+from worker.control import Control
 from worker.db import Database
-from worker.runner import Control, DbHooks, run_job
+from worker.hooks import DbHooks
+from worker.runner import run_job
 
 from conftest import World
 
@@ -31,8 +36,8 @@ def test_success_records_artifacts_metrics_events_and_drops_the_checkpoint(world
     assert job.state is JobState.SUCCEEDED and job.progress == 1.0 and job.attempts == 1 and job.error is None
     assert job.result["sparsity"]["target"] == 0.8 and job.result["artifacts"]["pruned"] == "pruned.safetensors"
     with world.sessions() as s:
-        arts = {a.name: a for a in crud.list_artifacts(session=s, job_id=job_id)}
-        metrics = crud.list_metrics(session=s, job_id=job_id)
+        arts = {a.name: a for a in outputs.list_artifacts(session=s, job_id=job_id)}
+        metrics = outputs.list_metrics(session=s, job_id=job_id)
     assert {"pruned.safetensors", "masks.safetensors", "report.json", "curve.csv", "curve.png"} <= set(arts)
     for art in arts.values():
         assert world.store.size(art.path) == art.size and world.store.sha256(art.path) == art.sha256
@@ -117,7 +122,7 @@ def test_cancel_keeps_the_checkpoint_and_retry_resumes(world: World) -> None:
     thread, out = _run_in_thread(world, job_id)
     _wait_event(world, job_id, lambda k, d: k == "checkpoint" and d["phase"] == "trained")
     with world.sessions() as s:
-        crud.request_cancel(session=s, tenant=None, job_id=job_id)
+        jobs.cancel(session=s, tenant=world.tenant, job_id=job_id)
     thread.join(60)
     assert out == ["canceled"]
     job = world.get(job_id)
@@ -125,12 +130,12 @@ def test_cancel_keeps_the_checkpoint_and_retry_resumes(world: World) -> None:
     assert world.store.exists(f"checkpoints/{job_id}/latest.json")
 
     with world.sessions() as s:
-        crud.retry_job(session=s, tenant=None, job_id=job_id)
+        jobs.retry(session=s, tenant=world.tenant, job_id=job_id)
     assert run_job(job_id, world.settings, worker="test@host:2") == "succeeded"
     resumed = [d for k, d in world.events(job_id) if k == "resumed"]
     assert len(resumed) == 1 and world.get(job_id).attempts == 2
     with world.sessions() as s:
-        keys = [(m.step, m.kind) for m in crud.list_metrics(session=s, job_id=job_id)]
+        keys = [(m.step, m.kind) for m in outputs.list_metrics(session=s, job_id=job_id)]
     assert len(keys) == len(set(keys)) == 18  # dense, prune, 16 epochs: none twice
 
 
@@ -151,8 +156,8 @@ def test_an_attempt_that_lost_the_job_stops_and_writes_nothing(world: World) -> 
     thread, out = _run_in_thread(world, job_id)
     _wait_event(world, job_id, lambda k, d: k == "checkpoint")
     with world.sessions() as s:  # the reaper presumed it dead, another worker claimed it
-        assert worker_crud.requeue_lost(session=s, job_id=job_id, attempt=1, reason="test")
-        assert crud.claim_job(session=s, job_id=job_id, worker="other@host:9").attempts == 2
+        assert attempts.requeue_lost(session=s, job_id=job_id, attempt=1, reason="test")
+        assert attempts.claim(session=s, job_id=job_id, worker="other@host:9").attempts == 2
     thread.join(60)
     assert out == ["lost"]
     job = world.get(job_id)
@@ -162,7 +167,7 @@ def test_an_attempt_that_lost_the_job_stops_and_writes_nothing(world: World) -> 
 def test_progress_writes_are_throttled(world: World) -> None:
     job_id = world.job()
     with world.sessions() as s:
-        crud.claim_job(session=s, job_id=job_id, worker="t@h:1")
+        attempts.claim(session=s, job_id=job_id, worker="t@h:1")
     db = Database(world.settings.database_url)
     hooks = DbHooks(db, job_id, 1, Control(), min_interval=0.2, event_interval=10)
     start = time.monotonic()
@@ -180,14 +185,29 @@ def test_progress_writes_are_throttled(world: World) -> None:
     assert job.progress == 1.0 and job.message == "done"
 
 
-def test_record_metric_replaces_a_recomputed_point(world: World) -> None:
+def test_add_metric_replaces_a_recomputed_point(world: World) -> None:
     job_id = world.job()
     with world.sessions() as s:
-        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.5)
-        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.7)
-        worker_crud.record_metric(session=s, job_id=job_id, step=3, kind="prune", metric=0.1)
-        rows = [(m.step, m.kind, m.metric) for m in crud.list_metrics(session=s, job_id=job_id)]
+        outputs.add_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.5)
+        outputs.add_metric(session=s, job_id=job_id, step=3, kind="epoch", metric=0.7)
+        outputs.add_metric(session=s, job_id=job_id, step=3, kind="prune", metric=0.1)
+        rows = [(m.step, m.kind, m.metric) for m in outputs.list_metrics(session=s, job_id=job_id)]
     assert rows == [(3, "epoch", 0.7), (3, "prune", 0.1)]
+
+
+def test_checkpoints_in_a_remote_store_resume_on_another_worker(tmp_path: Path) -> None:
+    store = ArtifactStore(f"memory://arb-checkpoints-{os.getpid()}-{time.monotonic_ns()}")
+    first = checkpointer_for(store, "job_x", tmp_path / "a")
+    assert isinstance(first, StoreCheckpointer) and first.load() is None
+    first.save({"w": torch.ones(2)}, {"step": 1})
+    first.save({"w": torch.zeros(2)}, {"step": 2})
+    tensors, meta = checkpointer_for(store, "job_x", tmp_path / "b").load()  # another worker's scratch
+    assert meta == {"step": 2} and torch.equal(tensors["w"], torch.zeros(2))
+    assert not store.exists("checkpoints/job_x/state-1.safetensors")  # the previous generation is gone
+    delete_checkpoint(store, "job_x")
+    assert not store.exists("checkpoints/job_x/latest.json")
+    assert not store.exists("checkpoints/job_x/state-2.safetensors")
+    delete_checkpoint(store, "job_x")  # nothing left: fine
 
 
 def test_lower_cpu_priority_reaches_every_thread_and_never_lowers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import datetime
@@ -29,6 +30,14 @@ from core.service.db.base import Base, UTCDateTime, utcnow
 def new_id(prefix: str) -> str:
     """A time-ordered id: ``<prefix>_`` + 12 hex digits of milliseconds + 16 random hex digits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+_ID_RE = re.compile(r"[a-z]{1,8}_[0-9a-f]{28}")
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` looks like an id this service issued (checked before it reaches SQL)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 class JobState(str, Enum):
@@ -127,7 +136,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    # SET NULL: a finished job outlives its inputs; deleting an input in use by an active job is refused in crud.
+    # SET NULL: a finished job outlives its inputs; deleting an input in use by an active job is refused (inputs).
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -1,9 +1,10 @@
-"""Worker-side data functions that ``crud`` lacks: attempt-guarded writes, the reaper's transitions, polling.
+"""What workers and the reaper do to jobs: claim one, then heartbeat, report progress, finish or release it;
+find jobs whose worker is gone, requeue or finish them; find queued jobs to run or to send again.
 
-A worker owns a job for one *attempt* (``Job.attempts`` after its ``claim_job``). Every write below that a
-worker makes while running is guarded by that number, so a worker that lost the job (the reaper requeued it
-and another worker claimed it) can no longer move it, and learns that it must stop. Keyword-only, like
-``crud``; each function commits its own unit of work.
+A worker owns a job for one *attempt* (``Job.attempts`` after its ``claim``). Every write below that a worker
+makes while running is guarded by that number, so a worker that lost the job (the reaper requeued it and
+another worker claimed it) can no longer move it, and learns that it must stop. Keyword-only; each function
+commits its own unit of work.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.service.db import inputs
 from core.service.db.base import utcnow
-from core.service.db.crud import _emit, add_metric, progress_values, state_event, terminal_values
-from core.service.db.models import Job, JobState
+from core.service.db.jobs import get_unscoped, state_event, terminal_values
+from core.service.db.outputs import emit
+from core.service.db.tables import Dataset, Job, JobState, Model
 
 RUNNING_STATES = (JobState.RUNNING, JobState.CANCELING)
 
@@ -45,6 +48,50 @@ def _guarded_update(session: Session, job_id: str, attempt: int, values: dict[st
 # --- the running worker ----------------------------------------------------------------------------------------
 
 
+def claim(
+    *,
+    session: Session,
+    job_id: str,
+    task_id: str | None = None,
+    worker: str | None = None,
+    stale_after: float | timedelta | None = None,
+) -> Job | None:
+    """Atomically moves a queued job to running (``attempts`` + 1). ``None`` when someone else has it,
+    it was canceled, or it is gone. With ``stale_after``, a running job whose heartbeat is older than that is
+    claimed too (redelivery after a worker died)."""
+    now = utcnow()
+    cond = and_(Job.state == JobState.QUEUED, Job.cancel_requested.is_(False))
+    if stale_after is not None:
+        cond = or_(cond, and_(Job.state == JobState.RUNNING, Job.heartbeat_at < now - _delta(stale_after)))
+    values: dict[str, Any] = {
+        "state": JobState.RUNNING,
+        "attempts": Job.attempts + 1,
+        "started_at": now,
+        "heartbeat_at": now,
+        "finished_at": None,
+    }
+    if task_id is not None:
+        values["task_id"] = task_id
+    if worker is not None:
+        values["worker"] = worker
+    res = session.execute(
+        update(Job).where(Job.id == job_id, cond).values(**values).execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        session.rollback()
+        return None
+    job = get_unscoped(session=session, job_id=job_id)
+    emit(session, job_id, "state", {"state": JobState.RUNNING.value, "attempt": job.attempts})
+    session.commit()
+    return get_unscoped(session=session, job_id=job_id)
+
+
+def job_inputs(*, session: Session, job: Job) -> tuple[Model, Dataset]:
+    """The rows of the job's model and dataset; ``NotFound`` for one deleted since."""
+    return (inputs.get_unscoped(Model, session=session, id=job.model_id or ""),
+            inputs.get_unscoped(Dataset, session=session, id=job.dataset_id or ""))
+
+
 def heartbeat(*, session: Session, job_id: str, attempt: int) -> tuple[bool, bool]:
     """Refreshes ``heartbeat_at``; returns ``(owned, cancel_requested)``."""
     flag = _guarded_update(session, job_id, attempt, {"heartbeat_at": utcnow()})
@@ -52,7 +99,7 @@ def heartbeat(*, session: Session, job_id: str, attempt: int) -> tuple[bool, boo
     return flag is not None, bool(flag)
 
 
-def job_control(*, session: Session, job_id: str, attempt: int) -> tuple[bool, bool]:
+def control(*, session: Session, job_id: str, attempt: int) -> tuple[bool, bool]:
     """Read-only ``(owned, cancel_requested)`` for this attempt."""
     row = session.execute(
         select(Job.cancel_requested).where(_owned(job_id, attempt))
@@ -72,23 +119,21 @@ def write_progress(
     message: str | None = None,
     event: bool = True,
 ) -> tuple[bool, bool]:
-    """Like ``crud.update_progress`` but attempt-guarded; returns ``(owned, cancel_requested)``."""
-    values = progress_values(progress, step, sparsity, message)
+    """Records progress (0..1), which also counts as a heartbeat, and appends a ``progress`` event unless
+    ``event=False``; returns ``(owned, cancel_requested)`` (nothing is written when not owned)."""
+    values: dict[str, Any] = {"progress": min(max(float(progress), 0.0), 1.0), "heartbeat_at": utcnow()}
+    values.update({k: v for k, v in {"step": step, "sparsity": sparsity, "message": message}.items() if v is not None})
     flag = _guarded_update(session, job_id, attempt, values)
     if flag is None:
         session.rollback()
         return False, False
     if event:
-        _emit(session, job_id, "progress", {k: v for k, v in values.items() if k != "heartbeat_at"})
+        emit(session, job_id, "progress", {k: v for k, v in values.items() if k != "heartbeat_at"})
     session.commit()
     return True, flag
 
 
-#: a curve point, replacing one of the same ``(step, kind)`` (a resumed run recomputes its last points)
-record_metric = add_metric
-
-
-def finish_attempt(
+def finish(
     *,
     session: Session,
     job_id: str,
@@ -98,18 +143,18 @@ def finish_attempt(
     message: str | None = None,
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """Moves the job to a terminal state if this attempt still owns it (``crud.finish_job``, guarded).
-    Returns False (and changes nothing) when it does not."""
+    """Moves the job to a terminal state if this attempt still owns it (``error`` is a problem dict, see
+    ``core.errors``). Returns False (and changes nothing) when it does not."""
     state = JobState(state)
     if _guarded_update(session, job_id, attempt, terminal_values(state, error, message, result)) is None:
         session.rollback()
         return False
-    _emit(session, job_id, "state", state_event(state, error))
+    emit(session, job_id, "state", state_event(state, error))
     session.commit()
     return True
 
 
-def release_attempt(*, session: Session, job_id: str, attempt: int, reason: str) -> bool:
+def release(*, session: Session, job_id: str, attempt: int, reason: str) -> bool:
     """Running → queued (the worker is shutting down): the next claim resumes from the checkpoint."""
     values = {"state": JobState.QUEUED, "worker": None, "task_id": None, "heartbeat_at": None, "message": reason}
     res = session.execute(
@@ -121,7 +166,7 @@ def release_attempt(*, session: Session, job_id: str, attempt: int, reason: str)
     if res.rowcount != 1:
         session.rollback()
         return False
-    _emit(session, job_id, "state", {"state": JobState.QUEUED.value, "requeued": True, "reason": reason})
+    emit(session, job_id, "state", {"state": JobState.QUEUED.value, "requeued": True, "reason": reason})
     session.commit()
     return True
 
@@ -131,6 +176,13 @@ def release_attempt(*, session: Session, job_id: str, attempt: int, reason: str)
 
 def _last_sign_of_life() -> Any:
     return func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
+
+
+def stale_jobs(*, session: Session, older_than: float | timedelta) -> list[Job]:
+    """Running/canceling jobs whose last heartbeat (or start) is older than ``older_than`` (seconds)."""
+    cutoff: datetime = utcnow() - _delta(older_than)
+    stmt = select(Job).where(Job.state.in_(RUNNING_STATES), _last_sign_of_life() < cutoff)
+    return list(session.scalars(stmt.order_by(Job.id)))
 
 
 def requeue_lost(
@@ -152,8 +204,8 @@ def requeue_lost(
     if res.rowcount != 1:
         session.rollback()
         return False
-    _emit(session, job_id, "state",
-          {"state": JobState.QUEUED.value, "requeued": True, "reason": reason, "attempt": attempt})
+    emit(session, job_id, "state", {"state": JobState.QUEUED.value, "requeued": True, "reason": reason,
+                                    "attempt": attempt})
     session.commit()
     return True
 
@@ -181,7 +233,7 @@ def finish_lost(
     data: dict[str, Any] = {"state": state.value, "reason": message}
     if error is not None:
         data["error"] = error
-    _emit(session, job_id, "state", data)
+    emit(session, job_id, "state", data)
     session.commit()
     return True
 
@@ -202,8 +254,11 @@ def waiting_jobs(
 
 def mark_resent(*, session: Session, job_id: str, reason: str) -> None:
     """Notes (as an event) that a queued job's message was sent again; this also refreshes ``updated_at``."""
-    _emit(session, job_id, "resent", {"reason": reason})
+    emit(session, job_id, "resent", {"reason": reason})
     session.commit()
+
+
+# --- the embedded worker ---------------------------------------------------------------------------------------
 
 
 def next_queued(
