@@ -1,4 +1,8 @@
 # Two set-up commands do everything on a fresh machine: `make serve` and `make test`.
+#   make test       installs into .venv, runs `make lint`, then the whole test suite (CI: .ci/run)
+#   make lint       ruff (lint rules and formatting) and lint-imports (the layering contracts in pyproject.toml)
+#   make test-fast  the suite without the tests marked `slow` (tests/e2e: real server and worker processes)
+#   PYTEST_ARGS='-x -k name' passes options on to pytest in test and test-fast.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,11 +13,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install test serve bench
+.PHONY: install lint test test-fast serve bench
 install: $(VENV)/.installed
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 serve: install
 	$(VENV)/bin/arborist serve

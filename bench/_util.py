@@ -1,20 +1,25 @@
-"""Shared bench helpers: min-of-repeats timing, environment record, peak RSS."""
+"""Shared bench helpers: min-of-repeats timing, environment record, peak RSS, a free port.
+
+torch is imported where it is used: the service benches (load, upload_rss) and their client processes do not pay
+for it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
-
-import torch
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def timeit(fn, repeats: int = 3) -> float:
     """Minimum wall time over repeats (after one warm-up when repeats > 1), synchronising CUDA."""
+    import torch
+
     best = float("inf")
     for i in range(repeats + (1 if repeats > 1 else 0)):
         if torch.cuda.is_available():
@@ -35,7 +40,16 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(field)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS had free a moment ago: for a server the bench starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def save(name: str, rows: list[dict]) -> Path:
+    import torch
+
     RESULTS.mkdir(exist_ok=True)
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),

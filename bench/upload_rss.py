@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._util import free_port  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 FEATURES = 64
 ROW_BYTES = FEATURES * 4 + 8  # one example: 64 float32 features and an int64 label
@@ -126,14 +128,6 @@ def multipart(file_size: int, file_chunks: Iterator[bytes], name: str) -> tuple[
         yield tail
 
     return f"multipart/form-data; boundary={boundary}", len(head) + file_size + len(tail), body()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

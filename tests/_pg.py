@@ -1,4 +1,5 @@
-"""A fresh PostgreSQL schema per test session, shared by the API, worker and end-to-end fixtures."""
+"""Empty databases for tests: a fresh PostgreSQL schema (shared by the API, worker and end-to-end fixtures) or a
+SQLite file."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 PG_URL = os.environ.get("ARBORIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+DATABASES = ("sqlite", "postgresql")  # what the database fixtures are parametrised over
 
 
 def schema_url(schema: str, host: str | None = None, port: int | None = None) -> str:
@@ -42,3 +45,14 @@ def fresh_schema(prefix: str) -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+
+
+@contextmanager
+def empty_database(kind: str, directory: Path) -> Iterator[str]:
+    """The URL of an empty database of ``kind`` (one of ``DATABASES``): a SQLite file in ``directory``, or a fresh
+    PostgreSQL schema, dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'arborist.db'}"
+        return
+    with fresh_schema("arb_test") as schema:
+        yield schema_url(schema)

@@ -1,6 +1,21 @@
+"""Fixtures shared by all tests (small trained models, the digits data) and the `slow` marking behind
+`make test-fast`."""
+
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+SLOW_DIRS = (Path(__file__).parent / "e2e",)  # real server and worker processes: minutes, not seconds
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test under ``SLOW_DIRS`` ``e2e`` and ``slow`` (``make test-fast`` runs ``-m "not slow"``)."""
+    for item in items:
+        if any(d in item.path.parents for d in SLOW_DIRS):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -34,9 +49,9 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_mlp_state(digits):
     """A digits MLP (64-32-10) trained for a few epochs: its state dict."""
+    from core.io.zoo import build_model
     from core.runs.spec import FinetuneSpec
     from core.runs.train import make_optimizer, train_epoch
-    from core.io.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)

@@ -7,10 +7,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from core.runs.checkpoint import DirectoryCheckpointer
-from core.errors import Canceled, DoesNotFit, InvalidInput
 from core.engine.memory import fit
-from core.engine.pruner import Method
+from core.engine.methods import Method
+from core.errors import Canceled, DoesNotFit, InvalidInput
+from core.runs.checkpoint import DirectoryCheckpointer
 from core.runs.run import RunHooks, execute
 from core.runs.schedule import pruning_events
 from core.runs.spec import PruneSpec
@@ -43,7 +43,8 @@ class Recorder(RunHooks):
 
 def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digits_mlp, tmp_path):
     hooks = Recorder()
-    result = execute(PruneSpec(**GRADUAL), digits_mlp, digits, tmp_path / "out", hooks, DirectoryCheckpointer(tmp_path / "ck"))
+    result = execute(PruneSpec(**GRADUAL), digits_mlp, digits, tmp_path / "out", hooks,
+                     DirectoryCheckpointer(tmp_path / "ck"))
     assert {p.name for p in result.artifacts.values()} == {
         "pruned.safetensors", "masks.safetensors", "model.onnx", "report.json", "curve.csv", "curve.png"}
     weights, masks = load_file(result.artifacts["pruned"]), load_file(result.artifacts["masks"])
@@ -87,7 +88,8 @@ def test_resume_from_any_checkpoint_matches_the_uninterrupted_run(digits, digits
 
 
 def test_lambda_auto_sweeps_on_the_validation_split(digits, digits_mlp, tmp_path):
-    spec = PruneSpec(method="woodfisher", sparsity=0.7, fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2]})
+    spec = PruneSpec(method="woodfisher", sparsity=0.7,
+                     fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2]})
     result = execute(spec, digits_mlp, digits, tmp_path)
     sweep = result.report["lambda_sweep"]
     assert [s["lambda"] for s in sweep] == [1e-4, 1e2]
@@ -100,19 +102,22 @@ def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("bad,loc", [
-    ({"sparsity": 1.2}, ("sparsity",)),
-    ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher",)),
-    ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher",)),
-    ({"sparsity": 0.5, "method": "nope"}, ("method",)),
-    ({"sparsity": 0.5, "unknown": 1}, ("unknown",)),
-    ({"sparsity": 0.5, "mode": "gradual"}, ()),
-    ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, ()),
+@pytest.mark.parametrize("bad,loc,message", [
+    ({"sparsity": 1.2}, ("sparsity",), "less than 1"),
+    ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher",), "lambda must be > 0"),
+    ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher",), "block_size must be ≥ 1"),
+    ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
+    ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
+    # Rules across fields are the model's: no field location, the message names the fields.
+    ({"sparsity": 0.5, "mode": "gradual"}, (), "gradual mode needs finetune.epochs ≥ 1"),
+    ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, (), "kfac supports fisher.update"),
 ])
-def test_invalid_specs_are_rejected_with_field_errors(bad, loc):
+def test_invalid_specs_are_rejected_with_field_errors(bad, loc, message):
     with pytest.raises(ValidationError) as err:
         PruneSpec(**bad)
-    assert tuple(err.value.errors()[0]["loc"])[: len(loc)] == loc
+    [error] = err.value.errors()  # exactly one error, where it belongs, saying what is wrong
+    assert tuple(error["loc"]) == loc
+    assert message in error["msg"], error["msg"]
 
 
 def test_memory_plan_refuses_or_shrinks_blocks():
