@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from core.errors import Unauthorized
 from core.service.db import tenants
 from core.service.db.tables import Tenant
-from core.errors import Unauthorized
 
 bearer_scheme = HTTPBearer(
     auto_error=False,

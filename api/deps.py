@@ -79,8 +79,8 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
 async def run_read(request: Request, read: Callable[[Connection], T]) -> T:
-    """``read(connection)`` on a connection of the read engine (``core.service.db.base.read_retrying``: autocommit, no ping
-    at checkout, run again once over a dropped connection), in one trip to the threadpool.
+    """``read(connection)`` on a connection of the read engine (``core.service.db.base.read_retrying``: autocommit,
+    no ping at checkout, run again once over a dropped connection), in one trip to the threadpool.
 
     For hot read paths (the status poll): there the dependency chain (``SessionDep`` + ``CurrentTenant`` + a sync
     endpoint = three trips to the threadpool, plus one to close the session, and a transaction around two reads)

@@ -35,8 +35,10 @@ def reject_unknown_fields(fields: dict[str, str], allowed: tuple[str, ...]) -> N
     if unknown:
         raise InvalidInput(
             f"unknown form field(s): {', '.join(unknown)}; allowed: file, {', '.join(allowed)}",
-            errors=[{"loc": ["body", name], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
-                    for name in unknown],
+            errors=[
+                {"loc": ["body", name], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+                for name in unknown
+            ],
         )
 
 

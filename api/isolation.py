@@ -49,12 +49,12 @@ def _get_context() -> BaseContext:
 def _child(conn: Connection, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     try:
         answer: tuple[bool, Any] = (True, fn(*args, **kwargs))
-    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+    except BaseException as exc:  # noqa: BLE001 (every failure goes back to the parent)
         exc.add_note("raised in the validation process:\n" + traceback.format_exc())  # the traceback does not pickle
         answer = (False, exc)
     try:
         conn.send(answer)
-    except Exception:  # noqa: BLE001 - an answer that does not pickle
+    except Exception:  # noqa: BLE001 (an answer that does not pickle)
         value = answer[1]
         conn.send((False, ValidatorCrashed(f"unpicklable answer from the validator: {type(value).__name__}: {value}")))
     finally:

@@ -35,8 +35,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         queue = make_queue(settings)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     factory = make_sessionmaker(engine)
-    read_engine = make_read_engine(engine, pool_size=settings.db_read_pool_size,
-                                   max_overflow=settings.db_max_overflow)
+    read_engine = make_read_engine(engine, pool_size=settings.db_read_pool_size, max_overflow=settings.db_max_overflow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

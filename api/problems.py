@@ -65,8 +65,9 @@ def field_errors(raw: Any) -> list[dict[str, Any]]:
     """pydantic/FastAPI error dicts reduced to ``loc``/``msg``/``type`` (no echo of the input)."""
     out = []
     for e in raw:
-        out.append({"loc": _jsonable(list(e.get("loc", ()))), "msg": str(e.get("msg", "")),
-                    "type": str(e.get("type", ""))})
+        out.append(
+            {"loc": _jsonable(list(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        )
     return out
 
 
@@ -124,8 +125,9 @@ class UnexpectedErrorMiddleware:
             response = environment_problem(exc, scope.get("path"))
             if response is None:
                 log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-                response = _as_response(problem_for_status(500, detail="An unexpected error occurred",
-                                                               instance=scope.get("path")))
+                response = _as_response(
+                    problem_for_status(500, detail="An unexpected error occurred", instance=scope.get("path"))
+                )
             await response(scope, receive, send)
 
 
@@ -155,8 +157,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 
 def _problem_response(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    return {
+        "description": description,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 def install_problem_openapi(app: FastAPI) -> None:
@@ -166,8 +170,7 @@ def install_problem_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                             description=app.description)
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         for name in ("HTTPValidationError", "ValidationError"):

@@ -51,8 +51,11 @@ class Registration(Generic[V, R]):
 def upload_openapi(file: str, fields: dict[str, Any], json_schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAPI request body of an upload: ``multipart/form-data`` with the ``file`` (described by ``file``)
     and the text ``fields`` (name → JSON schema), or else a JSON body of ``json_schema`` where one is taken."""
-    form = {"type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary", "description": file}, **fields}}
+    form = {
+        "type": "object",
+        "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary", "description": file}, **fields},
+    }
     content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
     if json_schema is not None:
         content["application/json"] = {"schema": json_schema}

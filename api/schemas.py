@@ -102,8 +102,10 @@ class DatasetPublic(Public):
     def of(cls, row: Any) -> Self:
         """The public view of a stored row: ``source`` says whether it was uploaded or registered by URI."""
         return cls.model_validate(
-            {**{k: getattr(row, k) for k in cls.model_fields if k != "source"},
-             "source": "uri" if row.uri else "upload"}
+            {
+                **{k: getattr(row, k) for k in cls.model_fields if k != "source"},
+                "source": "uri" if row.uri else "upload",
+            }
         )
 
 

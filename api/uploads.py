@@ -200,4 +200,3 @@ async def receive_upload(
         sha256=sha256,
     )
     return result
-

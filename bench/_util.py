@@ -52,8 +52,11 @@ def save(name: str, rows: list[dict]) -> Path:
 
     RESULTS.mkdir(exist_ok=True)
     env = {
-        "python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     (RESULTS / "environment.json").write_text(json.dumps(env, indent=2))

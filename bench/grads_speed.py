@@ -12,17 +12,24 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._util import save, timeit  # noqa: E402
-from core.engine.buffers import large_empty  # noqa: E402
-from core.engine.grads import fisher_gradients  # noqa: E402
-from core.engine.layout import BlockLayout, select_parameters  # noqa: E402
+from bench._util import save, timeit
+from core.engine.buffers import large_empty
+from core.engine.grads import fisher_gradients
+from core.engine.layout import BlockLayout, select_parameters
 
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -46,11 +53,20 @@ def main() -> None:
     base = timeit(lambda: loop(model, names, x, y), repeats=10)
     # the same loop writing into our huge-page buffer: isolates vmap vs loop from the allocator
     base_huge = timeit(lambda: loop(model, names, x, y, alloc=large_empty), repeats=10)
-    row = {"examples": n, "params": layout.numel, "vmap_s": ours, "loop_s": base, "loop_hugepage_s": base_huge,
-           "speedup": base / ours, "speedup_same_buffer": base_huge / ours}
-    print(f"per-example grads, small CNN ({layout.numel} weights, {n} examples): vmap {ours:.3f}s, "
-          f"loop {base:.3f}s -> {row['speedup']:.1f}x faster; "
-          f"loop into the same huge-page buffer {base_huge:.3f}s -> {row['speedup_same_buffer']:.1f}x")
+    row = {
+        "examples": n,
+        "params": layout.numel,
+        "vmap_s": ours,
+        "loop_s": base,
+        "loop_hugepage_s": base_huge,
+        "speedup": base / ours,
+        "speedup_same_buffer": base_huge / ours,
+    }
+    print(
+        f"per-example grads, small CNN ({layout.numel} weights, {n} examples): vmap {ours:.3f}s, "
+        f"loop {base:.3f}s -> {row['speedup']:.1f}x faster; "
+        f"loop into the same huge-page buffer {base_huge:.3f}s -> {row['speedup_same_buffer']:.1f}x"
+    )
     save("grads_speed", [row])
 
 

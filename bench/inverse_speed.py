@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._util import rss_bytes, save, timeit  # noqa: E402
-from core.engine.curvature.inverse import fisher_block_inverse  # noqa: E402
-from core.engine.curvature.sherman_morrison import sherman_morrison_inverse  # noqa: E402
+from bench._util import rss_bytes, save, timeit
+from core.engine.curvature.inverse import fisher_block_inverse
+from core.engine.curvature.sherman_morrison import sherman_morrison_inverse
 
 LAM = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,8 +61,14 @@ def memory_child() -> None:
 def memory() -> dict:
     out = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True, check=True)
     extra, budget, kind = out.stdout.split()
-    return {"c": 36_864, "m": 1000, "form": kind, "peak_extra_bytes": int(extra), "c_m_4": int(budget),
-            "ratio": int(extra) / int(budget)}
+    return {
+        "c": 36_864,
+        "m": 1000,
+        "form": kind,
+        "peak_extra_bytes": int(extra),
+        "c_m_4": int(budget),
+        "ratio": int(extra) / int(budget),
+    }
 
 
 def main() -> None:
@@ -72,15 +78,21 @@ def main() -> None:
     cases = [(27_000, 1000, 100), (27_000, 400, 1000)] if quick else [(270_000, 1000, 100), (270_000, 400, 1000)]
     rows = [speed(*case) for case in cases]
     for r in rows:
-        print(f"inverse  d={r['d']:>7} m={r['m']:>5} c={r['c']:>5}: ours {r['ours_s']:.3f}s, "
-              f"Sherman–Morrison {r['sherman_morrison_s']:.2f}s -> {r['speedup']:.1f}x faster")
+        print(
+            f"inverse  d={r['d']:>7} m={r['m']:>5} c={r['c']:>5}: ours {r['ours_s']:.3f}s, "
+            f"Sherman–Morrison {r['sherman_morrison_s']:.2f}s -> {r['speedup']:.1f}x faster"
+        )
     f = gflops()
-    print(f"kernel   block GᵀG {f['block_gram_gflops']:.1f} GFLOP/s vs fp32 GEMM {f['gemm_gflops']:.1f} GFLOP/s "
-          f"-> {100 * f['fraction']:.0f}%")
+    print(
+        f"kernel   block GᵀG {f['block_gram_gflops']:.1f} GFLOP/s vs fp32 GEMM {f['gemm_gflops']:.1f} GFLOP/s "
+        f"-> {100 * f['fraction']:.0f}%"
+    )
     mem = memory()
-    print(f"memory   whole-layer c={mem['c']} m={mem['m']} ({mem['form']}): peak extra "
-          f"{mem['peak_extra_bytes'] / 2**20:.1f} MiB = {mem['ratio']:.3f} x c·m·4")
-    print("saved", save("inverse_speed", rows + [f, mem]))
+    print(
+        f"memory   whole-layer c={mem['c']} m={mem['m']} ({mem['form']}): peak extra "
+        f"{mem['peak_extra_bytes'] / 2**20:.1f} MiB = {mem['ratio']:.3f} x c·m·4"
+    )
+    print("saved", save("inverse_speed", [*rows, f, mem]))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import free_port  # noqa: E402
+from bench._util import free_port  # noqa: E402 (after the sys.path line above)
 from core.service.settings import env_vars  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -139,8 +139,9 @@ class Http:
         return status, await self.body(headers)
 
 
-def build_request(method: str, path: str, host: str, key: str, body: bytes | None = None,
-                  accept: str = "application/json") -> bytes:
+def build_request(
+    method: str, path: str, host: str, key: str, body: bytes | None = None, accept: str = "application/json"
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Authorization: Bearer {key}", f"Accept: {accept}"]
     if body is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
@@ -163,8 +164,18 @@ class Recorder:
         return {"lat": self.lat, "status": dict(self.status), "errors": dict(self.errors), "extra": self.extra}
 
 
-async def request_loop(http: Http, raw: bytes, rec: Recorder, *, t_start: float, t_measure: float,
-                       t_end: float, interval: float, offset: float, on_body: Any = None) -> None:
+async def request_loop(
+    http: Http,
+    raw: bytes,
+    rec: Recorder,
+    *,
+    t_start: float,
+    t_measure: float,
+    t_end: float,
+    interval: float,
+    offset: float,
+    on_body: Any = None,
+) -> None:
     """Sends ``raw`` every ``interval`` s from ``t_start`` (open loop, latency from the scheduled time;
     0 = closed loop). Only requests scheduled in [t_measure, t_end) are recorded (before: warm-up).
     ``extra["in_window"]`` counts the responses that arrived inside the window (the achieved throughput); an
@@ -194,8 +205,14 @@ async def request_loop(http: Http, raw: bytes, rec: Recorder, *, t_start: float,
         counted = sched >= t_measure
         try:
             status, body = await asyncio.wait_for(http.request(raw), REQUEST_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError, IndexError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            IndexError,
+        ) as exc:
             http.close()
             if counted:
                 rec.errors[type(exc).__name__] += 1
@@ -211,8 +228,9 @@ async def request_loop(http: Http, raw: bytes, rec: Recorder, *, t_start: float,
                 on_body(status, body)
 
 
-async def sse_loop(host: str, port: int, key: str, job_id: str, rec: Recorder, *, t_start: float,
-                   t_measure: float, t_end: float) -> None:
+async def sse_loop(
+    host: str, port: int, key: str, job_id: str, rec: Recorder, *, t_start: float, t_measure: float, t_end: float
+) -> None:
     """Follows the job's events; reopens the stream when it ends. ``lat`` = time to the response headers."""
     await asyncio.sleep(max(0.0, t_start - clock()))
     after = 0
@@ -220,8 +238,9 @@ async def sse_loop(host: str, port: int, key: str, job_id: str, rec: Recorder, *
     lags: list[float] = rec.extra.setdefault("lag", [])
     while clock() < t_end:
         http = Http(host, port)
-        raw = build_request("GET", f"/v1/jobs/{job_id}/events?after={after}", f"{host}:{port}", key,
-                            accept="text/event-stream")
+        raw = build_request(
+            "GET", f"/v1/jobs/{job_id}/events?after={after}", f"{host}:{port}", key, accept="text/event-stream"
+        )
         t0 = clock()
         opened_wall = time.time()
         counted = True  # every stream opened during the run (most open in the warm-up)
@@ -240,7 +259,7 @@ async def sse_loop(host: str, port: int, key: str, job_id: str, rec: Recorder, *
             while not ended and clock() < t_end:
                 try:
                     part = await asyncio.wait_for(http.chunk(), max(t_end - clock(), 0.01))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if not part:
                     break
@@ -270,8 +289,14 @@ async def sse_loop(host: str, port: int, key: str, job_id: str, rec: Recorder, *
                             if ts >= opened_wall:  # a live event, not a replayed one
                                 live += 1
                                 lags.append(time.time() - ts)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError, IndexError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            IndexError,
+        ) as exc:
             if counted:
                 rec.errors[type(exc).__name__] += 1
             await asyncio.sleep(0.2)
@@ -318,21 +343,46 @@ async def _client_main(cfg: dict[str, Any]) -> dict[str, Any]:
         raw = build_request("GET", f"/v1/jobs/{cfg['job_id']}", hostport, key)
         interval = n / rate if rate else 0.0
         for i, http in enumerate(await connected(n)):
-            tasks.append(request_loop(http, raw, rec, t_start=t_start, t_measure=t_measure, t_end=t_end,
-                                      interval=interval, offset=i * interval / n))
+            tasks.append(
+                request_loop(
+                    http,
+                    raw,
+                    rec,
+                    t_start=t_start,
+                    t_measure=t_measure,
+                    t_end=t_end,
+                    interval=interval,
+                    offset=i * interval / n,
+                )
+            )
     if cfg.get("list_conns"):
         rec = recs["list"] = Recorder()
         n, rate = cfg["list_conns"], cfg["list_rate"]
         raw = build_request("GET", "/v1/jobs?limit=20", hostport, key)
         interval = n / rate if rate else 0.0
         for i, http in enumerate(await connected(n)):
-            tasks.append(request_loop(http, raw, rec, t_start=t_start, t_measure=t_measure, t_end=t_end,
-                                      interval=interval, offset=i * interval / n))
+            tasks.append(
+                request_loop(
+                    http,
+                    raw,
+                    rec,
+                    t_start=t_start,
+                    t_measure=t_measure,
+                    t_end=t_end,
+                    interval=interval,
+                    offset=i * interval / n,
+                )
+            )
     if cfg.get("create_rate"):
         rec = recs["create"] = Recorder()
         created: list[str] = rec.extra.setdefault("ids", [])
-        body = json.dumps({"model_id": cfg["model_id"], "dataset_id": cfg["dataset_id"],
-                           "spec": {"method": "magnitude", "sparsity": 0.5, "device": "cpu"}}).encode()
+        body = json.dumps(
+            {
+                "model_id": cfg["model_id"],
+                "dataset_id": cfg["dataset_id"],
+                "spec": {"method": "magnitude", "sparsity": 0.5, "device": "cpu"},
+            }
+        ).encode()
         raw = build_request("POST", "/v1/jobs", hostport, key, body)
 
         def keep_id(status: int, body: bytes) -> None:
@@ -340,13 +390,25 @@ async def _client_main(cfg: dict[str, Any]) -> dict[str, Any]:
                 created.append(json.loads(body)["id"])
 
         (http,) = await connected(1)
-        tasks.append(request_loop(http, raw, rec, t_start=t_start, t_measure=t_measure, t_end=t_end,
-                                  interval=1.0 / cfg["create_rate"], offset=0.0, on_body=keep_id))
+        tasks.append(
+            request_loop(
+                http,
+                raw,
+                rec,
+                t_start=t_start,
+                t_measure=t_measure,
+                t_end=t_end,
+                interval=1.0 / cfg["create_rate"],
+                offset=0.0,
+                on_body=keep_id,
+            )
+        )
     if cfg.get("sse_streams"):
         rec = recs["sse"] = Recorder()
         for _ in range(cfg["sse_streams"]):
-            tasks.append(sse_loop(host, port, key, cfg["job_id"], rec, t_start=t_start, t_measure=t_measure,
-                                    t_end=t_end))
+            tasks.append(
+                sse_loop(host, port, key, cfg["job_id"], rec, t_start=t_start, t_measure=t_measure, t_end=t_end)
+            )
     await asyncio.gather(*tasks)
     return {kind: r.dump() for kind, r in recs.items()}
 
@@ -364,7 +426,7 @@ def wait_until(predicate: Any, timeout: float, what: str, procs: list[Any] = ())
             value = predicate()
             if value:
                 return value
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # noqa: BLE001 (not up yet)
             pass
         time.sleep(0.2)
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -372,8 +434,14 @@ def wait_until(predicate: Any, timeout: float, what: str, procs: list[Any] = ())
 
 def service_env(**arborist: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     env.update(env_vars(arborist))
     return env
 
@@ -406,8 +474,12 @@ class Service:
             self._start_celery()
         else:
             self._start_embedded()
-        wait_until(lambda: httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200, 90,
-                   "the API to be ready", self.procs)
+        wait_until(
+            lambda: httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200,
+            90,
+            "the API to be ready",
+            self.procs,
+        )
 
     def _start_celery(self) -> None:
         import redis
@@ -426,41 +498,100 @@ class Service:
         r = redis.Redis.from_url(REDIS_URL)
         r.flushdb()
         r.close()
-        env = service_env(environment="dev", database_url=self.database_url, broker_url=REDIS_URL,
-                          artifact_root=str(self.workdir / "artifacts"),
-                          data_allowed_roots=[str(self.workdir / "datasets")])
+        env = service_env(
+            environment="dev",
+            database_url=self.database_url,
+            broker_url=REDIS_URL,
+            artifact_root=str(self.workdir / "artifacts"),
+            data_allowed_roots=[str(self.workdir / "datasets")],
+        )
         # The Dockerfile's command, on loopback.
-        api = self._spawn("uvicorn", [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--proxy-headers", *self.uvicorn_args], env)
+        api = self._spawn(
+            "uvicorn",
+            [
+                str(VENV_BIN / "uvicorn"),
+                "api.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--proxy-headers",
+                *self.uvicorn_args,
+            ],
+            env,
+        )
         self.api_pid = api.pid
-        worker = self._spawn("celery", [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q",
-                                        "cpu,gpu", "-c", "1", "-P", "prefork", "-n", "bench@load",
-                                        "--without-gossip", "--without-mingle", "-l", "INFO"], env)
+        worker = self._spawn(
+            "celery",
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                "cpu,gpu",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "-n",
+                "bench@load",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+            env,
+        )
         self.worker_pid = worker.pid
-        wait_until(lambda: " ready." in (self.workdir / "celery.log").read_text(errors="replace"), 90,
-                   "the celery worker", self.procs)
+        wait_until(
+            lambda: " ready." in (self.workdir / "celery.log").read_text(errors="replace"),
+            90,
+            "the celery worker",
+            self.procs,
+        )
 
     def _start_embedded(self) -> None:
         data = self.workdir / "data"
         self.database_url = f"sqlite:///{data / 'arborist.db'}"
         env = service_env()
-        p = self._spawn("serve", [str(VENV_BIN / "arborist"), "serve", "--host", "127.0.0.1", "--port",
-                                  str(self.port), "--data-dir", str(data)], env)
+        p = self._spawn(
+            "serve",
+            [
+                str(VENV_BIN / "arborist"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(data),
+            ],
+            env,
+        )
         self.api_pid = p.pid  # `arborist serve` runs uvicorn in-process, the worker is its child
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of the API (uvicorn with its workers, or the `arborist serve` process itself) and
         of the worker (celery with its children, or the serve process's children: embedded worker and jobs)."""
         if self.mode == "celery":
-            return {"api": usage(self.api_pid, tree=True)[0], "worker": usage(self.worker_pid, tree=True)[0],
-                    "postgres": postgres_cpu_s()}
+            return {
+                "api": usage(self.api_pid, tree=True)[0],
+                "worker": usage(self.worker_pid, tree=True)[0],
+                "postgres": postgres_cpu_s(),
+            }
         api = usage(self.api_pid, tree=False)[0]
         return {"api": api, "worker": usage(self.api_pid, tree=True)[0] - api}
 
     def key(self) -> str:
-        out = subprocess.run([str(VENV_BIN / "arborist"), "keys", "create", "--tenant", "bench", "--url",
-                              self.database_url], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env=service_env())
+        out = subprocess.run(
+            [str(VENV_BIN / "arborist"), "keys", "create", "--tenant", "bench", "--url", self.database_url],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env=service_env(),
+        )
         return out.stdout.strip().splitlines()[0]
 
     def stop(self) -> None:
@@ -564,8 +695,11 @@ def prepare(svc: Service, workdir: Path) -> dict[str, Any]:
     model_path, dataset_path = digits_files(workdir)
     with httpx.Client(base_url=svc.base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
         with open(model_path, "rb") as fh:
-            r = c.post("/v1/models", files={"file": (model_path.name, fh)},
-                       data={"name": "digits-mlp", "arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)})
+            r = c.post(
+                "/v1/models",
+                files={"file": (model_path.name, fh)},
+                data={"name": "digits-mlp", "arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)},
+            )
         r.raise_for_status()
         model_id = r.json()["id"]
         with open(dataset_path, "rb") as fh:
@@ -573,22 +707,29 @@ def prepare(svc: Service, workdir: Path) -> dict[str, Any]:
         r.raise_for_status()
         dataset_id = r.json()["id"]
         # Fine-tuning with small batches for up to 10,000 epochs: it runs (and emits events) until canceled.
-        spec = {"method": "woodfisher", "sparsity": 0.8, "mode": "gradual",
-                "schedule": {"initial_sparsity": 0.5, "end_epoch": 9000, "frequency": 1},
-                "fisher": {"samples": 64, "lambda": 1e-3}, "finetune": {"epochs": 10000, "batch_size": 16},
-                "device": "cpu", "seed": 0}
+        spec = {
+            "method": "woodfisher",
+            "sparsity": 0.8,
+            "mode": "gradual",
+            "schedule": {"initial_sparsity": 0.5, "end_epoch": 9000, "frequency": 1},
+            "fisher": {"samples": 64, "lambda": 1e-3},
+            "finetune": {"epochs": 10000, "batch_size": 16},
+            "device": "cpu",
+            "seed": 0,
+        }
         r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec})
         r.raise_for_status()
         job_id = r.json()["id"]
-        wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 120,
-                   "the long job to run", svc.procs)
+        wait_until(
+            lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 120, "the long job to run", svc.procs
+        )
     return {"key": key, "model_id": model_id, "dataset_id": dataset_id, "job_id": job_id}
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
-    i = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
+    i = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
     return sorted_values[i]
 
 
@@ -599,22 +740,34 @@ def summarise(kind: str, records: list[dict[str, Any]], duration: float) -> dict
     for r in records:
         status.update({int(k): v for k, v in r["status"].items()})
         errors.update(r["errors"])
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+
+    def ms(v):
+        return None if v is None else round(v * 1000, 2)
+
     row = {
-        "kind": kind, "requests": len(lat),
+        "kind": kind,
+        "requests": len(lat),
         "rate_per_s": round(sum(r["extra"].get("in_window", len(r["lat"])) for r in records) / duration, 1),
         "unsent": sum(r["extra"].get("unsent", 0) for r in records),
-        "p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)), "max_ms": ms(lat[-1] if lat else None),
+        "p50_ms": ms(percentile(lat, 50)),
+        "p99_ms": ms(percentile(lat, 99)),
+        "max_ms": ms(lat[-1] if lat else None),
         "2xx": sum(v for k, v in status.items() if 200 <= k < 300),
         "4xx": sum(v for k, v in status.items() if 400 <= k < 500),
         "5xx": sum(v for k, v in status.items() if k >= 500),
-        "transport_errors": sum(errors.values()), "status": dict(status), "errors": dict(errors),
+        "transport_errors": sum(errors.values()),
+        "status": dict(status),
+        "errors": dict(errors),
     }
     if kind == "sse":
         lags = sorted(x for r in records for x in r["extra"].get("lag", []))
-        row.update(streams_opened=len(lat), events=sum(r["extra"].get("events", 0) for r in records),
-                   live_events=sum(r["extra"].get("live_events", 0) for r in records),
-                   live_lag_p50_ms=ms(percentile(lags, 50)), live_lag_p99_ms=ms(percentile(lags, 99)))
+        row.update(
+            streams_opened=len(lat),
+            events=sum(r["extra"].get("events", 0) for r in records),
+            live_events=sum(r["extra"].get("live_events", 0) for r in records),
+            live_lag_p50_ms=ms(percentile(lags, 50)),
+            live_lag_p99_ms=ms(percentile(lags, 99)),
+        )
     return row
 
 
@@ -627,15 +780,21 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         svc.start()
         ids = prepare(svc, workdir)
-        print(f"[{mode}] job {ids['job_id']} running; load for {args.warmup:.0f}+{args.duration:.0f} s ...",
-              flush=True)
+        print(f"[{mode}] job {ids['job_id']} running; load for {args.warmup:.0f}+{args.duration:.0f} s ...", flush=True)
         base = {"host": "127.0.0.1", "port": svc.port, **ids, "warmup": args.warmup, "duration": args.duration}
         configs = []
         for i in range(args.poll_procs):
             share = args.poll_conns // args.poll_procs + (1 if i < args.poll_conns % args.poll_procs else 0)
             configs.append({**base, "poll_conns": share, "poll_rate": args.poll_rate * share / args.poll_conns})
-        configs.append({**base, "list_conns": args.list_conns, "list_rate": args.list_rate,
-                        "create_rate": args.create_rate, "sse_streams": args.sse_streams})
+        configs.append(
+            {
+                **base,
+                "list_conns": args.list_conns,
+                "list_rate": args.list_rate,
+                "create_rate": args.create_rate,
+                "sse_streams": args.sse_streams,
+            }
+        )
         import multiprocessing as mp
 
         with ProcessPoolExecutor(len(configs), mp_context=mp.get_context("spawn")) as pool:
@@ -661,14 +820,18 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         resources = {
             "api_cpu_pct": round(100 * (cpu1["api"] - cpu0["api"]) / elapsed, 1),
             # the API's CPU time per answered request (all kinds): an efficiency measure that a busy machine skews less
-            "api_cpu_ms_per_request": round(1000 * (cpu1["api"] - cpu0["api"])
-                                            / max(1, sum(r["requests"] for r in rows if r["kind"] != "sse")), 2),
+            "api_cpu_ms_per_request": round(
+                1000 * (cpu1["api"] - cpu0["api"]) / max(1, sum(r["requests"] for r in rows if r["kind"] != "sse")), 2
+            ),
             "worker_cpu_pct": round(100 * (cpu1["worker"] - cpu0["worker"]) / elapsed, 1),
-            "postgres_cpu_pct": round(100 * (cpu1["postgres"] - cpu0["postgres"]) / elapsed, 1) if "postgres" in cpu0
+            "postgres_cpu_pct": round(100 * (cpu1["postgres"] - cpu0["postgres"]) / elapsed, 1)
+            if "postgres" in cpu0
             else None,
             "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
-            "client_procs": len(results), "api_rss_mb": round(usage(svc.api_pid, tree=svc.mode == "celery")[1], 1),
-            "job_state_at_end": job["state"], "job_progress_at_end": job["progress"],
+            "client_procs": len(results),
+            "api_rss_mb": round(usage(svc.api_pid, tree=svc.mode == "celery")[1], 1),
+            "job_state_at_end": job["state"],
+            "job_progress_at_end": job["progress"],
         }
         return {"mode": mode, "rows": rows, "resources": resources}
     finally:
@@ -680,26 +843,36 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_summary(res: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n=== {res['mode']}: {args.duration:.0f} s measured, poll offered "
-          f"{'closed loop' if not args.poll_rate else f'{args.poll_rate:.0f}/s'} over {args.poll_conns} sockets ===")
-    head = f"{'kind':<7}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>7}{'4xx':>6}" \
-           f"{'5xx':>6}{'errors':>8}{'unsent':>8}"
+    print(
+        f"\n=== {res['mode']}: {args.duration:.0f} s measured, poll offered "
+        f"{'closed loop' if not args.poll_rate else f'{args.poll_rate:.0f}/s'} over {args.poll_conns} sockets ==="
+    )
+    head = (
+        f"{'kind':<7}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>7}{'4xx':>6}"
+        f"{'5xx':>6}{'errors':>8}{'unsent':>8}"
+    )
     print(head)
     for r in res["rows"]:
-        print(f"{r['kind']:<7}{r['requests']:>9}{r['rate_per_s']:>9}{r['p50_ms'] or '-':>9}{r['p99_ms'] or '-':>9}"
-              f"{r['max_ms'] or '-':>9}{r['2xx']:>7}{r['4xx']:>6}{r['5xx']:>6}{r['transport_errors']:>8}"
-              f"{r['unsent']:>8}")
+        print(
+            f"{r['kind']:<7}{r['requests']:>9}{r['rate_per_s']:>9}{r['p50_ms'] or '-':>9}{r['p99_ms'] or '-':>9}"
+            f"{r['max_ms'] or '-':>9}{r['2xx']:>7}{r['4xx']:>6}{r['5xx']:>6}{r['transport_errors']:>8}"
+            f"{r['unsent']:>8}"
+        )
     for r in res["rows"]:
         if r["kind"] == "sse":
-            print(f"sse: {r['streams_opened']} streams opened (latency above = time to headers), {r['events']} "
-                  f"events, {r['live_events']} live; live-event lag p50 {r['live_lag_p50_ms']} ms, "
-                  f"p99 {r['live_lag_p99_ms']} ms")
+            print(
+                f"sse: {r['streams_opened']} streams opened (latency above = time to headers), {r['events']} "
+                f"events, {r['live_events']} live; live-event lag p50 {r['live_lag_p50_ms']} ms, "
+                f"p99 {r['live_lag_p99_ms']} ms"
+            )
     rs = res["resources"]
     pg = f", postgres (all clients) {rs['postgres_cpu_pct']}%" if rs["postgres_cpu_pct"] is not None else ""
-    print(f"cpu: api {rs['api_cpu_pct']}% (≈{rs['api_cpu_ms_per_request']} ms per request), "
-          f"worker {rs['worker_cpu_pct']}%{pg}, clients {rs['client_cpu_s']} s in "
-          f"{rs['client_procs']} processes; api rss {rs['api_rss_mb']} MB; long job {rs['job_state_at_end']} "
-          f"at progress {rs['job_progress_at_end']:.3f}")
+    print(
+        f"cpu: api {rs['api_cpu_pct']}% (≈{rs['api_cpu_ms_per_request']} ms per request), "
+        f"worker {rs['worker_cpu_pct']}%{pg}, clients {rs['client_cpu_s']} s in "
+        f"{rs['client_procs']} processes; api rss {rs['api_rss_mb']} MB; long job {rs['job_state_at_end']} "
+        f"at progress {rs['job_progress_at_end']:.3f}"
+    )
     poll = next((r for r in res["rows"] if r["kind"] == "poll"), None)
     if poll:
         ok = poll["rate_per_s"] >= 500 and (poll["p99_ms"] or 1e9) < 50 and all(r["5xx"] == 0 for r in res["rows"])
@@ -718,21 +891,32 @@ def main() -> None:
     ap.add_argument("--list-conns", type=int, default=2)
     ap.add_argument("--create-rate", type=float, default=1.0, help="POST /v1/jobs per s")
     ap.add_argument("--sse-streams", type=int, default=4)
-    ap.add_argument("--uvicorn-args", default="",
-                    help="extra uvicorn options, celery mode (e.g. --uvicorn-args='--workers 2 --no-access-log')")
+    ap.add_argument(
+        "--uvicorn-args",
+        default="",
+        help="extra uvicorn options, celery mode (e.g. --uvicorn-args='--workers 2 --no-access-log')",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the service
 
     results = []
-    for mode in (["celery", "embedded"] if args.mode == "both" else [args.mode]):
+    for mode in ["celery", "embedded"] if args.mode == "both" else [args.mode]:
         res = run_mode(mode, args)
         print_summary(res, args)
         results.append(res)
     from bench._util import save
 
-    rows = [{"mode": r["mode"], **row, **{f"res_{k}": v for k, v in r["resources"].items()},
-             "config": {k: v for k, v in vars(args).items()}} for r in results for row in r["rows"]]
+    rows = [
+        {
+            "mode": r["mode"],
+            **row,
+            **{f"res_{k}": v for k, v in r["resources"].items()},
+            "config": {k: v for k, v in vars(args).items()},
+        }
+        for r in results
+        for row in r["rows"]
+    ]
     name = "load" if args.mode == "both" else f"load-{args.mode}"
     print(f"\nsaved {save(name, rows)}")
 

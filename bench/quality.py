@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._util import save  # noqa: E402
-from core.engine.curvature.base import FisherConfig  # noqa: E402
-from core.io.data import builtin_dataset  # noqa: E402
-from core.engine.layout import select_parameters  # noqa: E402
-from core.engine.pruner import make_pruner  # noqa: E402
-from core.runs.run import execute  # noqa: E402
-from core.runs.spec import FinetuneSpec, PruneSpec  # noqa: E402
-from core.runs.train import evaluate, make_optimizer, train_epoch  # noqa: E402
-from core.io.zoo import build_model  # noqa: E402
+from bench._util import save
+from core.engine.curvature.base import FisherConfig
+from core.engine.layout import select_parameters
+from core.engine.pruner import make_pruner
+from core.io.data import builtin_dataset
+from core.io.zoo import build_model
+from core.runs.run import execute
+from core.runs.spec import FinetuneSpec, PruneSpec
+from core.runs.train import evaluate, make_optimizer, train_epoch
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 FISHER = FisherConfig(m=512, lam=1e-3, chunk=128)
@@ -50,8 +50,16 @@ def trained(model_key: str, seed: int):
     model = build_model(arch, **kwargs)
     opt = make_optimizer(model, FinetuneSpec(optimizer="adam", lr=3e-3))
     for e in range(40):
-        train_epoch(model, data.x_train, data.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
-                    generator=torch.Generator().manual_seed(seed * 100 + e))
+        train_epoch(
+            model,
+            data.x_train,
+            data.y_train,
+            opt,
+            loss="cross_entropy",
+            batch_size=64,
+            masks={},
+            generator=torch.Generator().manual_seed(seed * 100 + e),
+        )
     return model, data
 
 
@@ -68,10 +76,19 @@ def one_shot(models: list[str], seeds: int, sparsities: list[float]) -> list[dic
                     model.load_state_dict(state)
                     cfg = FisherConfig(**{**FISHER.__dict__, "seed": seed})
                     make_pruner(method, cfg, block_size=128, joint=joint, recompute=recompute).prune(
-                        model, names, s, (data.x_train, data.y_train))
+                        model, names, s, (data.x_train, data.y_train)
+                    )
                     acc = evaluate(model, data.x_val, data.y_val, "cross_entropy")["accuracy"]
-                    rows.append({"model": model_key, "seed": seed, "method": label, "sparsity": s,
-                                 "accuracy": acc, "dense": dense})
+                    rows.append(
+                        {
+                            "model": model_key,
+                            "seed": seed,
+                            "method": label,
+                            "sparsity": s,
+                            "accuracy": acc,
+                            "dense": dense,
+                        }
+                    )
             print(f"  {model_key} seed {seed} done (dense {dense:.3f})", flush=True)
     return rows
 
@@ -80,10 +97,15 @@ def gradual(seed: int = 0) -> list[dict]:
     rows = []
     for method in ("woodfisher", "global_magnitude"):
         model, data = trained("mlp", seed)
-        spec = PruneSpec(method=method, sparsity=0.95, mode="gradual",
-                         schedule={"initial_sparsity": 0.5, "start_epoch": 0, "end_epoch": 4, "frequency": 1},
-                         finetune={"epochs": 6, "optimizer": "adam", "lr": 1e-3},
-                         fisher={"samples": 512, "lambda": 1e-3, "recompute": 4, "update": "joint"}, seed=seed)
+        spec = PruneSpec(
+            method=method,
+            sparsity=0.95,
+            mode="gradual",
+            schedule={"initial_sparsity": 0.5, "start_epoch": 0, "end_epoch": 4, "frequency": 1},
+            finetune={"epochs": 6, "optimizer": "adam", "lr": 1e-3},
+            fisher={"samples": 512, "lambda": 1e-3, "recompute": 4, "update": "joint"},
+            seed=seed,
+        )
         r = execute(spec, model, data, Path(f"bench/results/gradual-{method}")).report
         rows.append({"method": method, "sparsity": 0.95, "accuracy": r["metrics"]["after"]["val"]["accuracy"]})
     return rows
@@ -92,15 +114,22 @@ def gradual(seed: int = 0) -> list[dict]:
 def table(rows: list[dict], sparsities: list[float]) -> str:
     out = []
     for model_key in dict.fromkeys(r["model"] for r in rows):
-        dense = sum(r["dense"] for r in rows if r["model"] == model_key and r["method"] == "magnitude"
-                    and r["sparsity"] == sparsities[0]) / len({r["seed"] for r in rows})
+        dense = sum(
+            r["dense"]
+            for r in rows
+            if r["model"] == model_key and r["method"] == "magnitude" and r["sparsity"] == sparsities[0]
+        ) / len({r["seed"] for r in rows})
         out.append(f"\n{model_key} (dense {dense:.3f}), val accuracy after one-shot pruning, mean of seeds")
         out.append("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
         out.append("|---|" + "---|" * len(sparsities))
         for label in METHODS:
             cells = []
             for s in sparsities:
-                vals = [r["accuracy"] for r in rows if r["model"] == model_key and r["method"] == label and r["sparsity"] == s]
+                vals = [
+                    r["accuracy"]
+                    for r in rows
+                    if r["model"] == model_key and r["method"] == label and r["sparsity"] == s
+                ]
                 cells.append(f"{sum(vals) / len(vals):.3f}")
             out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -113,7 +142,9 @@ def main() -> None:
     ap.add_argument("--no-gradual", action="store_true")
     ap.add_argument("--quick", action="store_true", help="MLP only, one seed, two sparsities")
     args = ap.parse_args()
-    models, seeds, sparsities = (["mlp"], 1, [0.7, 0.9]) if args.quick else (args.models.split(","), args.seeds, SPARSITIES)
+    models, seeds, sparsities = (
+        (["mlp"], 1, [0.7, 0.9]) if args.quick else (args.models.split(","), args.seeds, SPARSITIES)
+    )
     rows = one_shot(models, seeds, sparsities)
     print(table(rows, sparsities))
     grad = [] if args.quick or args.no_gradual else gradual()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import free_port  # noqa: E402
+from bench._util import free_port  # noqa: E402 (after the sys.path line above)
 
 VENV_BIN = Path(sys.executable).parent
 FEATURES = 64
@@ -94,8 +94,10 @@ def safetensors_stream(rows: int, chunk_bytes: int) -> tuple[int, Iterator[bytes
     import numpy as np
 
     x_bytes, y_bytes = rows * FEATURES * 4, rows * 8
-    header = {"x": {"dtype": "F32", "shape": [rows, FEATURES], "data_offsets": [0, x_bytes]},
-              "y": {"dtype": "I64", "shape": [rows], "data_offsets": [x_bytes, x_bytes + y_bytes]}}
+    header = {
+        "x": {"dtype": "F32", "shape": [rows, FEATURES], "data_offsets": [0, x_bytes]},
+        "y": {"dtype": "I64", "shape": [rows], "data_offsets": [x_bytes, x_bytes + y_bytes]},
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data start 8-byte aligned
     size = 8 + len(raw) + x_bytes + y_bytes
@@ -117,9 +119,11 @@ def safetensors_stream(rows: int, chunk_bytes: int) -> tuple[int, Iterator[bytes
 
 def multipart(file_size: int, file_chunks: Iterator[bytes], name: str) -> tuple[str, int, Iterator[bytes]]:
     boundary = "arborist-bench-" + os.urandom(8).hex()
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\n{name}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}.safetensors\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def body() -> Iterator[bytes]:
@@ -146,12 +150,32 @@ def main() -> None:
     data_dir = workdir / "data"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-               ARBORIST_MAX_UPLOAD_BYTES=str(file_size + 2**20))
+    env.update(
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        ARBORIST_MAX_UPLOAD_BYTES=str(file_size + 2**20),
+    )
     log = open(workdir / "serve.log", "wb")
-    server = subprocess.Popen([str(VENV_BIN / "arborist"), "serve", "--no-worker", "--host", "127.0.0.1", "--port",
-                               str(port), "--data-dir", str(data_dir), "--log-level", "warning"],
-                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(VENV_BIN / "arborist"),
+            "serve",
+            "--no-worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -166,15 +190,36 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
-        key = subprocess.run([str(VENV_BIN / "arborist"), "keys", "create", "--tenant", "bench", "--url",
-                              f"sqlite:///{data_dir / 'arborist.db'}"], capture_output=True, text=True, check=True,
-                             env=env, cwd=ROOT).stdout.strip().splitlines()[0]
+        key = (
+            subprocess.run(
+                [
+                    str(VENV_BIN / "arborist"),
+                    "keys",
+                    "create",
+                    "--tenant",
+                    "bench",
+                    "--url",
+                    f"sqlite:///{data_dir / 'arborist.db'}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+                cwd=ROOT,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
         headers = {"Authorization": f"Bearer {key}"}
         # Warm-up: a tiny upload first, so lazy imports on the upload path are not counted as the big one's cost.
         small_size, small_chunks = safetensors_stream(1000, 2**20)
         ctype, length, body = multipart(small_size, small_chunks, "warmup")
-        r = httpx.post(f"{base}/v1/datasets", content=body, timeout=120,
-                       headers={**headers, "Content-Type": ctype, "Content-Length": str(length)})
+        r = httpx.post(
+            f"{base}/v1/datasets",
+            content=body,
+            timeout=120,
+            headers={**headers, "Content-Type": ctype, "Content-Length": str(length)},
+        )
         assert r.status_code == 201, r.text
         time.sleep(1.0)
 
@@ -184,33 +229,54 @@ def main() -> None:
         sampler.start()
         ctype, length, body = multipart(file_size, file_chunks, "big")
         t0 = time.perf_counter()
-        r = httpx.post(f"{base}/v1/datasets", content=body, timeout=httpx.Timeout(60.0, read=1800.0),
-                       headers={**headers, "Content-Type": ctype, "Content-Length": str(length)})
+        r = httpx.post(
+            f"{base}/v1/datasets",
+            content=body,
+            timeout=httpx.Timeout(60.0, read=1800.0),
+            headers={**headers, "Content-Type": ctype, "Content-Length": str(length)},
+        )
         seconds = time.perf_counter() - t0
         time.sleep(0.5)
         sampler.stop.set()
         sampler.join()
         rss_after, hwm_after = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
         ok = r.status_code == 201
-        mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+
+        def mib(kib):
+            return round(kib / 1024, 1)
+
         row = {
-            "status": r.status_code, "file_bytes": file_size, "body_bytes": length, "rows": rows,
-            "seconds": round(seconds, 2), "mb_per_s": round(length / 1e6 / seconds, 1),
-            "rss_before_mib": mib(rss_before), "rss_peak_mib": mib(sampler.peak_kib), "rss_after_mib": mib(rss_after),
-            "hwm_before_mib": mib(hwm_before), "hwm_after_mib": mib(hwm_after),
+            "status": r.status_code,
+            "file_bytes": file_size,
+            "body_bytes": length,
+            "rows": rows,
+            "seconds": round(seconds, 2),
+            "mb_per_s": round(length / 1e6 / seconds, 1),
+            "rss_before_mib": mib(rss_before),
+            "rss_peak_mib": mib(sampler.peak_kib),
+            "rss_after_mib": mib(rss_after),
+            "hwm_before_mib": mib(hwm_before),
+            "hwm_after_mib": mib(hwm_after),
             "rss_growth_mib": mib(max(sampler.peak_kib, hwm_after if hwm_after > hwm_before else 0) - rss_before),
             "largest_child_peak_mib": mib(sampler.child_peak_kib),
-            "samples": sampler.samples, "chunk_mib": args.chunk_mib,
+            "samples": sampler.samples,
+            "chunk_mib": args.chunk_mib,
             "dataset": r.json() if ok else r.text[:2000],
         }
         print(f"upload: {'201 Created' if ok else f'FAILED {r.status_code}: {r.text[:500]}'}")
         print(f"bytes {length:,} (file {file_size:,}, {rows:,} examples) in {seconds:.1f} s = {row['mb_per_s']} MB/s")
-        print(f"API RSS before {row['rss_before_mib']} MiB, peak {row['rss_peak_mib']} MiB (sampled every 20 ms; "
-              f"VmHWM {row['hwm_before_mib']} -> {row['hwm_after_mib']} MiB), after {row['rss_after_mib']} MiB")
-        print(f"largest process under the API (the validation child, which loads the dataset to check it): peak "
-              f"{row['largest_child_peak_mib']} MiB")
-        print(f"API RSS growth {row['rss_growth_mib']} MiB (target < 100 MB): "
-              f"{'met' if ok and row['rss_growth_mib'] * 2**20 < 100e6 else 'NOT met'}")
+        print(
+            f"API RSS before {row['rss_before_mib']} MiB, peak {row['rss_peak_mib']} MiB (sampled every 20 ms; "
+            f"VmHWM {row['hwm_before_mib']} -> {row['hwm_after_mib']} MiB), after {row['rss_after_mib']} MiB"
+        )
+        print(
+            f"largest process under the API (the validation child, which loads the dataset to check it): peak "
+            f"{row['largest_child_peak_mib']} MiB"
+        )
+        print(
+            f"API RSS growth {row['rss_growth_mib']} MiB (target < 100 MB): "
+            f"{'met' if ok and row['rss_growth_mib'] * 2**20 < 100e6 else 'NOT met'}"
+        )
         from bench._util import save
 
         print(f"saved {save('upload-rss', [row])}")

@@ -45,14 +45,24 @@ class ApiError(Exception):
 class Client:
     """A thin, synchronous client over httpx; one instance per API key (thread-safe for concurrent calls)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         base_url = base_url or os.environ.get("ARBORIST_URL", "http://127.0.0.1:8000")
         api_key = api_key or os.environ.get("ARBORIST_API_KEY")
         if not api_key:
             raise ValueError("an API key is required (argument or ARBORIST_API_KEY)")
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {api_key}"})
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -84,20 +94,35 @@ class Client:
 
     # --- models and datasets ------------------------------------------------------------------------------------
 
-    def upload_model(self, path: str | Path, *, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
-                     name: str | None = None) -> dict[str, Any]:
+    def upload_model(
+        self,
+        path: str | Path,
+        *,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
         """Uploads a safetensors state dict (with a zoo ``arch``) or a single-file ONNX model."""
-        fields = {k: v for k, v in {"name": name, "arch": arch,
-                                    "arch_kwargs": json.dumps(arch_kwargs) if arch_kwargs else None}.items() if v}
+        fields = {
+            k: v
+            for k, v in {
+                "name": name,
+                "arch": arch,
+                "arch_kwargs": json.dumps(arch_kwargs) if arch_kwargs else None,
+            }.items()
+            if v
+        }
         with open(path, "rb") as fh:
-            return self._json("POST", "/v1/models", data=fields,
-                              files={"file": (Path(path).name, fh, "application/octet-stream")})
+            return self._json(
+                "POST", "/v1/models", data=fields, files={"file": (Path(path).name, fh, "application/octet-stream")}
+            )
 
     def upload_dataset(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> dict[str, Any]:
         fields = {k: v for k, v in {"name": name, "format": format}.items() if v}
         with open(path, "rb") as fh:
-            return self._json("POST", "/v1/datasets", data=fields,
-                              files={"file": (Path(path).name, fh, "application/octet-stream")})
+            return self._json(
+                "POST", "/v1/datasets", data=fields, files={"file": (Path(path).name, fh, "application/octet-stream")}
+            )
 
     def register_dataset(self, uri: str, *, name: str | None = None, format: str | None = None) -> dict[str, Any]:
         """Registers data the server can read (a path or URI under its allowed roots) without uploading it."""
@@ -124,11 +149,13 @@ class Client:
 
     # --- jobs ---------------------------------------------------------------------------------------------------
 
-    def submit(self, model_id: str, dataset_id: str, spec: dict[str, Any], *,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(
+        self, model_id: str, dataset_id: str, spec: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json("POST", "/v1/jobs", headers=headers,
-                          json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec})
+        return self._json(
+            "POST", "/v1/jobs", headers=headers, json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec}
+        )
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
@@ -157,8 +184,9 @@ class Client:
         last = after
         while True:
             try:
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", params={"after": last},
-                                       timeout=httpx.Timeout(30.0, read=None)) as resp:
+                with self._http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", params={"after": last}, timeout=httpx.Timeout(30.0, read=None)
+                ) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _raise_for_problem(resp)
@@ -171,8 +199,13 @@ class Client:
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
                 time.sleep(1.0)  # server restarting or connection dropped: resume after the last event seen
 
-    def wait(self, job_id: str, *, timeout: float | None = None,
-             on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Follows the events until the job is finished; returns the final job. ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for kind, data in self.events(job_id):

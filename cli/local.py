@@ -22,14 +22,14 @@ import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from core.runs.checkpoint import DirectoryCheckpointer
-from core.io.data import Dataset, builtin_dataset, check_compatible, load_dataset
 from core.errors import ArboristError
+from core.io.data import Dataset, builtin_dataset, check_compatible, load_dataset
 from core.io.model_files import load_model, save_state_dict
+from core.io.zoo import build_model
+from core.runs.checkpoint import DirectoryCheckpointer
 from core.runs.run import RunHooks, execute
 from core.runs.spec import FinetuneSpec, PruneSpec
 from core.runs.train import evaluate, make_optimizer, train_epoch
-from core.io.zoo import build_model
 
 
 class BarHooks(RunHooks):
@@ -113,8 +113,15 @@ def compare(run_file: Path, methods: str, sparsities: str, output: Path | None) 
         for method in methods.split(","):
             for s in levels:
                 model.load_state_dict(state)
-                run_spec = PruneSpec(**{**spec.model_dump(by_alias=True), "method": method, "sparsity": s,
-                                        "mode": "one_shot", "finetune": {"epochs": 0}})
+                run_spec = PruneSpec(
+                    **{
+                        **spec.model_dump(by_alias=True),
+                        "method": method,
+                        "sparsity": s,
+                        "mode": "one_shot",
+                        "finetune": {"epochs": 0},
+                    }
+                )
                 r = execute(run_spec, model, data, out / f"{method}-{s}").report
                 rows.append({"method": method, "sparsity": s, spec.metric: r["curve"][-1]["metric"]})
     except (ArboristError, ValidationError) as e:
@@ -157,8 +164,16 @@ def train(arch: str, kwargs_json: str, data_ref: str, epochs: int, lr: float, se
         check_compatible(model, data)
         opt = make_optimizer(model, FinetuneSpec(optimizer="adam", lr=lr))
         for e in tqdm(range(epochs), desc="train", leave=False):
-            train_epoch(model, data.x_train, data.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
-                        generator=torch.Generator().manual_seed(seed * 1000 + e))
+            train_epoch(
+                model,
+                data.x_train,
+                data.y_train,
+                opt,
+                loss="cross_entropy",
+                batch_size=64,
+                masks={},
+                generator=torch.Generator().manual_seed(seed * 1000 + e),
+            )
     except ArboristError as e:
         _fail(e)
     save_state_dict(model.state_dict(), output)

@@ -127,13 +127,25 @@ def jobs() -> None:
 @click.option("--model", "model_id", required=True)
 @click.option("--dataset", "dataset_id", required=True)
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False), help="spec as YAML or JSON")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="spec field (dotted, value as YAML), e.g. --set sparsity=0.9 --set fisher.lambda=1e-4")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="spec field (dotted, value as YAML), e.g. --set sparsity=0.9 --set fisher.lambda=1e-4",
+)
 @click.option("--idempotency-key")
 @click.option("--wait", is_flag=True, help="follow the job to the end (exit 3 unless it succeeds)")
 @_connection
-def jobs_submit(client: Client, model_id: str, dataset_id: str, spec_file: str | None, overrides: tuple[str, ...],
-                idempotency_key: str | None, wait: bool) -> Any:
+def jobs_submit(
+    client: Client,
+    model_id: str,
+    dataset_id: str,
+    spec_file: str | None,
+    overrides: tuple[str, ...],
+    idempotency_key: str | None,
+    wait: bool,
+) -> Any:
     """Submit a pruning job (spec from a file and/or --set)."""
     spec = yaml.safe_load(Path(spec_file).read_text()) if spec_file else {}
     spec = spec.get("spec", spec) if isinstance(spec, dict) else {}

@@ -51,6 +51,7 @@ from core.service.settings import Settings
 
 log = logging.getLogger("arborist.serve")
 
+
 def embedded_settings(data_dir: Path, database_url: str | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from the environment, with the embedded mode's database, artifact root and queue."""
     data_dir = data_dir.expanduser().resolve()
@@ -72,8 +73,15 @@ class WorkerSupervisor:
     def __init__(self, settings: Settings, concurrency: int, log_level: str):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
         self.env.update(settings.to_env())
-        self.cmd = [sys.executable, "-m", "worker.embedded", "--concurrency", str(concurrency),
-                    "--log-level", log_level]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "worker.embedded",
+            "--concurrency",
+            str(concurrency),
+            "--log-level",
+            log_level,
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -135,16 +143,27 @@ def _banner(url: str, settings: Settings) -> str:
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--data-dir", default="./data", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="holds arborist.db, artifacts/ and datasets/")
+@click.option(
+    "--data-dir",
+    default="./data",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="holds arborist.db, artifacts/ and datasets/",
+)
 @click.option("--database-url", default=None, help="default: sqlite:///<data-dir>/arborist.db")
-@click.option("--jobs", "concurrency", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="jobs run at once")
+@click.option(
+    "--jobs", "concurrency", default=1, show_default=True, type=click.IntRange(1, 64), help="jobs run at once"
+)
 @click.option("--no-worker", is_flag=True, help="serve the API only (jobs wait for a worker)")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(host: str, port: int, data_dir: Path, database_url: str | None, concurrency: int, no_worker: bool,
-          log_level: str) -> None:
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
+def serve(
+    host: str, port: int, data_dir: Path, database_url: str | None, concurrency: int, no_worker: bool, log_level: str
+) -> None:
     """Run the API and a worker on this machine: SQLite, local artifacts, no Redis."""
     import uvicorn
 
@@ -161,8 +180,7 @@ def serve(host: str, port: int, data_dir: Path, database_url: str | None, concur
     migrate.upgrade(settings.database_url)
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     supervisor = None if no_worker else WorkerSupervisor(settings, concurrency, log_level.upper())
 

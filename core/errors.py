@@ -218,8 +218,15 @@ STATUS_TYPES: dict[int, str] = {
 }
 
 
-def _problem(slug: str, title: str, status: int, detail: str | None, instance: str | None,
-             errors: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+def _problem(
+    slug: str,
+    title: str,
+    status: int,
+    detail: str | None,
+    instance: str | None,
+    errors: list[dict],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     uri = slug if slug == "about:blank" or "://" in slug else PROBLEM_BASE + slug
     body: dict[str, Any] = {"type": uri, "title": title, "status": status}
     if detail is not None:

@@ -57,8 +57,16 @@ def digits_mlp_state(digits):
     model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
     opt = make_optimizer(model, FinetuneSpec(optimizer="adam", lr=1e-2))
     for e in range(15):
-        train_epoch(model, digits.x_train, digits.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
-                    generator=torch.Generator().manual_seed(e))
+        train_epoch(
+            model,
+            digits.x_train,
+            digits.y_train,
+            opt,
+            loss="cross_entropy",
+            batch_size=64,
+            masks={},
+            generator=torch.Generator().manual_seed(e),
+        )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from core.errors import Forbidden, InvalidInput, TooLarge, UnsafeFormat
 from core.io.data import (
     Dataset,
     DatasetInfo,
@@ -26,7 +27,6 @@ from core.io.data import (
     max_train_examples,
     validate_dataset_file,
 )
-from core.errors import Forbidden, InvalidInput, TooLarge, UnsafeFormat
 
 
 def _xy(n=20, d=5, k=3, seed=0):
@@ -143,12 +143,12 @@ def test_npz_with_other_members_refused(tmp_path):
     np.savez(path, x=x, y=y)
     with zipfile.ZipFile(path, "a") as zf:
         zf.writestr("payload.pkl", pickle.dumps({"a": 1}))
-    with pytest.raises(InvalidInput, match="only .npy"):
+    with pytest.raises(InvalidInput, match=r"only \.npy"):
         detect_dataset_format(path)
     nested = tmp_path / "nested.npz"
     with zipfile.ZipFile(nested, "w") as zf:
         zf.writestr("dir/x.npy", b"")
-    with pytest.raises(InvalidInput, match="only .npy"):
+    with pytest.raises(InvalidInput, match=r"only \.npy"):
         load_dataset(nested)
 
 

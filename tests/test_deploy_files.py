@@ -49,7 +49,7 @@ def test_arborist_variables_are_settings_fields(compose: dict[str, Any], monkeyp
     fields = set(Settings.model_fields)
     seen = set()
     for name, service in compose["services"].items():
-        for var, value in _env(service).items():
+        for var in _env(service):
             if var.startswith("ARBORIST_"):
                 field = var.removeprefix("ARBORIST_").lower()
                 assert field in fields, f"{name}: {var} is not a Settings field"

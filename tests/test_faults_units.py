@@ -17,9 +17,9 @@ import pytest
 import torch
 from sqlalchemy.exc import OperationalError
 
-from core.service.artifacts import ArtifactStore
-from core.runs.checkpoint import DirectoryCheckpointer
 from core.errors import StorageFull, no_space_error
+from core.runs.checkpoint import DirectoryCheckpointer
+from core.service.artifacts import ArtifactStore
 from core.service.settings import Settings
 
 
@@ -51,7 +51,7 @@ def test_store_commit_failure_leaves_nothing(tmp_path: Path) -> None:
     writer.write(b"{}")
 
     class FailingClose:
-        def __init__(self, fh):  # noqa: ANN001
+        def __init__(self, fh):
             self.fh = fh
 
         def close(self) -> None:
@@ -73,7 +73,7 @@ def test_checkpoint_not_committed_leaves_previous_only(tmp_path: Path, monkeypat
 
     real_fdopen = os.fdopen
 
-    def full_fdopen(fd: int, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def full_fdopen(fd: int, *args, **kwargs):
         fh = real_fdopen(fd, *args, **kwargs)
         fh.write = lambda *_: (_ for _ in ()).throw(_enospc())  # type: ignore[method-assign]
         return fh
@@ -93,8 +93,13 @@ def app_settings(tmp_path: Path) -> Settings:
 
     url = f"sqlite:///{tmp_path / 'u.db'}"
     migrate.upgrade(url)
-    return Settings(_env_file=None, database_url=url, artifact_root=str(tmp_path / "art"), queue_backend="null",
-                    sse_poll_interval_s=0.05)
+    return Settings(
+        _env_file=None,
+        database_url=url,
+        artifact_root=str(tmp_path / "art"),
+        queue_backend="null",
+        sse_poll_interval_s=0.05,
+    )
 
 
 def test_api_maps_database_outage_and_full_disk(app_settings: Settings) -> None:
@@ -123,7 +128,7 @@ def test_api_maps_database_outage_and_full_disk(app_settings: Settings) -> None:
 
 
 class _FakeRequest:
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app) -> None:
         self.app = app
 
     async def is_disconnected(self) -> bool:
@@ -140,7 +145,7 @@ def test_events_stream_survives_database_outage_and_ends_on_shutdown(
     app = create_app(app_settings)
     calls = {"n": 0}
 
-    def flaky_poll(factory, job_id, after):  # noqa: ANN001, ANN202
+    def flaky_poll(factory, job_id, after):
         calls["n"] += 1
         if calls["n"] <= 2:
             raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))

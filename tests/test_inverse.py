@@ -18,7 +18,9 @@ def explicit(inv, c):
     return torch.stack(cols, dim=-1)
 
 
-@pytest.mark.parametrize("nb,m,c,kind", [(7, 40, 12, DenseInverse), (5, 9, 30, WoodburyInverse), (3, 16, 16, DenseInverse)])
+@pytest.mark.parametrize(
+    "nb,m,c,kind", [(7, 40, 12, DenseInverse), (5, 9, 30, WoodburyInverse), (3, 16, 16, DenseInverse)]
+)
 def test_block_inverse_matches_sherman_morrison(nb, m, c, kind):
     torch.manual_seed(0)
     g = torch.randn(nb, m, c, dtype=torch.float64)
@@ -84,5 +86,6 @@ def test_float32_blocks_that_round_indefinite_are_rebuilt_in_float64():
         failed = torch.linalg.cholesky_ex(_gram(gg, 1e-3, small)).info != 0
         # The rebuilt blocks are float64-accurate up to their conditioning: the repeated column leaves
         # eigenvalues of mλ = 0.05 beside ~1e10 (cond ~3e11), so even float64 Cholesky is good to
-        # ~cond·eps ≈ 7e-5 (the exact digits depend on the CPU's BLAS). Without the rebuild (placeholder factors) it is off by > 90 %.
+        # ~cond·eps ≈ 7e-5 (the exact digits depend on the CPU's BLAS).
+        # Without the rebuild (placeholder factors) it is off by > 90 %.
         assert rel(inv.diag()[failed].double(), oracle.diagonal(dim1=-2, dim2=-1)[failed]) < 1e-4

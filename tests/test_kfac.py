@@ -45,7 +45,9 @@ def test_one_example_kfac_is_exactly_b_kron_a(label, make, name, shape):
     assert rel(torch.kron(a, b), exact) > 0.1  # the reviewers' A⊗B ordering mistake
 
 
-@pytest.mark.parametrize("label,make,name,shape", CASES + [("conv 3x3 output", lambda: conv_model(2), "0.weight", (2, 4, 4))])
+@pytest.mark.parametrize(
+    "label,make,name,shape", [*CASES, ("conv 3x3 output", lambda: conv_model(2), "0.weight", (2, 4, 4))]
+)
 def test_kfac_order_approximates_the_exact_block(label, make, name, shape):
     model = make()
     torch.manual_seed(1)

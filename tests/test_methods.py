@@ -95,8 +95,10 @@ EXPECTED = {
         Method.EXACT_OBS: (0, 3 * 36 * 36 * 4),
     },
 }
-EXPECTED = {k: {**v, Method.WOODTAYLOR: v[Method.WOODFISHER], Method.MAGNITUDE: (0, 0),
-                Method.GLOBAL_MAGNITUDE: (0, 0)} for k, v in EXPECTED.items()}
+EXPECTED = {
+    k: {**v, Method.WOODTAYLOR: v[Method.WOODFISHER], Method.MAGNITUDE: (0, 0), Method.GLOBAL_MAGNITUDE: (0, 0)}
+    for k, v in EXPECTED.items()
+}
 
 
 @pytest.mark.parametrize("block_size,m", list(EXPECTED))

@@ -13,7 +13,10 @@ def quadratic(n=12, seed=0):
     a = torch.randn(n, n, dtype=torch.float64)
     h = a @ a.T + 0.5 * torch.eye(n, dtype=torch.float64)
     w_star = torch.randn(n, dtype=torch.float64)
-    loss = lambda w: 0.5 * (w - w_star) @ h @ (w - w_star)
+
+    def loss(w):
+        return 0.5 * (w - w_star) @ h @ (w - w_star)
+
     return h, w_star, loss
 
 

@@ -18,8 +18,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from core.errors import InvalidInput, UnsafeFormat
-from core.io.onnx.export import _legacy, export_onnx
 from core.io.onnx import OnnxModule, onnx_to_torch
+from core.io.onnx.export import _legacy, export_onnx
 from core.io.zoo import build_model
 
 # torch.export's internals warn about a deprecated pytree spec; not ours to fix
@@ -172,52 +172,92 @@ def _model(nodes, inputs, inits=None, opset=17) -> onnx.ModelProto:
 rng = np.random.default_rng(0)
 W4 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
 CASES = {
-    "conv_asymmetric_pads": ([helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 2, 1], strides=[2, 1])], {"w": W4}),
-    "conv_same_upper_stride2": ([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])], {"w": W4}),
+    "conv_asymmetric_pads": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 2, 1], strides=[2, 1])],
+        {"w": W4},
+    ),
+    "conv_same_upper_stride2": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])],
+        {"w": W4},
+    ),
     "conv_depthwise_dilated": (
         [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=3, dilations=[2, 2], pads=[2, 2, 2, 2])],
         {"w": rng.standard_normal((6, 1, 3, 3)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)},
     ),
     "maxpool_same": (
-        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")], {}
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")],
+        {},
     ),
     "maxpool_asym": ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[1, 0, 0, 1])], {}),
     "maxpool_ceil": ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)], {}),
-    "avgpool_exclude_pad": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])], {}),
+    "avgpool_exclude_pad": (
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        {},
+    ),
     "gemm_trans_alpha_beta_matrix_c": (
-        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Transpose", ["f"], ["ft"]),
-         helper.make_node("Gemm", ["ft", "b", "c"], ["y"], transA=1, alpha=0.5, beta=2.0)],
+        [
+            helper.make_node("Flatten", ["x"], ["f"]),
+            helper.make_node("Transpose", ["f"], ["ft"]),
+            helper.make_node("Gemm", ["ft", "b", "c"], ["y"], transA=1, alpha=0.5, beta=2.0),
+        ],
         {"b": rng.standard_normal((108, 5)).astype(np.float32), "c": rng.standard_normal((2, 5)).astype(np.float32)},
-    ),  # fmt: skip
+    ),
     "matmul_add_softmax11": (
-        [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["mm"]),
-         helper.make_node("Add", ["bias", "mm"], ["a"]), helper.make_node("Softmax", ["a"], ["y"], axis=1)],
-        {"s": np.array([0, 3, -1]), "w": rng.standard_normal((36, 7)).astype(np.float32),
-         "bias": rng.standard_normal(7).astype(np.float32)},
-    ),  # fmt: skip
+        [
+            helper.make_node("Reshape", ["x", "s"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["mm"]),
+            helper.make_node("Add", ["bias", "mm"], ["a"]),
+            helper.make_node("Softmax", ["a"], ["y"], axis=1),
+        ],
+        {
+            "s": np.array([0, 3, -1]),
+            "w": rng.standard_normal((36, 7)).astype(np.float32),
+            "bias": rng.standard_normal(7).astype(np.float32),
+        },
+    ),
     "slice_negative_step_pad_reflect": (
-        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["s"]),
-         helper.make_node("Pad", ["s", "p"], ["y"], mode="reflect")],
-        {"st": np.array([-1, 0]), "en": np.array([-100, 6]), "ax": np.array([3, 2]), "sp": np.array([-2, 1]),
-         "p": np.array([0, 0, 1, 2, 0, 0, 1, 0])},
-    ),  # fmt: skip
+        [
+            helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["s"]),
+            helper.make_node("Pad", ["s", "p"], ["y"], mode="reflect"),
+        ],
+        {
+            "st": np.array([-1, 0]),
+            "en": np.array([-100, 6]),
+            "ax": np.array([3, 2]),
+            "sp": np.array([-2, 1]),
+            "p": np.array([0, 0, 1, 2, 0, 0, 1, 0]),
+        },
+    ),
     "shape_gather_concat_reshape": (
-        [helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Gather", ["sh", "i"], ["b"], axis=0),
-         helper.make_node("Concat", ["b", "m1"], ["ns"], axis=0), helper.make_node("Reshape", ["x", "ns"], ["r"]),
-         helper.make_node("Gather", ["r", "j"], ["y"], axis=1)],
+        [
+            helper.make_node("Shape", ["x"], ["sh"]),
+            helper.make_node("Gather", ["sh", "i"], ["b"], axis=0),
+            helper.make_node("Concat", ["b", "m1"], ["ns"], axis=0),
+            helper.make_node("Reshape", ["x", "ns"], ["r"]),
+            helper.make_node("Gather", ["r", "j"], ["y"], axis=1),
+        ],
         {"i": np.array([0]), "m1": np.array([-1]), "j": np.array([[-1, 0], [5, 3]])},
-    ),  # fmt: skip
+    ),
     "clip_leaky_sigmoid_tanh_sub_div": (
-        [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]), helper.make_node("LeakyRelu", ["c"], ["l"], alpha=0.3),
-         helper.make_node("Sigmoid", ["l"], ["s"]), helper.make_node("Tanh", ["x"], ["t"]),
-         helper.make_node("Sub", ["s", "t"], ["d"]), helper.make_node("Div", ["d", "two"], ["y"])],
+        [
+            helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+            helper.make_node("LeakyRelu", ["c"], ["l"], alpha=0.3),
+            helper.make_node("Sigmoid", ["l"], ["s"]),
+            helper.make_node("Tanh", ["x"], ["t"]),
+            helper.make_node("Sub", ["s", "t"], ["d"]),
+            helper.make_node("Div", ["d", "two"], ["y"]),
+        ],
         {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32), "two": np.array(2.0, np.float32)},
-    ),  # fmt: skip
+    ),
     "global_pool_unsqueeze_squeeze_logsoftmax": (
-        [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Squeeze", ["g", "ax"], ["q"]),
-         helper.make_node("Unsqueeze", ["q", "ax0"], ["u"]), helper.make_node("LogSoftmax", ["u"], ["y"], axis=-1)],
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+            helper.make_node("Squeeze", ["g", "ax"], ["q"]),
+            helper.make_node("Unsqueeze", ["q", "ax0"], ["u"]),
+            helper.make_node("LogSoftmax", ["u"], ["y"], axis=-1),
+        ],
         {"ax": np.array([2, 3]), "ax0": np.array([0])},
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -227,7 +267,9 @@ def test_op_semantics_match_reference(case):
     proto = _model(nodes, {"x": [2, 3, 6, 6]}, inits)
     x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
     (ref,) = ReferenceEvaluator(proto).run(None, {"x": x})
-    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ref.shape))  # checker wants one
+    proto.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ref.shape)
+    )  # checker wants one
     converted = onnx_to_torch(proto)
     with torch.no_grad():
         got = converted(torch.from_numpy(x))

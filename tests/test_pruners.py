@@ -43,7 +43,6 @@ def test_every_method_reaches_the_sparsity_exactly(tiny_task, method):
         assert sum(zeros.values()) == round(0.6 * sum(sizes.values()))
 
 
-
 def test_huge_lambda_is_exactly_magnitude_pruning(tiny_task):
     model, x, y = tiny_task
     names = select_parameters(model)

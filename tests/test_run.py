@@ -16,7 +16,9 @@ from core.runs.schedule import pruning_events
 from core.runs.spec import PruneSpec
 
 GRADUAL = dict(
-    method="woodfisher", sparsity=0.8, mode="gradual",
+    method="woodfisher",
+    sparsity=0.8,
+    mode="gradual",
     schedule={"initial_sparsity": 0.2, "start_epoch": 0, "end_epoch": 2, "frequency": 1},
     finetune={"epochs": 3, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-3, "batch_size": 128},
     fisher={"samples": 64, "lambda": 1e-3, "block_size": 64, "recompute": 2},
@@ -43,10 +45,17 @@ class Recorder(RunHooks):
 
 def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digits_mlp, tmp_path):
     hooks = Recorder()
-    result = execute(PruneSpec(**GRADUAL), digits_mlp, digits, tmp_path / "out", hooks,
-                     DirectoryCheckpointer(tmp_path / "ck"))
+    result = execute(
+        PruneSpec(**GRADUAL), digits_mlp, digits, tmp_path / "out", hooks, DirectoryCheckpointer(tmp_path / "ck")
+    )
     assert {p.name for p in result.artifacts.values()} == {
-        "pruned.safetensors", "masks.safetensors", "model.onnx", "report.json", "curve.csv", "curve.png"}
+        "pruned.safetensors",
+        "masks.safetensors",
+        "model.onnx",
+        "report.json",
+        "curve.csv",
+        "curve.png",
+    }
     weights, masks = load_file(result.artifacts["pruned"]), load_file(result.artifacts["masks"])
     for name, mask in masks.items():  # exactly zero after three epochs of Adam with weight decay
         assert torch.all(weights[name][mask == 0] == 0)
@@ -88,8 +97,9 @@ def test_resume_from_any_checkpoint_matches_the_uninterrupted_run(digits, digits
 
 
 def test_lambda_auto_sweeps_on_the_validation_split(digits, digits_mlp, tmp_path):
-    spec = PruneSpec(method="woodfisher", sparsity=0.7,
-                     fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2]})
+    spec = PruneSpec(
+        method="woodfisher", sparsity=0.7, fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2]}
+    )
     result = execute(spec, digits_mlp, digits, tmp_path)
     sweep = result.report["lambda_sweep"]
     assert [s["lambda"] for s in sweep] == [1e-4, 1e2]
@@ -102,16 +112,19 @@ def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("bad,loc,message", [
-    ({"sparsity": 1.2}, ("sparsity",), "less than 1"),
-    ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher",), "lambda must be > 0"),
-    ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher",), "block_size must be ≥ 1"),
-    ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
-    ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
-    # Rules across fields are the model's: no field location, the message names the fields.
-    ({"sparsity": 0.5, "mode": "gradual"}, (), "gradual mode needs finetune.epochs ≥ 1"),
-    ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, (), "kfac supports fisher.update"),
-])
+@pytest.mark.parametrize(
+    "bad,loc,message",
+    [
+        ({"sparsity": 1.2}, ("sparsity",), "less than 1"),
+        ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher",), "lambda must be > 0"),
+        ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher",), "block_size must be ≥ 1"),
+        ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
+        ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
+        # Rules across fields are the model's: no field location, the message names the fields.
+        ({"sparsity": 0.5, "mode": "gradual"}, (), "gradual mode needs finetune.epochs ≥ 1"),
+        ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, (), "kfac supports fisher.update"),
+    ],
+)
 def test_invalid_specs_are_rejected_with_field_errors(bad, loc, message):
     with pytest.raises(ValidationError) as err:
         PruneSpec(**bad)
@@ -129,8 +142,12 @@ def test_memory_plan_refuses_or_shrinks_blocks():
 
 
 def test_cubic_schedule():
-    spec = PruneSpec(sparsity=0.9, mode="gradual", finetune={"epochs": 10},
-                     schedule={"initial_sparsity": 0.1, "start_epoch": 2, "end_epoch": 8, "frequency": 2})
+    spec = PruneSpec(
+        sparsity=0.9,
+        mode="gradual",
+        finetune={"epochs": 10},
+        schedule={"initial_sparsity": 0.1, "start_epoch": 2, "end_epoch": 8, "frequency": 2},
+    )
     events = pruning_events(spec)
     assert list(events) == [2, 4, 6, 8]
     expect = [0.9 - 0.8 * (1 - p) ** 3 for p in (0, 1 / 3, 2 / 3, 1)]

@@ -135,7 +135,7 @@ def test_s3_allowed_prefix_without_s3fs(root):
         with pytest.raises(InvalidInput, match="s3fs"):
             resolve_uri("s3://bucket/data/x.npz", ["s3://bucket/data"])
     else:
-        fs, path = resolve_uri("s3://bucket/data/x.npz", ["s3://bucket/data"])
+        _fs, path = resolve_uri("s3://bucket/data/x.npz", ["s3://bucket/data"])
         assert path == "bucket/data/x.npz"
 
 

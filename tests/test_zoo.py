@@ -29,7 +29,16 @@ PRUNABLE_OR_BN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2
 
 
 def test_registry_names():
-    assert set(ARCHITECTURES) == {"mlp", "lenet5", "resnet20", "resnet32", "resnet56", "mobilenet_v1", "resnet18", "resnet50"}
+    assert set(ARCHITECTURES) == {
+        "mlp",
+        "lenet5",
+        "resnet20",
+        "resnet32",
+        "resnet56",
+        "mobilenet_v1",
+        "resnet18",
+        "resnet50",
+    }
 
 
 @pytest.mark.parametrize("arch,kwargs,shape,classes", SMALL, ids=[s[0] for s in SMALL])
@@ -64,7 +73,9 @@ def test_parameter_counts_match_the_papers():
     assert 0.45e6 < _count(build_model("resnet32")) < 0.47e6
     assert 0.84e6 < _count(build_model("resnet56")) < 0.86e6
     # option B adds the 1×1 projections of the two downsampling blocks (+ their BN)
-    assert _count(build_model("resnet20", shortcut="B")) - _count(build_model("resnet20")) == 16 * 32 + 32 * 64 + 2 * (32 + 64)
+    assert _count(build_model("resnet20", shortcut="B")) - _count(build_model("resnet20")) == 16 * 32 + 32 * 64 + 2 * (
+        32 + 64
+    )
     # torchvision's resnet18 / resnet50 sizes at 1000 classes
     assert _count(build_model("resnet18")) == 11_689_512
     assert _count(build_model("resnet50")) == 25_557_032

@@ -60,7 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 class ReaperStep(bootsteps.StartStopStep):
     """Runs ``Reaper.safe_sweep`` every ``reaper_interval_s`` on the worker's timer (main process, no thread)."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires = frozenset({"celery.worker.components:Timer"})
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -73,8 +73,12 @@ class ReaperStep(bootsteps.StartStopStep):
         settings = settings_of(worker.app)
         self.reaper = Reaper(settings, queue=CeleryQueue(worker.app))
         self.tref = worker.timer.call_repeatedly(settings.reaper_interval_s, self.reaper.safe_sweep, priority=10)
-        log.info("reaper: every %gs (heartbeat timeout %gs, max attempts %d)", settings.reaper_interval_s,
-                 settings.heartbeat_timeout_s, settings.max_attempts)
+        log.info(
+            "reaper: every %gs (heartbeat timeout %gs, max attempts %d)",
+            settings.reaper_interval_s,
+            settings.heartbeat_timeout_s,
+            settings.max_attempts,
+        )
 
     def stop(self, worker: Any) -> None:
         if self.tref is not None:

@@ -54,9 +54,10 @@ class Heartbeat:
             try:
                 owned, cancel = self.db.call(
                     lambda s: attempts.heartbeat(session=s, job_id=self.job_id, attempt=self.attempt),
-                    deadline_s=max(self.interval, 1.0), what="heartbeat",
+                    deadline_s=max(self.interval, 1.0),
+                    what="heartbeat",
                 )
-            except Exception as exc:  # the next beat tries again; the reaper tolerates a few misses
+            except Exception as exc:  # noqa: BLE001 (the next beat tries again; the reaper tolerates a few misses)
                 log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
                 continue
             self.control.update(owned, cancel)

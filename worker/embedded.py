@@ -76,8 +76,9 @@ def _context() -> Any:
 
 
 class EmbeddedWorker:
-    def __init__(self, settings: Settings, *, concurrency: int = 1, poll_s: float = 1.0,
-                 queues: tuple[str, ...] = QUEUES):
+    def __init__(
+        self, settings: Settings, *, concurrency: int = 1, poll_s: float = 1.0, queues: tuple[str, ...] = QUEUES
+    ):
         if concurrency < 1:
             raise ValueError("concurrency must be ≥ 1")
         self.settings, self.concurrency, self.poll_s, self.queues = settings, concurrency, poll_s, queues
@@ -91,8 +92,9 @@ class EmbeddedWorker:
     def recover(self) -> None:
         """Requeues jobs held by processes of this node that no longer exist."""
         me = worker_name(NODE)
-        held = self.db.call(lambda s: attempts.running_jobs(session=s, worker_prefix=f"{NODE}:"),
-                            deadline_s=10, what="recover")
+        held = self.db.call(
+            lambda s: attempts.running_jobs(session=s, worker_prefix=f"{NODE}:"), deadline_s=10, what="recover"
+        )
         for job in held:
             if holder_dead_here(job.worker, me):
                 handle_lost(self.db, job, self.settings, reason="its embedded worker process exited")
@@ -121,15 +123,22 @@ class EmbeddedWorker:
         free = self.concurrency - len(self.children)
         if free <= 0 or self.stopping.is_set():
             return
-        ids = self.db.call(lambda s: attempts.next_queued(session=s, queues=self.queues,
-                                                          exclude=list(self.children), limit=free),
-                           deadline_s=10, what="poll")
+        ids = self.db.call(
+            lambda s: attempts.next_queued(session=s, queues=self.queues, exclude=list(self.children), limit=free),
+            deadline_s=10,
+            what="poll",
+        )
         for job_id in ids:
             self._start(job_id)
 
     def run(self) -> None:
-        log.info("embedded worker %s: concurrency %d, queues %s, database %s", NODE, self.concurrency,
-                 ",".join(self.queues), self.settings.database_url.split("@")[-1])
+        log.info(
+            "embedded worker %s: concurrency %d, queues %s, database %s",
+            NODE,
+            self.concurrency,
+            ",".join(self.queues),
+            self.settings.database_url.split("@")[-1],
+        )
         next_sweep = 0.0
         try:
             self.recover()
@@ -158,8 +167,9 @@ class EmbeddedWorker:
             proc.join(max(0.0, deadline - time.monotonic()))
         for job_id, proc in self.children.items():
             if proc.exitcode is None:
-                log.warning("job %s: did not stop within %gs; killing it (it resumes on the next start)",
-                            job_id, grace_s)
+                log.warning(
+                    "job %s: did not stop within %gs; killing it (it resumes on the next start)", job_id, grace_s
+                )
                 proc.kill()
                 proc.join(5)
         self.children.clear()

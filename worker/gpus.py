@@ -38,12 +38,27 @@ def visible_gpus(spec: str) -> list[str]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+    return [str(i) for i, line in enumerate(row for row in out.splitlines() if row.startswith("GPU "))]
 
 
 def worker_command(gpu: str, queues: str, host: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues, "-c", "1",
-            "-n", f"gpu{gpu}@{host}", "--without-gossip", "--without-mingle", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        "1",
+        "-n",
+        f"gpu{gpu}@{host}",
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
 
 
 @dataclass
@@ -73,8 +88,9 @@ class Supervisor:
             time.sleep(1.0)
             for gpu, child in list(self.children.items()):
                 if child.poll() is not None and not self.stopping:
-                    log.warning("worker for GPU %s exited with %s; restarting in %.0f s", gpu, child.returncode,
-                                RESTART_DELAY_S)
+                    log.warning(
+                        "worker for GPU %s exited with %s; restarting in %.0f s", gpu, child.returncode, RESTART_DELAY_S
+                    )
                     time.sleep(RESTART_DELAY_S)
                     if not self.stopping:
                         self.start(gpu)

@@ -19,8 +19,17 @@ log = logging.getLogger("arborist.worker")
 class DbHooks(RunHooks):
     """Throttled progress, every metric point and event, a cached cancel check; all for one attempt."""
 
-    def __init__(self, db: Database, job_id: str, attempt: int, control: Control, *,
-                 min_interval: float = 0.5, event_interval: float = 5.0, poll_interval: float = 1.0):
+    def __init__(
+        self,
+        db: Database,
+        job_id: str,
+        attempt: int,
+        control: Control,
+        *,
+        min_interval: float = 0.5,
+        event_interval: float = 5.0,
+        poll_interval: float = 1.0,
+    ):
         self.db, self.job_id, self.attempt, self.control = db, job_id, attempt, control
         self.min_interval, self.event_interval, self.poll_interval = min_interval, event_interval, poll_interval
         self._last_write = self._last_event = -math.inf
@@ -38,10 +47,18 @@ class DbHooks(RunHooks):
         step, sparsity = self._step, self._sparsity
         try:
             owned, cancel = self.db.call(
-                lambda s: attempts.write_progress(session=s, job_id=self.job_id, attempt=self.attempt,
-                                                  progress=fraction, step=step, sparsity=sparsity,
-                                                  message=message, event=event),
-                deadline_s=10.0, what="progress",
+                lambda s: attempts.write_progress(
+                    session=s,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    progress=fraction,
+                    step=step,
+                    sparsity=sparsity,
+                    message=message,
+                    event=event,
+                ),
+                deadline_s=10.0,
+                what="progress",
             )
         except Exception as exc:
             if not is_transient_db_error(exc):
@@ -58,16 +75,22 @@ class DbHooks(RunHooks):
         self._step, self._sparsity = int(point["step"]), point.get("sparsity")
         self.db.call(
             lambda s: outputs.add_metric(
-                session=s, job_id=self.job_id, step=int(point["step"]), kind=str(point.get("kind", "prune")),
-                epoch=point.get("epoch"), sparsity=point.get("sparsity"), loss=point.get("loss"),
-                metric=point.get("metric"), seconds=point.get("seconds")),
+                session=s,
+                job_id=self.job_id,
+                step=int(point["step"]),
+                kind=str(point.get("kind", "prune")),
+                epoch=point.get("epoch"),
+                sparsity=point.get("sparsity"),
+                loss=point.get("loss"),
+                metric=point.get("metric"),
+                seconds=point.get("seconds"),
+            ),
             what="metric",
         )
 
     def event(self, kind: str, data: dict) -> None:
         payload = json.loads(json.dumps(data, default=str))
-        self.db.call(lambda s: outputs.add_event(session=s, job_id=self.job_id, type=kind, data=payload),
-                     what="event")
+        self.db.call(lambda s: outputs.add_event(session=s, job_id=self.job_id, type=kind, data=payload), what="event")
 
     def cancelled(self) -> bool:
         if self.control.stop:
@@ -78,7 +101,8 @@ class DbHooks(RunHooks):
             try:
                 owned, cancel = self.db.call(
                     lambda s: attempts.control(session=s, job_id=self.job_id, attempt=self.attempt),
-                    deadline_s=2.0, what="cancel check",
+                    deadline_s=2.0,
+                    what="cancel check",
                 )
                 self.control.update(owned, cancel)
             except Exception as exc:

@@ -36,8 +36,12 @@ def load_inputs(db: Database, store: ArtifactStore, settings: Settings, job: Job
             with store.materialize(ds_row.path) as path:
                 data = load_dataset(path, ds_row.format)
         else:
-            data = load_dataset(ds_row.uri, ds_row.format, allowed_roots=settings.data_allowed_roots,
-                                max_bytes=settings.max_upload_bytes)
+            data = load_dataset(
+                ds_row.uri,
+                ds_row.format,
+                allowed_roots=settings.data_allowed_roots,
+                max_bytes=settings.max_upload_bytes,
+            )
     except FileNotFoundError as exc:
         raise NotFound(f"a stored input of the job is missing: {exc.filename or exc}") from None
     check_compatible(model, data, spec.loss.value)

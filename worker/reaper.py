@@ -75,18 +75,24 @@ def holder_dead_here(holder: str | None, me: str) -> bool:
 # --- one lost job --------------------------------------------------------------------------------------------
 
 
-def handle_lost(
-    db: Database, job: Job, settings: Settings, *, reason: str, older_than: float | None = None
-) -> str:
+def handle_lost(db: Database, job: Job, settings: Settings, *, reason: str, older_than: float | None = None) -> str:
     """Requeue (or give up on, or finish canceling) a job whose worker is gone.
 
     Returns ``"requeued"``, ``"failed"``, ``"canceled"``, or ``"raced"`` when the job moved meanwhile
     (a late heartbeat, another reaper)."""
     attempt = job.attempts
     if job.state is JobState.CANCELING or job.cancel_requested:
-        ok = db.call(lambda s: attempts.finish_lost(
-            session=s, job_id=job.id, attempt=attempt, state=JobState.CANCELED, older_than=older_than,
-            message=f"canceled ({reason}); the last checkpoint is kept"), what="reaper: cancel lost job")
+        ok = db.call(
+            lambda s: attempts.finish_lost(
+                session=s,
+                job_id=job.id,
+                attempt=attempt,
+                state=JobState.CANCELED,
+                older_than=older_than,
+                message=f"canceled ({reason}); the last checkpoint is kept",
+            ),
+            what="reaper: cancel lost job",
+        )
         outcome = "canceled" if ok else "raced"
     elif attempt >= settings.max_attempts:
         exc = WorkerLost(
@@ -94,14 +100,26 @@ def handle_lost(
             "The last checkpoint is kept: retrying the job resumes from it."
         )
         error = problem_from_error(exc, instance=f"/v1/jobs/{job.id}", attempts=attempt)
-        ok = db.call(lambda s: attempts.finish_lost(
-            session=s, job_id=job.id, attempt=attempt, state=JobState.FAILED, older_than=older_than,
-            message=exc.detail, error=error), what="reaper: fail lost job")
+        ok = db.call(
+            lambda s: attempts.finish_lost(
+                session=s,
+                job_id=job.id,
+                attempt=attempt,
+                state=JobState.FAILED,
+                older_than=older_than,
+                message=exc.detail,
+                error=error,
+            ),
+            what="reaper: fail lost job",
+        )
         outcome = "failed" if ok else "raced"
     else:
-        ok = db.call(lambda s: attempts.requeue_lost(
-            session=s, job_id=job.id, attempt=attempt, reason=reason, older_than=older_than),
-            what="reaper: requeue lost job")
+        ok = db.call(
+            lambda s: attempts.requeue_lost(
+                session=s, job_id=job.id, attempt=attempt, reason=reason, older_than=older_than
+            ),
+            what="reaper: requeue lost job",
+        )
         outcome = "requeued" if ok else "raced"
     log.warning("job %s (attempt %d, worker %s): %s -> %s", job.id, attempt, job.worker, reason, outcome)
     return outcome
@@ -140,7 +158,7 @@ class Reaper:
     def _send(self, job_id: str, queue_name: str) -> bool:
         try:
             task_id = self.queue.enqueue(job_id, queue=queue_name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the broker may fail in any way; the job is retried next sweep)
             log.warning("enqueue of job %s failed (%s); retrying next sweep", job_id, exc)
             self._unsent[job_id] = queue_name
             return False
@@ -157,15 +175,16 @@ class Reaper:
             if self.queue.lost_messages():
                 log.warning("the broker lost its messages (restarted without persistence?): re-sending queued jobs")
                 return 0.0
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (a broker that cannot answer is asked again later)
             log.warning("cannot ask the broker whether it lost messages: %s", exc)
         return RESEND_AFTER_S
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
         timeout = self.settings.heartbeat_timeout_s
-        stale = self.db.call(lambda s: attempts.stale_jobs(session=s, older_than=timeout), deadline_s=10,
-                             what="reaper: stale jobs")
+        stale = self.db.call(
+            lambda s: attempts.stale_jobs(session=s, older_than=timeout), deadline_s=10, what="reaper: stale jobs"
+        )
         for job in stale:
             reason = f"no heartbeat for {timeout:g}s from worker {job.worker or '?'}"
             outcome = handle_lost(self.db, job, self.settings, reason=reason, older_than=timeout)
@@ -180,15 +199,20 @@ class Reaper:
 
         waited = self._resend_needed()
         if waited is not None:
-            waiting = self.db.call(lambda s: attempts.waiting_jobs(session=s, older_than=waited), deadline_s=10,
-                                   what="reaper: waiting jobs")
+            waiting = self.db.call(
+                lambda s: attempts.waiting_jobs(session=s, older_than=waited),
+                deadline_s=10,
+                what="reaper: waiting jobs",
+            )
             for job in waiting:
                 if job.id in report.requeued:
                     continue
                 reason = "broker lost its messages" if waited == 0 else f"queued for over {waited:g}s"
                 if self._send(job.id, job.queue):
-                    self.db.call(lambda s, j=job.id: attempts.mark_resent(session=s, job_id=j, reason=reason),
-                                 what="reaper: mark resent")
+                    self.db.call(
+                        lambda s, j=job.id, why=reason: attempts.mark_resent(session=s, job_id=j, reason=why),
+                        what="reaper: mark resent",
+                    )
                     report.resent.append(job.id)
         if report:
             log.info("reaper sweep: %s", report)
@@ -210,8 +234,12 @@ def run_forever(settings: Settings | None = None, *, stop: Any = None) -> None:
     """Sweeps every ``reaper_interval_s`` until ``stop`` (a ``threading.Event``) is set."""
     settings = settings or get_settings()
     reaper = Reaper(settings)
-    log.info("reaper: every %gs, heartbeat timeout %gs, max attempts %d", settings.reaper_interval_s,
-             settings.heartbeat_timeout_s, settings.max_attempts)
+    log.info(
+        "reaper: every %gs, heartbeat timeout %gs, max attempts %d",
+        settings.reaper_interval_s,
+        settings.heartbeat_timeout_s,
+        settings.max_attempts,
+    )
     try:
         while stop is None or not stop.is_set():
             reaper.safe_sweep()

@@ -28,6 +28,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from core.errors import (
     ArboristError,
     Canceled,
@@ -83,9 +85,18 @@ def summarize(report: dict, artifacts: dict[str, str]) -> dict[str, Any]:
 
 
 class JobAttempt:
-    def __init__(self, job_id: str, settings: Settings, *, worker: str, task_id: str | None = None,
-                 time_limit_errors: tuple[type[BaseException], ...] = (), control: Control | None = None,
-                 db: Database | None = None, store: ArtifactStore | None = None):
+    def __init__(
+        self,
+        job_id: str,
+        settings: Settings,
+        *,
+        worker: str,
+        task_id: str | None = None,
+        time_limit_errors: tuple[type[BaseException], ...] = (),
+        control: Control | None = None,
+        db: Database | None = None,
+        store: ArtifactStore | None = None,
+    ):
         self.job_id, self.settings, self.worker, self.task_id = job_id, settings, worker, task_id
         self.time_limit_errors = time_limit_errors
         self.control = control or Control()
@@ -95,8 +106,9 @@ class JobAttempt:
 
     # the SQL side
     def _claim(self) -> Job | None:
-        claim = lambda s: attempts.claim(session=s, job_id=self.job_id, task_id=self.task_id,  # noqa: E731
-                                         worker=self.worker)
+        def claim(s: Session) -> Job | None:
+            return attempts.claim(session=s, job_id=self.job_id, task_id=self.task_id, worker=self.worker)
+
         job = self.db.call(claim, deadline_s=FINISH_DEADLINE_S, what="claim")
         if job is not None:
             return job
@@ -115,7 +127,8 @@ class JobAttempt:
     def _finish(self, state: JobState, **kw: Any) -> bool:
         return self.db.call(
             lambda s: attempts.finish(session=s, job_id=self.job_id, attempt=self.attempt, state=state, **kw),
-            deadline_s=FINISH_DEADLINE_S, what=f"finish ({state.value})",
+            deadline_s=FINISH_DEADLINE_S,
+            what=f"finish ({state.value})",
         )
 
     def _fail(self, exc: ArboristError, **extra: Any) -> Outcome:
@@ -136,15 +149,15 @@ class JobAttempt:
             for _, _, key, _, _ in stored:
                 try:
                     self.store.delete(key)
-                except Exception as exc:  # noqa: BLE001 — keep the original error
+                except Exception as exc:  # noqa: BLE001 (keep the original error)
                     log.warning("job %s: could not delete partial output %s: %s", self.job_id, key, exc)
             raise
         names = {}
         for kind, path, key, size, sha256 in stored:
             media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-            self.db.call(lambda s: outputs.add_artifact(session=s, job_id=self.job_id, name=path.name, path=key,
-                                                        size=size, sha256=sha256, kind=kind, media_type=media),
-                         what="record artifact")
+            row = dict(job_id=self.job_id, name=path.name, path=key, size=size, sha256=sha256, kind=kind)
+            row["media_type"] = media
+            self.db.call(lambda s, row=row: outputs.add_artifact(session=s, **row), what="record artifact")
             names[kind] = path.name
         return names
 
@@ -184,17 +197,23 @@ class JobAttempt:
                 return Outcome.LOST
             if self.control.interrupted:
                 reason = self.control.interrupted
-                released = self.db.call(lambda s: attempts.release(
-                    session=s, job_id=self.job_id, attempt=self.attempt, reason=reason),
-                    deadline_s=30.0, what="release")
+                released = self.db.call(
+                    lambda s: attempts.release(session=s, job_id=self.job_id, attempt=self.attempt, reason=reason),
+                    deadline_s=30.0,
+                    what="release",
+                )
                 return Outcome.RELEASED if released else Outcome.LOST
-            ok = self._finish(JobState.CANCELED,
-                              message="canceled; the last checkpoint is kept (retry resumes from it)")
+            ok = self._finish(
+                JobState.CANCELED, message="canceled; the last checkpoint is kept (retry resumes from it)"
+            )
             return Outcome.CANCELED if ok else Outcome.LOST
         except self.time_limit_errors:
             limit = self.settings.job_time_limit_s
-            return self._fail(TimeLimitExceeded(
-                f"the job ran past its time limit of {limit:g}s; the last checkpoint is kept (retry resumes)"))
+            return self._fail(
+                TimeLimitExceeded(
+                    f"the job ran past its time limit of {limit:g}s; the last checkpoint is kept (retry resumes)"
+                )
+            )
         except ArboristError as exc:
             log.info("job %s failed: %s", self.job_id, exc.detail)
             return self._fail(exc)
@@ -207,9 +226,12 @@ class JobAttempt:
                 # An environment problem, but not a transient one: retrying before space is freed would fail
                 # the same way. The last complete checkpoint is kept, so a retry resumes from it.
                 log.error("job %s: out of storage space: %s", self.job_id, full)
-                return self._fail(StorageFull(
-                    f"no space left on device ({type(full).__name__}: {full}); free space on the artifact store "
-                    "or the worker's scratch disk, then retry the job: it resumes from its last checkpoint"))
+                return self._fail(
+                    StorageFull(
+                        f"no space left on device ({type(full).__name__}: {full}); free space on the artifact store "
+                        "or the worker's scratch disk, then retry the job: it resumes from its last checkpoint"
+                    )
+                )
             log.exception("job %s: unexpected error", self.job_id)
             detail = f"{type(exc).__name__}: {exc}".strip()[:2000]
             return self._fail(InternalError(detail))
@@ -228,13 +250,21 @@ def lower_cpu_priority(nice: int) -> None:
             pass
 
 
-def run_job(job_id: str, settings: Settings, *, worker: str, task_id: str | None = None,
-            time_limit_errors: tuple[type[BaseException], ...] = (), control: Control | None = None) -> Outcome:
+def run_job(
+    job_id: str,
+    settings: Settings,
+    *,
+    worker: str,
+    task_id: str | None = None,
+    time_limit_errors: tuple[type[BaseException], ...] = (),
+    control: Control | None = None,
+) -> Outcome:
     """Runs (or resumes) ``job_id`` if it can be claimed, at niceness ``settings.job_nice``; returns the outcome
     (see the module docstring)."""
     lower_cpu_priority(settings.job_nice)
-    attempt = JobAttempt(job_id, settings, worker=worker, task_id=task_id, time_limit_errors=time_limit_errors,
-                         control=control)
+    attempt = JobAttempt(
+        job_id, settings, worker=worker, task_id=task_id, time_limit_errors=time_limit_errors, control=control
+    )
     try:
         return attempt.run()
     finally:

@@ -42,8 +42,9 @@ def add_input_routes(router: APIRouter, table: type[Model | Dataset], one: type[
     InputId = Annotated[str, Depends(_ID_PARAMS[table])]
 
     # no docstrings: an endpoint's docstring would become its OpenAPI description
-    def list_rows(session: SessionDep, tenant: CurrentTenant, limit: int = LimitQuery,
-                  cursor: str | None = CursorQuery) -> Page:
+    def list_rows(
+        session: SessionDep, tenant: CurrentTenant, limit: int = LimitQuery, cursor: str | None = CursorQuery
+    ) -> Page:
         return many.of(inputs.list_page(table, session=session, tenant=tenant, limit=limit, cursor=cursor))
 
     def get_row(row_id: InputId, session: SessionDep, tenant: CurrentTenant) -> Public:
@@ -57,5 +58,11 @@ def add_input_routes(router: APIRouter, table: type[Model | Dataset], one: type[
 
     router.add_api_route("", list_rows, methods=["GET"], response_model=many, name=f"list_{kind}s")
     router.add_api_route(f"/{{{kind}_id}}", get_row, methods=["GET"], response_model=one, name=f"get_{kind}")
-    router.add_api_route(f"/{{{kind}_id}}", delete_row, methods=["DELETE"], status_code=status.HTTP_204_NO_CONTENT,
-                         response_class=Response, name=f"delete_{kind}")
+    router.add_api_route(
+        f"/{{{kind}_id}}",
+        delete_row,
+        methods=["DELETE"],
+        status_code=status.HTTP_204_NO_CONTENT,
+        response_class=Response,
+        name=f"delete_{kind}",
+    )

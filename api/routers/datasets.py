@@ -64,9 +64,18 @@ def _registration(
 
     def insert(info: DatasetInfo, path: str) -> Dataset:
         return inputs.create_dataset(
-            session=session, tenant=tenant, id=dataset_id, name=name, format=info.format, path=path,
-            size=file.size, sha256=file.sha256, num_examples=info.num_examples,
-            input_shape=list(info.input_shape), num_classes=info.num_classes, has_val=info.has_val,
+            session=session,
+            tenant=tenant,
+            id=dataset_id,
+            name=name,
+            format=info.format,
+            path=path,
+            size=file.size,
+            sha256=file.sha256,
+            num_examples=info.num_examples,
+            input_shape=list(info.input_shape),
+            num_classes=info.num_classes,
+            has_val=info.has_val,
         )
 
     return Registration(partial(validate_dataset_file, fmt=fmt), f"datasets/{tenant.id}/{dataset_id}", insert)
@@ -85,8 +94,10 @@ def _register_uri(session: Session, tenant: Tenant, settings: Settings, body: Da
     fs, path = resolve_uri(body.uri, settings.data_allowed_roots)
     if isinstance(fs, LocalFileSystem):
         if not os.path.isfile(path):
-            raise InvalidInput(f"{body.uri} is not a file",
-                               errors=[{"loc": ["body", "uri"], "msg": "not a file", "type": "value_error"}])
+            raise InvalidInput(
+                f"{body.uri} is not a file",
+                errors=[{"loc": ["body", "uri"], "msg": "not a file", "type": "value_error"}],
+            )
         info = run_isolated(validate_dataset_file, path, body.format)
         size, sha256 = _hash_file(path)
         uri = Path(path).as_uri()
@@ -98,16 +109,36 @@ def _register_uri(session: Session, tenant: Tenant, settings: Settings, body: Da
         uri = body.uri
     name = body.name or default_name(path, "dataset")
     return inputs.create_dataset(
-        session=session, tenant=tenant, name=name, format=info.format, uri=uri, size=size, sha256=sha256,
-        num_examples=info.num_examples, input_shape=list(info.input_shape), num_classes=info.num_classes,
+        session=session,
+        tenant=tenant,
+        name=name,
+        format=info.format,
+        uri=uri,
+        size=size,
+        sha256=sha256,
+        num_examples=info.num_examples,
+        input_shape=list(info.input_shape),
+        num_classes=info.num_classes,
         has_val=info.has_val,
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=CREATE_BODY,
-             responses=CREATED, summary="Upload a dataset (multipart) or register a URI (JSON {uri, name?, format?})")
-async def create_dataset(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
-                         store: StoreDep, settings: SettingsDep) -> DatasetPublic:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    openapi_extra=CREATE_BODY,
+    responses=CREATED,
+    summary="Upload a dataset (multipart) or register a URI (JSON {uri, name?, format?})",
+)
+async def create_dataset(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> DatasetPublic:
     await release_connection(session)  # an upload (or a remote URI's fetch) may take minutes
     content_type = request.headers.get("content-type")
     if is_json_media_type(content_type):
@@ -120,9 +151,15 @@ async def create_dataset(request: Request, response: Response, session: SessionD
             ) from None
         row = await run_in_threadpool(_register_uri, session, tenant, settings, body)
     elif is_multipart(content_type):
-        row = await register_upload(request, session=session, store=store, tenant_id=tenant.id,
-                                    max_bytes=settings.max_upload_bytes, form_fields=FORM_FIELDS,
-                                    plan=partial(_registration, session, tenant))
+        row = await register_upload(
+            request,
+            session=session,
+            store=store,
+            tenant_id=tenant.id,
+            max_bytes=settings.max_upload_bytes,
+            form_fields=FORM_FIELDS,
+            plan=partial(_registration, session, tenant),
+        )
     else:
         raise UnsupportedMediaType("Expected multipart/form-data (upload) or application/json (register a URI)")
     response.headers["Location"] = f"/v1/datasets/{row.id}"

@@ -17,21 +17,21 @@ from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, Set
 from api.routers._common import LOCATION, CursorQuery, LimitQuery
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
+from core.errors import InvalidInput, ServiceUnavailable, problem_from_error
+from core.runs.preflight import check_job
+from core.runs.spec import PruneSpec
 from core.service.db import jobs, tenants
 from core.service.db.tables import Dataset, Job, JobState, Model
-from core.errors import InvalidInput
-from core.runs.preflight import check_job
-from core.errors import ServiceUnavailable, problem_from_error
 from core.service.queue import JobQueue
-from core.runs.spec import PruneSpec
 
 log = logging.getLogger("arborist.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JSONBodyRoute)
 
 RETRY_AFTER_S = {JobState.QUEUED: 2, JobState.RUNNING: 2, JobState.CANCELING: 1}
-RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before polling again (while active)",
-                               "schema": {"type": "integer"}}}
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before polling again (while active)", "schema": {"type": "integer"}}
+}
 
 
 def queue_for(spec_device: str) -> str:
@@ -39,8 +39,9 @@ def queue_for(spec_device: str) -> str:
 
 
 def request_hash(body: JobCreate, spec: dict) -> str:
-    canonical = json.dumps({"model_id": body.model_id, "dataset_id": body.dataset_id, "spec": spec},
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"model_id": body.model_id, "dataset_id": body.dataset_id, "spec": spec}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -51,8 +52,12 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
     except Exception as exc:
         log.exception("enqueue of job %s failed", job.id)
         err = ServiceUnavailable("The job queue is unavailable; retry the job later (POST .../retry)")
-        jobs.finish(session=session, job_id=job.id, state=JobState.FAILED,
-                    error=problem_from_error(err, instance=f"/v1/jobs/{job.id}"))
+        jobs.finish(
+            session=session,
+            job_id=job.id,
+            state=JobState.FAILED,
+            error=problem_from_error(err, instance=f"/v1/jobs/{job.id}"),
+        )
         raise err from exc
     jobs.set_task_id(session=session, job_id=job.id, task_id=task_id)
     return jobs.get_unscoped(session=session, job_id=job.id)
@@ -91,8 +96,11 @@ def _public(job: Job, response: Response) -> JobPublic:
     response_model=JobPublic,
     responses={
         202: {"description": "Job accepted and queued", "headers": LOCATION},
-        200: {"description": "Replay of an earlier request with the same Idempotency-Key", "model": JobPublic,
-              "headers": LOCATION},
+        200: {
+            "description": "Replay of an earlier request with the same Idempotency-Key",
+            "model": JobPublic,
+            "headers": LOCATION,
+        },
     },
 )
 def create_job(
@@ -144,8 +152,9 @@ def list_jobs(
     cursor: str | None = CursorQuery,
 ) -> JobsPublic:
     page = jobs.list_page(session=session, tenant=tenant, state=state, limit=limit, cursor=cursor)
-    return JobsPublic(data=[JobPublic.model_validate(j) for j in page.items], count=page.count,
-                      next_cursor=page.next_cursor)
+    return JobsPublic(
+        data=[JobPublic.model_validate(j) for j in page.items], count=page.count, next_cursor=page.next_cursor
+    )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={200: {"headers": RETRY_AFTER}})

@@ -25,8 +25,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONBodyRou
 #: the upload's text fields, as documented
 FORM_FIELDS: dict[str, Any] = {
     "name": {"type": "string", "maxLength": 200},
-    "arch": {"type": "string", "maxLength": 100,
-             "description": "core.io.zoo architecture for safetensors weights, e.g. 'mlp'"},
+    "arch": {
+        "type": "string",
+        "maxLength": 100,
+        "description": "core.io.zoo architecture for safetensors weights, e.g. 'mlp'",
+    },
     "arch_kwargs": {"type": "string", "description": "JSON object of architecture arguments"},
 }
 UPLOAD_BODY = upload_openapi("safetensors state dict or ONNX model (pickles are refused)", FORM_FIELDS)
@@ -43,23 +46,50 @@ def _registration(
 
     def insert(info: ModelInfo, path: str) -> Model:
         return inputs.create_model(
-            session=session, tenant=tenant, id=model_id, name=name, format=info.format, arch=info.arch,
-            arch_kwargs=arch_kwargs if info.arch else None, size=file.size, sha256=file.sha256, path=path,
+            session=session,
+            tenant=tenant,
+            id=model_id,
+            name=name,
+            format=info.format,
+            arch=info.arch,
+            arch_kwargs=arch_kwargs if info.arch else None,
+            size=file.size,
+            sha256=file.sha256,
+            path=path,
             num_parameters=info.num_parameters,
         )
 
-    return Registration(partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs),
-                        f"models/{tenant.id}/{model_id}", insert)
+    return Registration(
+        partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs), f"models/{tenant.id}/{model_id}", insert
+    )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelPublic, openapi_extra=UPLOAD_BODY,
-             responses=CREATED, summary="Upload a model (multipart: file, name, arch, arch_kwargs)")
-async def upload_model(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
-                       store: StoreDep, settings: SettingsDep) -> ModelPublic:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelPublic,
+    openapi_extra=UPLOAD_BODY,
+    responses=CREATED,
+    summary="Upload a model (multipart: file, name, arch, arch_kwargs)",
+)
+async def upload_model(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> ModelPublic:
     await release_connection(session)  # the body may take minutes to arrive
-    row = await register_upload(request, session=session, store=store, tenant_id=tenant.id,
-                                max_bytes=settings.max_upload_bytes, form_fields=FORM_FIELDS,
-                                plan=partial(_registration, session, tenant))
+    row = await register_upload(
+        request,
+        session=session,
+        store=store,
+        tenant_id=tenant.id,
+        max_bytes=settings.max_upload_bytes,
+        form_fields=FORM_FIELDS,
+        plan=partial(_registration, session, tenant),
+    )
     response.headers["Location"] = f"/v1/models/{row.id}"
     return ModelPublic.of(row)
 

@@ -22,10 +22,10 @@ from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.lifecycle import shutting_down
 from api.routing import JSONBodyRoute
 from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
+from core.errors import NotFound
 from core.service.db import jobs, outputs
 from core.service.db.base import is_transient_db_error
 from core.service.db.tables import TERMINAL_STATES, JobEvent, JobState
-from core.errors import NotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBodyRoute)
 
@@ -48,8 +48,12 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
 @router.get(
     "/{job_id}/metrics",
     response_model=MetricsPublic,
-    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
-                     "description": "JSON, or CSV with `Accept: text/csv` or `?format=csv`"}},
+    responses={
+        200: {
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "JSON, or CSV with `Accept: text/csv` or `?format=csv`",
+        }
+    },
 )
 def job_metrics(
     job_id: str,
@@ -138,9 +142,13 @@ async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                     "description": "stored events after Last-Event-ID / ?after=, then new ones until the job "
-                                    "is finished (closing with `event: end`)"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "stored events after Last-Event-ID / ?after=, then new ones until the job "
+            "is finished (closing with `event: end`)",
+        }
+    },
 )
 async def job_events(
     job_id: str,
@@ -173,11 +181,20 @@ async def job_events(
 def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactsPublic:
     jobs.get(session=session, tenant=tenant, job_id=job_id)
     rows = outputs.list_artifacts(session=session, job_id=job_id)
-    return ArtifactsPublic(data=[
-        ArtifactPublic(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, media_type=a.media_type,
-                       created_at=a.created_at, url=f"/v1/jobs/{job_id}/artifacts/{quote(a.name)}")
-        for a in rows
-    ])
+    return ArtifactsPublic(
+        data=[
+            ArtifactPublic(
+                name=a.name,
+                kind=a.kind,
+                size=a.size,
+                sha256=a.sha256,
+                media_type=a.media_type,
+                created_at=a.created_at,
+                url=f"/v1/jobs/{job_id}/artifacts/{quote(a.name)}",
+            )
+            for a in rows
+        ]
+    )
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
@@ -189,10 +206,15 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     "/{job_id}/artifacts/{name}",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-              "description": "the file; ETag is its sha256",
-              "headers": {"ETag": {"schema": {"type": "string"}}, "X-Checksum-Sha256": {"schema": {"type": "string"}},
-                          "Digest": {"schema": {"type": "string"}}}},
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the file; ETag is its sha256",
+            "headers": {
+                "ETag": {"schema": {"type": "string"}},
+                "X-Checksum-Sha256": {"schema": {"type": "string"}},
+                "Digest": {"schema": {"type": "string"}},
+            },
+        },
         304: {"description": "If-None-Match matched"},
     },
 )
@@ -208,8 +230,13 @@ def download_artifact(
     art = outputs.get_artifact(session=session, job_id=job_id, name=name)
     etag = f'"{art.sha256}"'
     b64 = base64.b64encode(bytes.fromhex(art.sha256)).decode()
-    headers = {"ETag": etag, "X-Checksum-Sha256": art.sha256, "Digest": f"sha-256={b64}",
-               "Repr-Digest": f"sha-256=:{b64}:", "Cache-Control": "private, max-age=0, must-revalidate"}
+    headers = {
+        "ETag": etag,
+        "X-Checksum-Sha256": art.sha256,
+        "Digest": f"sha-256={b64}",
+        "Repr-Digest": f"sha-256=:{b64}:",
+        "Cache-Control": "private, max-age=0, must-revalidate",
+    }
     if if_none_match is not None and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     if not store.exists(art.path):

@@ -7,9 +7,9 @@ straight into row i of one preallocated (m × D) buffer laid out by a ``BlockLay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ def loss_fn(loss: Loss | str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 @torch.no_grad()
-def sample_labels(model: nn.Module, x: Tensor, loss: Loss | str, generator: torch.Generator, chunk: int = 512) -> Tensor:
+def sample_labels(
+    model: nn.Module, x: Tensor, loss: Loss | str, generator: torch.Generator, chunk: int = 512
+) -> Tensor:
     """Labels drawn from the model's own predictive distribution (for the *true* Fisher)."""
     out = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     if Loss(loss) is Loss.CROSS_ENTROPY:

@@ -54,7 +54,7 @@ class BlockLayout:
         self.width = offset
 
     @classmethod
-    def for_model(cls, model: nn.Module, names: list[str], block_size: int | None) -> "BlockLayout":
+    def for_model(cls, model: nn.Module, names: list[str], block_size: int | None) -> BlockLayout:
         params = dict(model.named_parameters())
         return cls({n: tuple(params[n].shape) for n in names}, block_size)
 
@@ -76,8 +76,7 @@ class BlockLayout:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {
-            layer.name: flat[layer.offset : layer.offset + layer.numel].reshape(layer.shape)
-            for layer in self.layers
+            layer.name: flat[layer.offset : layer.offset + layer.numel].reshape(layer.shape) for layer in self.layers
         }
 
     def valid(self, device: torch.device | str | None = None) -> Tensor:

@@ -32,8 +32,13 @@ def plan(
 
 
 def fit(
-    method: Method, shapes: dict[str, tuple[int, ...]], block_size: int | None, m: int, itemsize: int,
-    budget_bytes: float | None, allow_shrink: bool,
+    method: Method,
+    shapes: dict[str, tuple[int, ...]],
+    block_size: int | None,
+    m: int,
+    itemsize: int,
+    budget_bytes: float | None,
+    allow_shrink: bool,
 ) -> MemoryPlan:
     """The plan for the spec; with a budget, shrink the block size (if allowed) or refuse with numbers."""
     p = plan(method, shapes, block_size, m, itemsize)

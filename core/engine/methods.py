@@ -73,6 +73,7 @@ def _no_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
 def _block_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
     """m gradients of the padded width; per block a dense c×c inverse (c ≤ m), or the Woodbury m×c factor and its
     m×m Gram matrix (c > m)."""
+
     def per_block(c: int) -> int:
         return c * c if c <= m else m * c + m * m
 
@@ -98,17 +99,27 @@ def _hessian_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, in
 
 _NO_DATA = {"needs_data": False, "needs_gradients": False, "needs_labels": False}
 
-METHODS: dict[Method, MethodInfo] = {info.name: info for info in (
-    MethodInfo(Method.WOODFISHER, lambda f, c: WoodFisher(f, c), _block_memory, uses_blocks=True),
-    MethodInfo(Method.WOODTAYLOR, lambda f, c: WoodFisher(f, c, taylor=True), _block_memory, taylor=True,
-               uses_blocks=True),
-    MethodInfo(Method.MAGNITUDE, _identity, _no_memory, **_NO_DATA, default_scope=Scope.LAYER,
-               scopes=frozenset({Scope.LAYER})),
-    MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, **_NO_DATA),
-    MethodInfo(Method.DIAG_FISHER, lambda f, c: DiagonalFisher(f), _diagonal_memory),
-    MethodInfo(Method.KFAC, lambda f, c: KFAC(f), _kfac_memory, supports_joint=False),
-    MethodInfo(Method.EXACT_OBS, lambda f, c: ExactHessian(lam=f.lam, loss=f.loss), _hessian_memory),
-)}
+METHODS: dict[Method, MethodInfo] = {
+    info.name: info
+    for info in (
+        MethodInfo(Method.WOODFISHER, lambda f, c: WoodFisher(f, c), _block_memory, uses_blocks=True),
+        MethodInfo(
+            Method.WOODTAYLOR, lambda f, c: WoodFisher(f, c, taylor=True), _block_memory, taylor=True, uses_blocks=True
+        ),
+        MethodInfo(
+            Method.MAGNITUDE,
+            _identity,
+            _no_memory,
+            **_NO_DATA,
+            default_scope=Scope.LAYER,
+            scopes=frozenset({Scope.LAYER}),
+        ),
+        MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, **_NO_DATA),
+        MethodInfo(Method.DIAG_FISHER, lambda f, c: DiagonalFisher(f), _diagonal_memory),
+        MethodInfo(Method.KFAC, lambda f, c: KFAC(f), _kfac_memory, supports_joint=False),
+        MethodInfo(Method.EXACT_OBS, lambda f, c: ExactHessian(lam=f.lam, loss=f.loss), _hessian_memory),
+    )
+}
 
 
 def method_info(method: Method | str) -> MethodInfo:

@@ -47,9 +47,7 @@ def saliency(w: Tensor, segments: list[Segment], grad: Tensor | None = None) -> 
     return scores, shifted
 
 
-def choose_mask(
-    scores: Tensor, mask: Tensor, layout: BlockLayout, sparsity: float, scope: Scope | str
-) -> Tensor:
+def choose_mask(scores: Tensor, mask: Tensor, layout: BlockLayout, sparsity: float, scope: Scope | str) -> Tensor:
     """Keep-mask pruning exactly round(sparsity·n) weights (per layer, or over all layers).
 
     Already-pruned weights stay pruned and count towards the target; padding never counts.
@@ -58,9 +56,7 @@ def choose_mask(
     scores = scores.masked_fill(mask == 0, float("-inf")).masked_fill(~valid, float("inf"))
     keep = mask.clone()
     ranges = (
-        [(layer.offset, layer.numel) for layer in layout.layers]
-        if Scope(scope) is Scope.LAYER
-        else [(0, layout.width)]
+        [(layer.offset, layer.numel) for layer in layout.layers] if Scope(scope) is Scope.LAYER else [(0, layout.width)]
     )
     for start, width in ranges:
         n = int(valid[start : start + width].sum())

@@ -59,7 +59,13 @@ class Pruner:
             curvature = self.estimator.estimate(model, layout, mask, data, sub)
             w = layout.flatten({n: params[n].detach() for n in names}, self.dtype)
             result = obs_step(
-                w, mask, curvature.segments, layout, target, scope=self.scope, joint=self.joint,
+                w,
+                mask,
+                curvature.segments,
+                layout,
+                target,
+                scope=self.scope,
+                joint=self.joint,
                 grad=curvature.grad if self.taylor else None,
             )
             with torch.no_grad():
@@ -85,6 +91,10 @@ def make_pruner(
     scope = info.default_scope if scope is None else Scope(scope)
     info.check(scope, joint)
     return Pruner(
-        info.estimator(fisher or FisherConfig(), block_size), scope, joint, taylor=info.taylor,
-        recompute=recompute, dtype=dtype,
+        info.estimator(fisher or FisherConfig(), block_size),
+        scope,
+        joint,
+        taylor=info.taylor,
+        recompute=recompute,
+        dtype=dtype,
     )

@@ -10,6 +10,7 @@ claiming terabyte tensors is refused without allocating anything.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,17 +31,17 @@ from core.io.onnx import onnx_to_torch
 from core.io.zoo import build_model
 
 __all__ = [
+    "SAFETENSORS_DTYPES",
     "ModelFormat",
     "ModelInfo",
-    "SAFETENSORS_DTYPES",
-    "detect_format",
-    "read_safetensors_header",
-    "load_state_dict",
-    "check_state_dict_matches",
     "build_architecture",
+    "check_state_dict_matches",
+    "detect_format",
     "load_model",
-    "validate_model_file",
+    "load_state_dict",
+    "read_safetensors_header",
     "save_state_dict",
+    "validate_model_file",
 ]
 
 ModelFormat = Literal["safetensors", "onnx"]
@@ -123,9 +124,8 @@ def _classify_zip(path: str | os.PathLike) -> None:
             "TorchScript archives are refused: loading one runs code from the file. "
             "Export the weights with safetensors (plus an architecture name) or export to ONNX."
         )
-    if (
-        any(b == "archive_format" or b.startswith("serialized_exported_program") for b in base)
-        or any("models" in d for d in dirs)
+    if any(b == "archive_format" or b.startswith("serialized_exported_program") for b in base) or any(
+        "models" in d for d in dirs
     ):
         raise UnsafeFormat(
             "torch.export (.pt2) archives are refused: loading one unpickles data from the file. "
@@ -150,7 +150,7 @@ def _looks_like_safetensors(path: str | os.PathLike, size: int) -> bool:
 def _parse_onnx(path: str | os.PathLike) -> onnx.ModelProto | None:
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 (any parse failure means: not an ONNX file)
         return None
     if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
         return None
@@ -218,7 +218,9 @@ def read_safetensors_header(path: str | os.PathLike, max_header_bytes: int = MAX
         if n == 0:
             raise _bad_header("the header length is 0")
         if n > size - 8:
-            raise _bad_header(f"the header claims {n} bytes but the file has only {size - 8} after the length (truncated?)")
+            raise _bad_header(
+                f"the header claims {n} bytes but the file has only {size - 8} after the length (truncated?)"
+            )
         if n > max_header_bytes:
             raise _bad_header(f"the header is {n} bytes, over the limit of {max_header_bytes}")
         raw = f.read(n)
@@ -248,7 +250,11 @@ def read_safetensors_header(path: str | os.PathLike, max_header_bytes: int = MAX
         extra = set(entry) - {"dtype", "shape", "data_offsets"}
         missing = {"dtype", "shape", "data_offsets"} - set(entry)
         if missing or extra:
-            raise _bad_header(f"tensor {name!r}: expected dtype, shape and data_offsets (missing {sorted(missing)}, unexpected {sorted(extra)})", loc)
+            raise _bad_header(
+                f"tensor {name!r}: expected dtype, shape and data_offsets "
+                f"(missing {sorted(missing)}, unexpected {sorted(extra)})",
+                loc,
+            )
         dtype = entry["dtype"]
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise _bad_header(f"tensor {name!r}: unknown dtype {dtype!r}", loc)
@@ -256,11 +262,7 @@ def read_safetensors_header(path: str | os.PathLike, max_header_bytes: int = MAX
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _bad_header(f"tensor {name!r}: shape must be a list of non-negative integers", loc)
         offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
-        ):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
             raise _bad_header(f"tensor {name!r}: data_offsets must be two integers", loc)
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
@@ -277,7 +279,7 @@ def read_safetensors_header(path: str | os.PathLike, max_header_bytes: int = MAX
         ranges.append((begin, end, name))
 
     ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(ranges):
         if b1 < e0:
             raise _bad_header(f"tensors {n0!r} and {n1!r} overlap in the data section", ["tensors", n1])
     return header
@@ -313,11 +315,7 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, Tensor]) ->
     errors: list[dict] = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        k
-        for k in expected
-        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
-    ]
+    mismatched = [k for k in expected if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)]
     errors += [_err(["state_dict", k], "missing from the file", "missing_key") for k in missing]
     errors += [_err(["state_dict", k], "not a tensor of the model", "unexpected_key") for k in unexpected]
     errors += [
@@ -336,9 +334,7 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, Tensor]) ->
     if unexpected:
         parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
     if mismatched:
-        shown = [
-            f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})" for k in mismatched
-        ]
+        shown = [f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})" for k in mismatched]
         parts.append(f"shape mismatches {len(mismatched)}: {_listing(shown)}")
     raise InvalidInput("the weights do not match the architecture: " + "; ".join(parts), errors=errors)
 
@@ -353,7 +349,9 @@ def _build_arch(arch: str | None, arch_kwargs: dict | None) -> nn.Module:
             errors=[_err(["arch"], "required for safetensors weights", "missing")],
         )
     if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
-        raise InvalidInput("arch_kwargs must be an object", errors=[_err(["arch_kwargs"], "not an object", "type_error")])
+        raise InvalidInput(
+            "arch_kwargs must be an object", errors=[_err(["arch_kwargs"], "not an object", "type_error")]
+        )
     try:
         return build_model(arch, **(arch_kwargs or {}))
     except ArboristError:

@@ -49,9 +49,13 @@ def _scheme_of(uri: str) -> str:
 
 def _check_text(uri: object, what: str = "uri") -> str:
     if not isinstance(uri, str) or not uri.strip():
-        raise InvalidInput(f"{what} must be a non-empty string", errors=[{"loc": [what], "msg": "empty", "type": "value_error"}])
+        raise InvalidInput(
+            f"{what} must be a non-empty string", errors=[{"loc": [what], "msg": "empty", "type": "value_error"}]
+        )
     if "\x00" in uri:
-        raise InvalidInput(f"{what} contains a NUL byte", errors=[{"loc": [what], "msg": "NUL byte", "type": "value_error"}])
+        raise InvalidInput(
+            f"{what} contains a NUL byte", errors=[{"loc": [what], "msg": "NUL byte", "type": "value_error"}]
+        )
     return uri.strip()
 
 
@@ -114,7 +118,7 @@ def _s3_parts(uri: str) -> tuple[str, str]:
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
     try:
-        import s3fs  # noqa: F401  (optional dependency)
+        import s3fs  # noqa: F401 ((optional dependency))
     except ImportError as e:
         raise InvalidInput(
             "s3:// locations need the optional 's3fs' package, which is not installed on this server"
@@ -145,9 +149,7 @@ def resolve_uri(uri: str, allowed_roots: list[str]) -> tuple[fsspec.AbstractFile
         bucket, key = _s3_parts(uri)
         if not key:
             raise InvalidInput(f"s3 URI names a bucket, not an object: {uri}")
-        ok = any(
-            bucket == rb and (not rk or key == rk or key.startswith(rk + "/")) for rb, rk in s3_roots
-        )
+        ok = any(bucket == rb and (not rk or key == rk or key.startswith(rk + "/")) for rb, rk in s3_roots)
         if not ok:
             raise Forbidden(
                 f"{uri} is outside the allowed data locations",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.io.data import check_compatible_shapes, max_train_examples
 from core.errors import InvalidInput
+from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
 from core.runs.spec import PruneSpec
 
@@ -29,17 +29,26 @@ def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
     most = max_train_examples(num_examples, has_val, spec.val_fraction)
     if need <= most:
         return
-    split = (f"at most {most} of its {num_examples} examples, less its own validation split" if has_val
-             else f"{num_examples} examples less a {spec.val_fraction:g} validation split")
+    split = (
+        f"at most {most} of its {num_examples} examples, less its own validation split"
+        if has_val
+        else f"{num_examples} examples less a {spec.val_fraction:g} validation split"
+    )
     raise InvalidInput(
         f"fisher.samples × fisher.batch_size = {need} exceeds the {most} training examples of the dataset ({split})",
-        errors=[{"loc": ["spec", "fisher", "samples"], "msg": f"at most {most} with this dataset",
-                 "type": "less_than_equal"}],
+        errors=[
+            {
+                "loc": ["spec", "fisher", "samples"],
+                "msg": f"at most {most} with this dataset",
+                "type": "less_than_equal",
+            }
+        ],
     )
 
 
-def _check_fit(spec: PruneSpec, arch: str, arch_kwargs: dict | None, input_shape: Sequence[int],
-               num_classes: int | None) -> None:
+def _check_fit(
+    spec: PruneSpec, arch: str, arch_kwargs: dict | None, input_shape: Sequence[int], num_classes: int | None
+) -> None:
     model = build_architecture(arch, arch_kwargs, device="meta")
     try:
         check_compatible_shapes(model, tuple(input_shape), num_classes, spec.loss.value)
@@ -84,5 +93,12 @@ def warm_up() -> None:
     """Runs the checks once on a tiny zoo model. Their first run imports what building on the ``meta`` device
     pulls in (~800 modules, sympy among them: 0.7 s holding the GIL); a server calls this at start-up, so that
     its first job creation does not stall every other request meanwhile."""
-    check_job(PruneSpec(sparsity=0.5), arch="mlp", arch_kwargs={"in_features": 4, "hidden": [4], "num_classes": 2},
-              num_examples=None, input_shape=[4], num_classes=2, has_val=False)
+    check_job(
+        PruneSpec(sparsity=0.5),
+        arch="mlp",
+        arch_kwargs={"in_features": 4, "hidden": [4], "num_classes": 2},
+        num_examples=None,
+        input_shape=[4],
+        num_classes=2,
+        has_val=False,
+    )

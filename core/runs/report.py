@@ -27,6 +27,7 @@ def count_macs(model: nn.Module, example: Tensor, masks: dict[str, Tensor] | Non
             density = float(masks[name].float().mean()) if name in masks else 1.0
             totals[0] += dense
             totals[1] += round(dense * density)
+
         return fn
 
     for name, mod in model.named_modules():

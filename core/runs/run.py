@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
-from core.io.data import Dataset
-from core.errors import Canceled, InvalidInput
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan, fit
+from core.engine.pruner import make_pruner
+from core.errors import Canceled, InvalidInput
+from core.io.data import Dataset
 from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
-from core.engine.pruner import make_pruner
+from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
 from core.runs.report import count_macs, curve_csv, curve_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import PruneSpec, Update
@@ -33,8 +33,12 @@ from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
 ARTIFACTS = {
-    "pruned": "pruned.safetensors", "masks": "masks.safetensors", "onnx": "model.onnx",
-    "report": "report.json", "curve_csv": "curve.csv", "curve_png": "curve.png",
+    "pruned": "pruned.safetensors",
+    "masks": "masks.safetensors",
+    "onnx": "model.onnx",
+    "report": "report.json",
+    "curve_csv": "curve.csv",
+    "curve_png": "curve.png",
 }
 
 
@@ -85,15 +89,24 @@ def pruned_names(model: nn.Module, spec: PruneSpec) -> list[str]:
     if spec.layers.keep_last_dense:
         names = names[:-1]
     if not names:
-        raise InvalidInput("no parameter selected for pruning", errors=[{"loc": ["spec", "layers"], "msg": "empty selection"}])
+        raise InvalidInput(
+            "no parameter selected for pruning", errors=[{"loc": ["spec", "layers"], "msg": "empty selection"}]
+        )
     return names
 
 
 class Run:
     """One execution of a spec; ``execute()`` runs or resumes it to completion."""
 
-    def __init__(self, spec: PruneSpec, model: nn.Module, data: Dataset, out_dir: Path,
-                 hooks: RunHooks | None = None, checkpointer: Checkpointer | None = None):
+    def __init__(
+        self,
+        spec: PruneSpec,
+        model: nn.Module,
+        data: Dataset,
+        out_dir: Path,
+        hooks: RunHooks | None = None,
+        checkpointer: Checkpointer | None = None,
+    ):
         self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
         self.out_dir = Path(out_dir)
         self.device = resolve_device(spec.device)
@@ -116,8 +129,15 @@ class Run:
             )
         shapes = {n: tuple(params[n].shape) for n in self.names}
         budget = spec.memory_budget_mb * 2**20 if spec.memory_budget_mb else None
-        self.plan: MemoryPlan = fit(spec.method, shapes, spec.block_size, spec.fisher.samples,
-                                    torch.finfo(self.dtype).bits // 8, budget, spec.allow_block_shrink)
+        self.plan: MemoryPlan = fit(
+            spec.method,
+            shapes,
+            spec.block_size,
+            spec.fisher.samples,
+            torch.finfo(self.dtype).bits // 8,
+            budget,
+            spec.allow_block_shrink,
+        )
         self.state = _State()
         self._units = len(self.events) + self.epochs + 1
 
@@ -129,9 +149,15 @@ class Run:
     # -- pieces ---------------------------------------------------------------------------------
     def _pruner(self, lam: float, seed: int):
         spec = self.spec
-        return make_pruner(spec.method, spec.fisher_config(lam, seed), block_size=self.plan.block_size,
-                           scope=spec.scope, joint=spec.fisher.update is Update.JOINT, recompute=spec.fisher.recompute,
-                           dtype=self.dtype)
+        return make_pruner(
+            spec.method,
+            spec.fisher_config(lam, seed),
+            block_size=self.plan.block_size,
+            scope=spec.scope,
+            joint=spec.fisher.update is Update.JOINT,
+            recompute=spec.fisher.recompute,
+            dtype=self.dtype,
+        )
 
     def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
         return evaluate(self.model, x, y, self.spec.loss)
@@ -151,8 +177,15 @@ class Run:
         self.hooks.progress(min(unit / self._units, 1.0), message)
 
     def _point(self, step: int, epoch: int, kind: str, metrics: dict, started: float) -> None:
-        point = {"step": step, "epoch": epoch, "kind": kind, "sparsity": self._sparsity(), "loss": metrics["loss"],
-                 "metric": self._score(metrics), "seconds": self.state.seconds + time.perf_counter() - started}
+        point = {
+            "step": step,
+            "epoch": epoch,
+            "kind": kind,
+            "sparsity": self._sparsity(),
+            "loss": metrics["loss"],
+            "metric": self._score(metrics),
+            "seconds": self.state.seconds + time.perf_counter() - started,
+        }
         self.state.curve.append(point)
         self.hooks.metric(point)
 
@@ -235,12 +268,19 @@ class Run:
         self._progress(unit, f"pruning to {target:.1%}")
         before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
         pruner = self._pruner(self.state.lam, self.spec.seed * 1000 + epoch)
-        self.masks = pruner.prune(self.model, self.names, target, (self.x, self.y), self.masks,
-                                  progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"))
+        self.masks = pruner.prune(
+            self.model,
+            self.names,
+            target,
+            (self.x, self.y),
+            self.masks,
+            progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"),
+        )
         after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
         predicted = sum(s.predicted_loss_change for s in pruner.log)
-        self.state.fidelity.append({"step": step, "sparsity": target, "predicted_loss_change": predicted,
-                                    "actual_loss_change": after - before})
+        self.state.fidelity.append(
+            {"step": step, "sparsity": target, "predicted_loss_change": predicted, "actual_loss_change": after - before}
+        )
         self._point(step, epoch, "prune", self._metric(self.xv, self.yv), started)
         self.hooks.event("pruned", {"step": step, "sparsity": self._sparsity()})
 
@@ -255,9 +295,17 @@ class Run:
             self._check_cancel()
             self._progress(unit + b / n, f"fine-tuning epoch {epoch + 1}/{self.epochs}")
 
-        train_epoch(self.model, self.x, self.y, self.optimizer, loss=self.spec.loss, batch_size=ft.batch_size,
-                    masks=self.masks, generator=torch.Generator().manual_seed(self.spec.seed * 7919 + epoch),
-                    on_batch=on_batch)
+        train_epoch(
+            self.model,
+            self.x,
+            self.y,
+            self.optimizer,
+            loss=self.spec.loss,
+            batch_size=ft.batch_size,
+            masks=self.masks,
+            generator=torch.Generator().manual_seed(self.spec.seed * 7919 + epoch),
+            on_batch=on_batch,
+        )
         self._point(step, epoch, "epoch", self._metric(self.xv, self.yv), started)
 
     def _finish(self) -> RunResult:
@@ -274,7 +322,7 @@ class Run:
             from core.io.onnx.export import export_onnx
 
             export_onnx(model, example, out["onnx"])
-        except Exception as e:  # noqa: BLE001 — the run's weights are still good; say why in the report
+        except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
             log.warning("ONNX export failed: %s", e)
             onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
         report = self._report(model, masks, example, after, onnx_error)
@@ -286,8 +334,15 @@ class Run:
 
     def _report(self, model: nn.Module, masks: dict, example: Tensor, after: dict, onnx_error: str | None) -> dict:
         params = dict(model.named_parameters())
-        layers = [{"name": n, "shape": list(params[n].shape), "numel": m.numel(),
-                   "sparsity": 1.0 - float(m.sum()) / m.numel()} for n, m in masks.items()]
+        layers = [
+            {
+                "name": n,
+                "shape": list(params[n].shape),
+                "numel": m.numel(),
+                "sparsity": 1.0 - float(m.sum()) / m.numel(),
+            }
+            for n, m in masks.items()
+        ]
         total = sum(p.numel() for p in params.values())
         zeros = sum(m.numel() - int(m.sum()) for m in masks.values())
         dense_macs, sparse_macs = count_macs(model, example, masks)
@@ -295,20 +350,37 @@ class Run:
         num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in fid)
         den = sum(f["predicted_loss_change"] ** 2 for f in fid)
         return {
-            "version": 1, "spec": self.spec.model_dump(mode="json", by_alias=True),
-            "method": self.spec.method.value, "lambda": self.state.lam, "block_size": self.plan.block_size,
-            "memory_plan": self.plan.as_dict(), "lambda_sweep": self.state.lambda_sweep,
+            "version": 1,
+            "spec": self.spec.model_dump(mode="json", by_alias=True),
+            "method": self.spec.method.value,
+            "lambda": self.state.lam,
+            "block_size": self.plan.block_size,
+            "memory_plan": self.plan.as_dict(),
+            "lambda_sweep": self.state.lambda_sweep,
             "sparsity": {"target": self.spec.sparsity, "pruned_layers": self._sparsity(), "global": zeros / total},
-            "parameters": {"total": total, "nonzero": total - zeros, "pruned_layers": sum(m.numel() for m in masks.values())},
+            "parameters": {
+                "total": total,
+                "nonzero": total - zeros,
+                "pruned_layers": sum(m.numel() for m in masks.values()),
+            },
             "macs": {"dense": dense_macs, "sparse": sparse_macs},
-            "layers": layers, "metrics": {"before": self.state.before, "after": after},
+            "layers": layers,
+            "metrics": {"before": self.state.before, "after": after},
             "quadratic_model": {"steps": fid, "fitted_scale": num / den if den else None},
-            "curve": self.state.curve, "seconds": self.state.seconds, "device": str(self.device),
+            "curve": self.state.curve,
+            "seconds": self.state.seconds,
+            "device": str(self.device),
             "onnx_error": onnx_error,
         }
 
 
-def execute(spec: PruneSpec, model: nn.Module, data: Dataset, out_dir: Path,
-            hooks: RunHooks | None = None, checkpointer: Checkpointer | None = None) -> RunResult:
+def execute(
+    spec: PruneSpec,
+    model: nn.Module,
+    data: Dataset,
+    out_dir: Path,
+    hooks: RunHooks | None = None,
+    checkpointer: Checkpointer | None = None,
+) -> RunResult:
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``."""
     return Run(spec, model, data, out_dir, hooks, checkpointer).execute()

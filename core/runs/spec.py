@@ -41,7 +41,7 @@ class FisherSpec(_Strict):
     chunk: int = Field(64, ge=1, le=65536, description="Fisher samples per vmap chunk (memory bound)")
 
     @model_validator(mode="after")
-    def _check(self) -> "FisherSpec":
+    def _check(self) -> FisherSpec:
         if isinstance(self.block_size, int) and self.block_size < 1:
             raise ValueError("block_size must be ≥ 1 or 'layer'")
         if isinstance(self.damping, float) and not self.damping > 0:
@@ -61,7 +61,7 @@ class ScheduleSpec(_Strict):
     exponent: float = Field(3.0, gt=0, description="3 = cubic polynomial schedule")
 
     @model_validator(mode="after")
-    def _check(self) -> "ScheduleSpec":
+    def _check(self) -> ScheduleSpec:
         if self.end_epoch < self.start_epoch:
             raise ValueError("end_epoch must be ≥ start_epoch")
         return self
@@ -78,7 +78,9 @@ class FinetuneSpec(_Strict):
 
 
 class LayerSpec(_Strict):
-    include: list[str] | None = Field(None, description="glob patterns over parameter names; default: Linear/Conv weights")
+    include: list[str] | None = Field(
+        None, description="glob patterns over parameter names; default: Linear/Conv weights"
+    )
     exclude: list[str] = Field(default_factory=list, description="patterns kept dense")
     keep_first_dense: bool = False
     keep_last_dense: bool = False
@@ -104,7 +106,7 @@ class PruneSpec(_Strict):
     allow_block_shrink: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "PruneSpec":
+    def _check(self) -> PruneSpec:
         if self.mode == "gradual":
             if self.finetune.epochs < 1:
                 raise ValueError("gradual mode needs finetune.epochs ≥ 1")
@@ -131,5 +133,12 @@ class PruneSpec(_Strict):
     def fisher_config(self, lam: float, seed: int) -> FisherConfig:
         """The engine's Fisher settings for one estimate: λ (the one chosen when 'auto') and its seed."""
         f = self.fisher
-        return FisherConfig(m=f.samples, fisher_batch=f.batch_size, lam=lam, true_fisher=f.kind is FisherKind.TRUE,
-                            loss=self.loss, chunk=f.chunk, seed=seed)
+        return FisherConfig(
+            m=f.samples,
+            fisher_batch=f.batch_size,
+            lam=lam,
+            true_fisher=f.kind is FisherKind.TRUE,
+            loss=self.loss,
+            chunk=f.chunk,
+            seed=seed,
+        )

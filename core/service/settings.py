@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _no_placeholder_secrets(self) -> "Settings":
+    def _no_placeholder_secrets(self) -> Settings:
         if self.environment != "dev":
             for name in ("database_url", "broker_url"):
                 value = getattr(self, name) or ""
@@ -106,8 +106,11 @@ class Settings(BaseSettings):
 def env_vars(values: Mapping[str, Any]) -> dict[str, str]:
     """Settings values by field name as ``ARBORIST_*`` environment variables: lists and dicts as JSON, ``None``
     left unset (the field's default)."""
-    return {f"ARBORIST_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            for name, value in values.items() if value is not None}
+    return {
+        f"ARBORIST_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        for name, value in values.items()
+        if value is not None
+    }
 
 
 @lru_cache

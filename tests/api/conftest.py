@@ -166,12 +166,29 @@ def seed(server: Harness, account: Account) -> Callable[..., tuple[str, str]]:
     def make(tenant: Tenant | None = None) -> tuple[str, str]:
         t = tenant or account.tenant
         with server.session() as s:
-            m = inputs.create_model(session=s, tenant=t, name="m", format="safetensors", size=1, sha256="0" * 64,
-                                    path=f"models/{t.id}/none.safetensors", arch="mlp",
-                                    arch_kwargs={"in_features": 64, "hidden": [32], "num_classes": 10},
-                                    num_parameters=64 * 32 + 32 + 32 * 10 + 10)
-            d = inputs.create_dataset(session=s, tenant=t, name="d", format="npz", size=1, path=f"datasets/{t.id}/x",
-                                      num_examples=1000, input_shape=[64], num_classes=10)
+            m = inputs.create_model(
+                session=s,
+                tenant=t,
+                name="m",
+                format="safetensors",
+                size=1,
+                sha256="0" * 64,
+                path=f"models/{t.id}/none.safetensors",
+                arch="mlp",
+                arch_kwargs={"in_features": 64, "hidden": [32], "num_classes": 10},
+                num_parameters=64 * 32 + 32 + 32 * 10 + 10,
+            )
+            d = inputs.create_dataset(
+                session=s,
+                tenant=t,
+                name="d",
+                format="npz",
+                size=1,
+                path=f"datasets/{t.id}/x",
+                num_examples=1000,
+                input_shape=[64],
+                num_classes=10,
+            )
             return m.id, d.id
 
     return make

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from _api_testkit import assert_problem
 
+from _api_testkit import assert_problem
 from core.service.db import tenants
 
 
@@ -37,8 +37,9 @@ def test_missing_key_on_the_status_poll_is_401(server):
 
 def _own_job(server, account, seed) -> str:
     model_id, dataset_id = seed()
-    resp = account.client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id,
-                                                 "spec": {"sparsity": 0.5}})
+    resp = account.client.post(
+        "/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}}
+    )
     assert resp.status_code == 202, resp.text
     return resp.json()["id"]
 
@@ -100,7 +101,7 @@ def test_prometheus_metrics(server, client, seed):
     assert 'arborist_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
     assert "arborist_http_request_duration_seconds_bucket" in text
     assert 'arborist_jobs{state="queued"}' in text
-    queued = [ln for ln in text.splitlines() if ln.startswith('arborist_jobs{state="queued"}')][0]
+    queued = next(ln for ln in text.splitlines() if ln.startswith('arborist_jobs{state="queued"}'))
     assert float(queued.split()[-1]) >= 1
 
 

@@ -42,11 +42,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _api_testkit import assert_problem, files_under
 from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 from torch import nn
 
+from _api_testkit import assert_problem, files_under
 from core.service.db import tenants
 from core.service.db.tables import ApiKey, Artifact, Dataset, Job, JobEvent, JobMetric, Model
 
@@ -66,8 +66,10 @@ def _digest(path: Path) -> str:
 def stored(server, *roots: Path) -> dict[str, Any]:
     """Row counts of every table a request could write, and every file (with its hash) under ``roots``."""
     with server.session() as s:
-        rows = {t.__tablename__: s.scalar(select(func.count()).select_from(t))
-                for t in (Model, Dataset, Job, JobEvent, JobMetric, Artifact, ApiKey)}
+        rows = {
+            t.__tablename__: s.scalar(select(func.count()).select_from(t))
+            for t in (Model, Dataset, Job, JobEvent, JobMetric, Artifact, ApiKey)
+        }
     files = {str(p): _digest(p) for root in roots for p in files_under(root)}
     return {"rows": rows, "files": files}
 
@@ -228,8 +230,15 @@ class World:
 
     def resources(self) -> dict[str, Any]:
         """What a client sees of the resources that existed before (compared before/after each request)."""
-        got = {p: self.client.get(p) for p in (f"/v1/models/{self.model_id}", f"/v1/datasets/{self.dataset_id}",
-                                                 f"/v1/datasets/{self.registered_id}", f"/v1/jobs/{self.job_id}")}
+        got = {
+            p: self.client.get(p)
+            for p in (
+                f"/v1/models/{self.model_id}",
+                f"/v1/datasets/{self.dataset_id}",
+                f"/v1/datasets/{self.registered_id}",
+                f"/v1/jobs/{self.job_id}",
+            )
+        }
         assert all(r.status_code == 200 for r in got.values()), {p: r.text for p, r in got.items()}
         return {p: r.json() for p, r in got.items()}
 
@@ -264,22 +273,34 @@ def world(server, private_tempdir: Path, tmp_path_factory: pytest.TempPathFactor
     def upload_dataset(data: bytes, name: str) -> str:
         return _created(client.post("/v1/datasets", files={"file": (f"{name}.npz", data)}, data={"name": name}))
 
-    model_id = _created(client.post("/v1/models", files={"file": ("mlp.safetensors", st_save(mlp_state()))},
-                                    data={"arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)}))
+    model_id = _created(
+        client.post(
+            "/v1/models",
+            files={"file": ("mlp.safetensors", st_save(mlp_state()))},
+            data={"arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)},
+        )
+    )
     dataset_id = upload_dataset(classification_npz(), "good")
     data_root = Path(server.settings.data_allowed_roots[0])
     registered = data_root / f"registered-{tenant.id}.npz"
     registered.write_bytes(classification_npz(seed=1))
     registered_id = _created(client.post("/v1/datasets", json={"uri": registered.as_uri()}))
-    job_id = _created(client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id,
-                                                    "spec": GOOD_SPEC}))
+    job_id = _created(client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": GOOD_SPEC}))
     rng = np.random.default_rng(2)
-    regression = npz_bytes(x=rng.standard_normal((100, 64)).astype(np.float32),
-                           y=rng.standard_normal(100).astype(np.float32))
+    regression = npz_bytes(
+        x=rng.standard_normal((100, 64)).astype(np.float32), y=rng.standard_normal(100).astype(np.float32)
+    )
     return World(
-        server=server, client=client, revoked_key=revoked, tmp=tmp_path_factory.mktemp("bad-inputs"),
-        data_root=data_root, store_root=Path(server.store.root), temp_root=private_tempdir,
-        model_id=model_id, dataset_id=dataset_id, registered_id=registered_id,
+        server=server,
+        client=client,
+        revoked_key=revoked,
+        tmp=tmp_path_factory.mktemp("bad-inputs"),
+        data_root=data_root,
+        store_root=Path(server.store.root),
+        temp_root=private_tempdir,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        registered_id=registered_id,
         job_id=job_id,
         narrow_dataset_id=upload_dataset(classification_npz(n=100, features=32), "narrow"),
         many_classes_dataset_id=upload_dataset(classification_npz(n=120, classes=12), "twelve"),
@@ -292,8 +313,9 @@ def world(server, private_tempdir: Path, tmp_path_factory: pytest.TempPathFactor
 Send = Callable[[], httpx.Response]
 
 
-def model_upload(data: bytes | Callable[[World], bytes], filename: str = "model.safetensors",
-                 **fields: str) -> Callable[[World], Send]:
+def model_upload(
+    data: bytes | Callable[[World], bytes], filename: str = "model.safetensors", **fields: str
+) -> Callable[[World], Send]:
     def make(w: World) -> Send:
         payload = data(w) if callable(data) else data
         form = {"arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)} | fields
@@ -302,8 +324,9 @@ def model_upload(data: bytes | Callable[[World], bytes], filename: str = "model.
     return make
 
 
-def dataset_upload(data: bytes | Callable[[World], bytes], filename: str = "data.npz",
-                   **fields: str) -> Callable[[World], Send]:
+def dataset_upload(
+    data: bytes | Callable[[World], bytes], filename: str = "data.npz", **fields: str
+) -> Callable[[World], Send]:
     def make(w: World) -> Send:
         payload = data(w) if callable(data) else data
         return lambda: w.client.post("/v1/datasets", files={"file": (filename, payload)}, data=fields)
@@ -349,16 +372,27 @@ def unauthenticated(key: str, what: str) -> Callable[[World], Send]:
     """A write with a missing / invalid / revoked key: refused before the body is read."""
 
     def make(w: World) -> Send:
-        headers = {"Authorization": {"none": "", "invalid": "Bearer arb_000000000000_nope",
-                                     "revoked": f"Bearer {w.revoked_key}"}[key]}
+        headers = {
+            "Authorization": {
+                "none": "",
+                "invalid": "Bearer arb_000000000000_nope",
+                "revoked": f"Bearer {w.revoked_key}",
+            }[key]
+        }
         if what == "model":
-            return lambda: w.client.post("/v1/models", headers=headers, data={"arch": "mlp"},
-                                         files={"file": ("m.safetensors", st_save(mlp_state()))})
+            return lambda: w.client.post(
+                "/v1/models",
+                headers=headers,
+                data={"arch": "mlp"},
+                files={"file": ("m.safetensors", st_save(mlp_state()))},
+            )
         if what == "dataset":
-            return lambda: w.client.post("/v1/datasets", headers=headers,
-                                         files={"file": ("d.npz", classification_npz())})
-        return lambda: w.client.post("/v1/jobs", headers=headers,
-                                     json={"model_id": w.model_id, "dataset_id": w.dataset_id, "spec": GOOD_SPEC})
+            return lambda: w.client.post(
+                "/v1/datasets", headers=headers, files={"file": ("d.npz", classification_npz())}
+            )
+        return lambda: w.client.post(
+            "/v1/jobs", headers=headers, json={"model_id": w.model_id, "dataset_id": w.dataset_id, "spec": GOOD_SPEC}
+        )
 
     return make
 
@@ -402,168 +436,493 @@ FORBIDDEN = "forbidden-location"
 
 CASES = [
     # --- model files -------------------------------------------------------------------------------------------
-    Case("model/pickle-raw", model_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker)), protocol=4), "m.pkl"),
-         415, UNSAFE, r"pickle", unpickle_bait=True),
-    Case("model/pickle-protocol0", model_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker)), protocol=0),
-                                                "m.pth"), 422, INVALID, r"unrecognised model file", unpickle_bait=True),
-    Case("model/torch-save-zip", model_upload(lambda w: torch_bytes({"w": torch.zeros(2),
-                                                                     "x": CreatesFile(str(w.marker))}), "m.pt"),
-         415, UNSAFE, r"pickle-based PyTorch checkpoints", unpickle_bait=True),
-    Case("model/torch-save-legacy", model_upload(lambda w: torch_bytes({"x": CreatesFile(str(w.marker))},
-                                                                       _use_new_zipfile_serialization=False),
-                                                 "m.pth"), 415, UNSAFE, r"pickle", unpickle_bait=True),
+    Case(
+        "model/pickle-raw",
+        model_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker)), protocol=4), "m.pkl"),
+        415,
+        UNSAFE,
+        r"pickle",
+        unpickle_bait=True,
+    ),
+    Case(
+        "model/pickle-protocol0",
+        model_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker)), protocol=0), "m.pth"),
+        422,
+        INVALID,
+        r"unrecognised model file",
+        unpickle_bait=True,
+    ),
+    Case(
+        "model/torch-save-zip",
+        model_upload(lambda w: torch_bytes({"w": torch.zeros(2), "x": CreatesFile(str(w.marker))}), "m.pt"),
+        415,
+        UNSAFE,
+        r"pickle-based PyTorch checkpoints",
+        unpickle_bait=True,
+    ),
+    Case(
+        "model/torch-save-legacy",
+        model_upload(
+            lambda w: torch_bytes({"x": CreatesFile(str(w.marker))}, _use_new_zipfile_serialization=False), "m.pth"
+        ),
+        415,
+        UNSAFE,
+        r"pickle",
+        unpickle_bait=True,
+    ),
     Case("model/torchscript", model_upload(lambda w: torchscript_bytes(), "m.pt"), 415, UNSAFE, r"TorchScript"),
     Case("model/torch-export-pt2", model_upload(lambda w: pt2_bytes(), "m.pt2"), 415, UNSAFE, r"torch\.export"),
-    Case("model/safetensors-truncated-data", model_upload(_truncated(-100)), 422, INVALID,
-         r"invalid safetensors file: .*outside the data section"),
-    Case("model/safetensors-truncated-header", model_upload(_truncated(20)), 422, INVALID,
-         r"invalid safetensors file: the header claims \d+ bytes but the file has only 12 .*\(truncated\?\)"),
-    Case("model/safetensors-header-not-json", model_upload(raw_safetensors(b"{not json at all}", b"\0" * 8)),
-         422, INVALID, r"not valid UTF-8 JSON"),
-    Case("model/safetensors-no-tensors", model_upload(raw_safetensors(b"{}" + b" " * 6)), 422, INVALID,
-         r"do not match the architecture: missing 4"),
-    Case("model/safetensors-claims-1TB-tensor",
-         model_upload(raw_safetensors({"layers.1.weight": {"dtype": "F32", "shape": [TB // 4],
-                                                           "data_offsets": [0, TB]}}, b"\0" * 16)),
-         422, INVALID, r"data_offsets \[0, 1099511627776\] fall outside the data section of 16 bytes",
-         errors=(("tensors", "layers.1.weight"),)),
-    Case("model/safetensors-claims-exabyte-shape",
-         model_upload(raw_safetensors({"w": {"dtype": "F64", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 8]}},
-                                      b"\0" * 8)), 422, INVALID, r"needs \d+ bytes but data_offsets span 8"),
-    Case("model/safetensors-header-length-1TB", model_upload(struct.pack("<Q", TB) + b'{"a": 1}'), 422, INVALID,
-         r"the header claims 1099511627776 bytes but the file has only 8"),
-    Case("model/onnx-external-data", model_upload(lambda w: onnx_external_data_bytes(w.tmp), "m.onnx"),
-         415, UNSAFE, r"external data"),
-    Case("model/onnx-external-traversal", model_upload(onnx_external_location_bytes("../../etc/passwd"), "m.onnx"),
-         415, UNSAFE, r"outside the model"),
-    Case("model/onnx-external-absolute", model_upload(onnx_external_location_bytes("/etc/passwd"), "m.onnx"),
-         415, UNSAFE, r"outside the model"),
-    Case("model/onnx-tensor-name-traversal", model_upload(onnx_tensor_named_bytes("../../w"), "m.onnx"),
-         415, UNSAFE, r"outside the model"),
-    Case("model/nan-weights", model_upload(_poisoned_state(float("nan"))), 422, INVALID,
-         r"NaN or Inf values in 1 tensor\(s\): layers\.3\.weight", errors=(("state_dict", "layers.3.weight"),)),
-    Case("model/inf-weights", model_upload(_poisoned_state(float("-inf"))), 422, INVALID,
-         r"NaN or Inf values in 1 tensor\(s\): layers\.3\.weight"),
-    Case("model/tensors-do-not-match-arch", model_upload(_mismatched_state()), 422, INVALID,
-         r"do not match the architecture: missing 1: layers\.3\.bias; unexpected 1: head\.weight; "
-         r"shape mismatches 3: layers\.1\.weight \(file \[16, 64\], model \[32, 64\]\)",
-         errors=(("state_dict", "layers.3.bias"), ("state_dict", "head.weight"), ("state_dict", "layers.1.bias"),
-                 ("state_dict", "layers.3.weight"))),
-    Case("model/unknown-arch", model_upload(st_save(mlp_state()), arch="mlp9000"), 422, INVALID,
-         r"unknown architecture"),
-    Case("model/unknown-form-field", model_upload(st_save(mlp_state()), arch_kwarg="{}"), 422, INVALID,
-         r"unknown form field\(s\): arch_kwarg", errors=(("body", "arch_kwarg"),)),
+    Case(
+        "model/safetensors-truncated-data",
+        model_upload(_truncated(-100)),
+        422,
+        INVALID,
+        r"invalid safetensors file: .*outside the data section",
+    ),
+    Case(
+        "model/safetensors-truncated-header",
+        model_upload(_truncated(20)),
+        422,
+        INVALID,
+        r"invalid safetensors file: the header claims \d+ bytes but the file has only 12 .*\(truncated\?\)",
+    ),
+    Case(
+        "model/safetensors-header-not-json",
+        model_upload(raw_safetensors(b"{not json at all}", b"\0" * 8)),
+        422,
+        INVALID,
+        r"not valid UTF-8 JSON",
+    ),
+    Case(
+        "model/safetensors-no-tensors",
+        model_upload(raw_safetensors(b"{}" + b" " * 6)),
+        422,
+        INVALID,
+        r"do not match the architecture: missing 4",
+    ),
+    Case(
+        "model/safetensors-claims-1TB-tensor",
+        model_upload(
+            raw_safetensors(
+                {"layers.1.weight": {"dtype": "F32", "shape": [TB // 4], "data_offsets": [0, TB]}}, b"\0" * 16
+            )
+        ),
+        422,
+        INVALID,
+        r"data_offsets \[0, 1099511627776\] fall outside the data section of 16 bytes",
+        errors=(("tensors", "layers.1.weight"),),
+    ),
+    Case(
+        "model/safetensors-claims-exabyte-shape",
+        model_upload(
+            raw_safetensors({"w": {"dtype": "F64", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 8]}}, b"\0" * 8)
+        ),
+        422,
+        INVALID,
+        r"needs \d+ bytes but data_offsets span 8",
+    ),
+    Case(
+        "model/safetensors-header-length-1TB",
+        model_upload(struct.pack("<Q", TB) + b'{"a": 1}'),
+        422,
+        INVALID,
+        r"the header claims 1099511627776 bytes but the file has only 8",
+    ),
+    Case(
+        "model/onnx-external-data",
+        model_upload(lambda w: onnx_external_data_bytes(w.tmp), "m.onnx"),
+        415,
+        UNSAFE,
+        r"external data",
+    ),
+    Case(
+        "model/onnx-external-traversal",
+        model_upload(onnx_external_location_bytes("../../etc/passwd"), "m.onnx"),
+        415,
+        UNSAFE,
+        r"outside the model",
+    ),
+    Case(
+        "model/onnx-external-absolute",
+        model_upload(onnx_external_location_bytes("/etc/passwd"), "m.onnx"),
+        415,
+        UNSAFE,
+        r"outside the model",
+    ),
+    Case(
+        "model/onnx-tensor-name-traversal",
+        model_upload(onnx_tensor_named_bytes("../../w"), "m.onnx"),
+        415,
+        UNSAFE,
+        r"outside the model",
+    ),
+    Case(
+        "model/nan-weights",
+        model_upload(_poisoned_state(float("nan"))),
+        422,
+        INVALID,
+        r"NaN or Inf values in 1 tensor\(s\): layers\.3\.weight",
+        errors=(("state_dict", "layers.3.weight"),),
+    ),
+    Case(
+        "model/inf-weights",
+        model_upload(_poisoned_state(float("-inf"))),
+        422,
+        INVALID,
+        r"NaN or Inf values in 1 tensor\(s\): layers\.3\.weight",
+    ),
+    Case(
+        "model/tensors-do-not-match-arch",
+        model_upload(_mismatched_state()),
+        422,
+        INVALID,
+        r"do not match the architecture: missing 1: layers\.3\.bias; unexpected 1: head\.weight; "
+        r"shape mismatches 3: layers\.1\.weight \(file \[16, 64\], model \[32, 64\]\)",
+        errors=(
+            ("state_dict", "layers.3.bias"),
+            ("state_dict", "head.weight"),
+            ("state_dict", "layers.1.bias"),
+            ("state_dict", "layers.3.weight"),
+        ),
+    ),
+    Case(
+        "model/unknown-arch", model_upload(st_save(mlp_state()), arch="mlp9000"), 422, INVALID, r"unknown architecture"
+    ),
+    Case(
+        "model/unknown-form-field",
+        model_upload(st_save(mlp_state()), arch_kwarg="{}"),
+        422,
+        INVALID,
+        r"unknown form field\(s\): arch_kwarg",
+        errors=(("body", "arch_kwarg"),),
+    ),
     Case("model/empty-file", model_upload(b""), 422, INVALID, r"empty"),
-    Case("model/form-urlencoded", raw("/v1/models", b"arch=mlp", "application/x-www-form-urlencoded"),
-         415, "unsupported-media-type", r"multipart/form-data"),
-    Case("model/multipart-without-boundary", raw("/v1/models", b"--x\r\n", "multipart/form-data"), 422, INVALID,
-         r"without a boundary"),
+    Case(
+        "model/form-urlencoded",
+        raw("/v1/models", b"arch=mlp", "application/x-www-form-urlencoded"),
+        415,
+        "unsupported-media-type",
+        r"multipart/form-data",
+    ),
+    Case(
+        "model/multipart-without-boundary",
+        raw("/v1/models", b"--x\r\n", "multipart/form-data"),
+        422,
+        INVALID,
+        r"without a boundary",
+    ),
     # --- dataset files -----------------------------------------------------------------------------------------
-    Case("dataset/zip-bomb", dataset_upload(zip_bomb_npz()), 422, INVALID, r"likely zip bomb",
-         errors=(("file", "x.npy"),)),
-    Case("dataset/safetensors-truncated", dataset_upload(lambda w: st_save({"x": torch.zeros(8, 4),
-                                                                             "y": torch.zeros(8)})[:30], "d.st"),
-         422, INVALID, r"invalid safetensors file: the header claims \d+ bytes .*\(truncated\?\)"),
-    Case("dataset/empty-arrays", dataset_upload(npz_bytes(x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))),
-         422, INVALID, r"the dataset is empty"),
+    Case(
+        "dataset/zip-bomb",
+        dataset_upload(zip_bomb_npz()),
+        422,
+        INVALID,
+        r"likely zip bomb",
+        errors=(("file", "x.npy"),),
+    ),
+    Case(
+        "dataset/safetensors-truncated",
+        dataset_upload(lambda w: st_save({"x": torch.zeros(8, 4), "y": torch.zeros(8)})[:30], "d.st"),
+        422,
+        INVALID,
+        r"invalid safetensors file: the header claims \d+ bytes .*\(truncated\?\)",
+    ),
+    Case(
+        "dataset/empty-arrays",
+        dataset_upload(npz_bytes(x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))),
+        422,
+        INVALID,
+        r"the dataset is empty",
+    ),
     Case("dataset/empty-archive", dataset_upload(npz_bytes()), 422, INVALID, r"the dataset is empty"),
     Case("dataset/empty-parquet", dataset_upload(empty_parquet(), "d.parquet"), 422, INVALID, r"the dataset is empty"),
     Case("dataset/empty-file", dataset_upload(b""), 422, INVALID, r"the dataset file is empty"),
-    Case("dataset/pickle", dataset_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker))), "d.pkl"), 415, UNSAFE,
-         r"pickle", unpickle_bait=True),
-    Case("dataset/npz-object-array", dataset_upload(lambda w: npz_bytes(x=np.array([CreatesFile(str(w.marker))],
-                                                                                   dtype=object), y=np.zeros(1))),
-         415, UNSAFE, r"object array", unpickle_bait=True),
-    Case("dataset/nan-features", dataset_upload(npz_bytes(x=np.full((4, 64), np.nan, np.float32),
-                                                          y=np.zeros(4, np.int64))), 422, INVALID, r"NaN or Inf"),
-    Case("dataset/labels-not-matching-examples", dataset_upload(npz_bytes(x=np.zeros((4, 64), np.float32),
-                                                                          y=np.zeros(3, np.int64))),
-         422, INVALID, r"x has 4 examples but y has 3 labels"),
-    Case("dataset/unknown-form-field", dataset_upload(classification_npz(), fromat="npz"), 422, INVALID,
-         r"unknown form field\(s\): fromat"),
+    Case(
+        "dataset/pickle",
+        dataset_upload(lambda w: pickle.dumps(CreatesFile(str(w.marker))), "d.pkl"),
+        415,
+        UNSAFE,
+        r"pickle",
+        unpickle_bait=True,
+    ),
+    Case(
+        "dataset/npz-object-array",
+        dataset_upload(lambda w: npz_bytes(x=np.array([CreatesFile(str(w.marker))], dtype=object), y=np.zeros(1))),
+        415,
+        UNSAFE,
+        r"object array",
+        unpickle_bait=True,
+    ),
+    Case(
+        "dataset/nan-features",
+        dataset_upload(npz_bytes(x=np.full((4, 64), np.nan, np.float32), y=np.zeros(4, np.int64))),
+        422,
+        INVALID,
+        r"NaN or Inf",
+    ),
+    Case(
+        "dataset/labels-not-matching-examples",
+        dataset_upload(npz_bytes(x=np.zeros((4, 64), np.float32), y=np.zeros(3, np.int64))),
+        422,
+        INVALID,
+        r"x has 4 examples but y has 3 labels",
+    ),
+    Case(
+        "dataset/unknown-form-field",
+        dataset_upload(classification_npz(), fromat="npz"),
+        422,
+        INVALID,
+        r"unknown form field\(s\): fromat",
+    ),
     # --- data URIs ---------------------------------------------------------------------------------------------
-    Case("uri/file-etc-passwd", register(lambda w: "file:///etc/passwd"), 403, FORBIDDEN, r"outside the allowed",
-         errors=(("uri",),)),
-    Case("uri/dotdot-traversal", register(lambda w: f"{w.data_root}/../../../../../etc/passwd"), 403, FORBIDDEN,
-         r"outside the allowed"),
-    Case("uri/dotdot-into-the-store", register(lambda w: f"{w.data_root.as_uri()}/../artifacts/"), 403, FORBIDDEN,
-         r"outside the allowed"),
-    Case("uri/encoded-dotdot", register(lambda w: f"{w.data_root.as_uri()}/%2e%2e/%2e%2e/%2e%2e/etc/passwd"),
-         403, FORBIDDEN, r"outside the allowed"),
-    Case("uri/symlink-out-of-root", register(lambda w: _symlink(w, "/etc/passwd")), 403, FORBIDDEN,
-         r"outside the allowed"),
+    Case(
+        "uri/file-etc-passwd",
+        register(lambda w: "file:///etc/passwd"),
+        403,
+        FORBIDDEN,
+        r"outside the allowed",
+        errors=(("uri",),),
+    ),
+    Case(
+        "uri/dotdot-traversal",
+        register(lambda w: f"{w.data_root}/../../../../../etc/passwd"),
+        403,
+        FORBIDDEN,
+        r"outside the allowed",
+    ),
+    Case(
+        "uri/dotdot-into-the-store",
+        register(lambda w: f"{w.data_root.as_uri()}/../artifacts/"),
+        403,
+        FORBIDDEN,
+        r"outside the allowed",
+    ),
+    Case(
+        "uri/encoded-dotdot",
+        register(lambda w: f"{w.data_root.as_uri()}/%2e%2e/%2e%2e/%2e%2e/etc/passwd"),
+        403,
+        FORBIDDEN,
+        r"outside the allowed",
+    ),
+    Case(
+        "uri/symlink-out-of-root",
+        register(lambda w: _symlink(w, "/etc/passwd")),
+        403,
+        FORBIDDEN,
+        r"outside the allowed",
+    ),
     Case("uri/file-remote-host", register(lambda w: "file://evil.example/etc/passwd"), 403, FORBIDDEN, r"remote host"),
-    Case("uri/http", register(lambda w: "http://169.254.169.254/latest/meta-data"), 403, FORBIDDEN,
-         r"unsupported scheme 'http'"),
+    Case(
+        "uri/http",
+        register(lambda w: "http://169.254.169.254/latest/meta-data"),
+        403,
+        FORBIDDEN,
+        r"unsupported scheme 'http'",
+    ),
     Case("uri/https", register(lambda w: "https://example.com/d.npz"), 403, FORBIDDEN, r"unsupported scheme 'https'"),
     Case("uri/ftp", register(lambda w: "ftp://example.com/d.npz"), 403, FORBIDDEN, r"unsupported scheme 'ftp'"),
-    Case("uri/data", register(lambda w: "data:application/octet-stream;base64,AAAA"), 403, FORBIDDEN,
-         r"unsupported scheme 'data'"),
-    Case("uri/s3-unconfigured", register(lambda w: "s3://bucket/datasets/d.npz"), 403, FORBIDDEN,
-         r"outside the allowed"),
-    Case("uri/missing-file-inside-root", register(lambda w: f"{w.data_root}/nope-{uuid.uuid4().hex}.npz"), 422, INVALID,
-         r"is not a file"),
+    Case(
+        "uri/data",
+        register(lambda w: "data:application/octet-stream;base64,AAAA"),
+        403,
+        FORBIDDEN,
+        r"unsupported scheme 'data'",
+    ),
+    Case(
+        "uri/s3-unconfigured", register(lambda w: "s3://bucket/datasets/d.npz"), 403, FORBIDDEN, r"outside the allowed"
+    ),
+    Case(
+        "uri/missing-file-inside-root",
+        register(lambda w: f"{w.data_root}/nope-{uuid.uuid4().hex}.npz"),
+        422,
+        INVALID,
+        r"is not a file",
+    ),
     Case("uri/the-root-itself", register(lambda w: str(w.data_root)), 422, INVALID, r"is not a file"),
     Case("uri/nul-byte", register(lambda w: f"{w.data_root}/a\x00.npz"), 422, INVALID, r"NUL"),
     Case("uri/empty", register(lambda w: ""), 422, VALIDATION, r"uri", errors=(("body", "uri"),)),
-    Case("uri/registered-empty-dataset", register_file("empty.npz", npz_bytes(x=np.zeros((0, 3), np.float32),
-                                                                               y=np.zeros(0, np.int64))),
-         422, INVALID, r"the dataset is empty"),
+    Case(
+        "uri/registered-empty-dataset",
+        register_file("empty.npz", npz_bytes(x=np.zeros((0, 3), np.float32), y=np.zeros(0, np.int64))),
+        422,
+        INVALID,
+        r"the dataset is empty",
+    ),
     Case("uri/registered-zip-bomb", register_file("bomb.npz", zip_bomb_npz()), 422, INVALID, r"likely zip bomb"),
-    Case("uri/registered-pickle", register_file("p.pkl", lambda w: pickle.dumps(CreatesFile(str(w.marker)))),
-         415, UNSAFE, r"pickle", unpickle_bait=True),
-    Case("uri/huge-json", raw("/v1/datasets", json.dumps({"uri": "x" * 20_000}).encode(), "application/json"),
-         413, "too-large", r"JSON body exceeds"),
-    Case("uri/xml", raw("/v1/datasets", b"<uri>/etc/passwd</uri>", "application/xml"), 415, "unsupported-media-type",
-         r"multipart/form-data .* or application/json"),
+    Case(
+        "uri/registered-pickle",
+        register_file("p.pkl", lambda w: pickle.dumps(CreatesFile(str(w.marker)))),
+        415,
+        UNSAFE,
+        r"pickle",
+        unpickle_bait=True,
+    ),
+    Case(
+        "uri/huge-json",
+        raw("/v1/datasets", json.dumps({"uri": "x" * 20_000}).encode(), "application/json"),
+        413,
+        "too-large",
+        r"JSON body exceeds",
+    ),
+    Case(
+        "uri/xml",
+        raw("/v1/datasets", b"<uri>/etc/passwd</uri>", "application/xml"),
+        415,
+        "unsupported-media-type",
+        r"multipart/form-data .* or application/json",
+    ),
     Case("uri/json-not-an-object", raw("/v1/datasets", b"[]", "application/json"), 422, VALIDATION, r""),
-    Case("uri/deeply-nested-json", raw("/v1/datasets", b'{"uri": "x", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                                       "application/json"), 422, VALIDATION, r"recursion limit"),
+    Case(
+        "uri/deeply-nested-json",
+        raw("/v1/datasets", b'{"uri": "x", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json"),
+        422,
+        VALIDATION,
+        r"recursion limit",
+    ),
     # --- specs and job inputs ----------------------------------------------------------------------------------
-    Case("spec/sparsity-zero", job({"sparsity": 0.0}), 422, VALIDATION, r"spec\.sparsity",
-         errors=(("body", "spec", "sparsity"),)),
-    Case("spec/sparsity-one", job({"sparsity": 1.0}), 422, VALIDATION, r"spec\.sparsity",
-         errors=(("body", "spec", "sparsity"),)),
-    Case("spec/sparsity-negative", job({"sparsity": -0.2}), 422, VALIDATION, r"",
-         errors=(("body", "spec", "sparsity"),)),
-    Case("spec/sparsity-missing", job({"method": "woodfisher"}), 422, VALIDATION, r"Field required",
-         errors=(("body", "spec", "sparsity"),)),
-    Case("spec/lambda-negative", job({"sparsity": 0.5, "fisher": {"lambda": -1e-3}}), 422, VALIDATION,
-         r"lambda must be > 0", errors=(("body", "spec", "fisher"),)),
+    Case(
+        "spec/sparsity-zero",
+        job({"sparsity": 0.0}),
+        422,
+        VALIDATION,
+        r"spec\.sparsity",
+        errors=(("body", "spec", "sparsity"),),
+    ),
+    Case(
+        "spec/sparsity-one",
+        job({"sparsity": 1.0}),
+        422,
+        VALIDATION,
+        r"spec\.sparsity",
+        errors=(("body", "spec", "sparsity"),),
+    ),
+    Case(
+        "spec/sparsity-negative", job({"sparsity": -0.2}), 422, VALIDATION, r"", errors=(("body", "spec", "sparsity"),)
+    ),
+    Case(
+        "spec/sparsity-missing",
+        job({"method": "woodfisher"}),
+        422,
+        VALIDATION,
+        r"Field required",
+        errors=(("body", "spec", "sparsity"),),
+    ),
+    Case(
+        "spec/lambda-negative",
+        job({"sparsity": 0.5, "fisher": {"lambda": -1e-3}}),
+        422,
+        VALIDATION,
+        r"lambda must be > 0",
+        errors=(("body", "spec", "fisher"),),
+    ),
     Case("spec/lambda-zero", job({"sparsity": 0.5, "fisher": {"lambda": 0}}), 422, VALIDATION, r"lambda must be > 0"),
-    Case("spec/lambda-grid-negative", job({"sparsity": 0.5, "fisher": {"lambda": "auto", "lambda_grid": [1e-3, -1]}}),
-         422, VALIDATION, r"lambda_grid must hold positive values"),
+    Case(
+        "spec/lambda-grid-negative",
+        job({"sparsity": 0.5, "fisher": {"lambda": "auto", "lambda_grid": [1e-3, -1]}}),
+        422,
+        VALIDATION,
+        r"lambda_grid must hold positive values",
+    ),
     Case("spec/block-size-zero", job({"sparsity": 0.5, "fisher": {"block_size": 0}}), 422, VALIDATION, r"block_size"),
-    Case("spec/block-size-negative", job({"sparsity": 0.5, "fisher": {"block_size": -4}}), 422, VALIDATION,
-         r"block_size"),
-    Case("spec/samples-zero", job({"sparsity": 0.5, "fisher": {"samples": 0}}), 422, VALIDATION, r"",
-         errors=(("body", "spec", "fisher", "samples"),)),
-    Case("spec/samples-over-the-dataset", job({"sparsity": 0.5, "fisher": {"samples": TRAIN_EXAMPLES + 1}}),
-         422, INVALID, rf"fisher\.samples × fisher\.batch_size = 481 exceeds the {TRAIN_EXAMPLES} training examples",
-         errors=(("body", "spec", "fisher", "samples"),)),
-    Case("spec/samples-times-batch-over-the-dataset",
-         job({"sparsity": 0.5, "fisher": {"samples": 100, "batch_size": 5}}), 422, INVALID, r"= 500 exceeds the 480"),
-    Case("spec/unknown-field", job({"sparsity": 0.5, "sparsty": 0.9}), 422, VALIDATION, r"",
-         errors=(("body", "spec", "sparsty"),)),
-    Case("spec/unknown-nested-field", job({"sparsity": 0.5, "fisher": {"m": 64}}), 422, VALIDATION, r"",
-         errors=(("body", "spec", "fisher", "m"),)),
-    Case("spec/unknown-method", job({"sparsity": 0.5, "method": "obs++"}), 422, VALIDATION, r"",
-         errors=(("body", "spec", "method"),)),
-    Case("spec/deeply-nested-json", raw("/v1/jobs", b'{"spec": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                                        "application/json"), 400, "bad-request", r"error parsing the body"),
-    Case("spec/multipart", raw("/v1/jobs", b"--b\r\n", "multipart/form-data; boundary=b"), 415,
-         "unsupported-media-type", r"JSON"),
-    Case("job/dataset-shape-does-not-fit-model", job(dataset="narrow_dataset_id"), 422, INVALID,
-         r"model expects inputs of 64 features, data has examples shaped \(32,\)",
-         errors=(("body", "dataset_id"),)),
-    Case("job/labels-out-of-model-range", job(dataset="many_classes_dataset_id"), 422, INVALID,
-         r"labels range over \[0, 11\] but the model has 10 outputs", errors=(("body", "dataset_id"),)),
-    Case("job/float-labels-for-cross-entropy", job(dataset="regression_dataset_id"), 422, INVALID,
-         r"cross_entropy needs integer class labels"),
+    Case(
+        "spec/block-size-negative", job({"sparsity": 0.5, "fisher": {"block_size": -4}}), 422, VALIDATION, r"block_size"
+    ),
+    Case(
+        "spec/samples-zero",
+        job({"sparsity": 0.5, "fisher": {"samples": 0}}),
+        422,
+        VALIDATION,
+        r"",
+        errors=(("body", "spec", "fisher", "samples"),),
+    ),
+    Case(
+        "spec/samples-over-the-dataset",
+        job({"sparsity": 0.5, "fisher": {"samples": TRAIN_EXAMPLES + 1}}),
+        422,
+        INVALID,
+        rf"fisher\.samples × fisher\.batch_size = 481 exceeds the {TRAIN_EXAMPLES} training examples",
+        errors=(("body", "spec", "fisher", "samples"),),
+    ),
+    Case(
+        "spec/samples-times-batch-over-the-dataset",
+        job({"sparsity": 0.5, "fisher": {"samples": 100, "batch_size": 5}}),
+        422,
+        INVALID,
+        r"= 500 exceeds the 480",
+    ),
+    Case(
+        "spec/unknown-field",
+        job({"sparsity": 0.5, "sparsty": 0.9}),
+        422,
+        VALIDATION,
+        r"",
+        errors=(("body", "spec", "sparsty"),),
+    ),
+    Case(
+        "spec/unknown-nested-field",
+        job({"sparsity": 0.5, "fisher": {"m": 64}}),
+        422,
+        VALIDATION,
+        r"",
+        errors=(("body", "spec", "fisher", "m"),),
+    ),
+    Case(
+        "spec/unknown-method",
+        job({"sparsity": 0.5, "method": "obs++"}),
+        422,
+        VALIDATION,
+        r"",
+        errors=(("body", "spec", "method"),),
+    ),
+    Case(
+        "spec/deeply-nested-json",
+        raw("/v1/jobs", b'{"spec": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json"),
+        400,
+        "bad-request",
+        r"error parsing the body",
+    ),
+    Case(
+        "spec/multipart",
+        raw("/v1/jobs", b"--b\r\n", "multipart/form-data; boundary=b"),
+        415,
+        "unsupported-media-type",
+        r"JSON",
+    ),
+    Case(
+        "job/dataset-shape-does-not-fit-model",
+        job(dataset="narrow_dataset_id"),
+        422,
+        INVALID,
+        r"model expects inputs of 64 features, data has examples shaped \(32,\)",
+        errors=(("body", "dataset_id"),),
+    ),
+    Case(
+        "job/labels-out-of-model-range",
+        job(dataset="many_classes_dataset_id"),
+        422,
+        INVALID,
+        r"labels range over \[0, 11\] but the model has 10 outputs",
+        errors=(("body", "dataset_id"),),
+    ),
+    Case(
+        "job/float-labels-for-cross-entropy",
+        job(dataset="regression_dataset_id"),
+        422,
+        INVALID,
+        r"cross_entropy needs integer class labels",
+    ),
     # --- credentials on writes (reads: test_api_auth.py) -------------------------------------------------------
-    *[Case(f"auth/{key}-key-{what}", unauthenticated(key, what), 401, "unauthorized",
-           r"revoked" if key == "revoked" else r"")
-      for key in ("none", "invalid", "revoked") for what in ("model", "dataset", "job")],
+    *[
+        Case(
+            f"auth/{key}-key-{what}",
+            unauthenticated(key, what),
+            401,
+            "unauthorized",
+            r"revoked" if key == "revoked" else r"",
+        )
+        for key in ("none", "invalid", "revoked")
+        for what in ("model", "dataset", "job")
+    ],
 ]
 
 
@@ -620,8 +979,9 @@ def test_oversize_upload_is_refused_while_streaming(world: World) -> None:
     before = stored(world.server, *world.roots())
     t0 = time.perf_counter()
     try:
-        resp = world.client.post("/v1/models", content=body(),
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        resp = world.client.post(
+            "/v1/models", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
     except httpx.TransportError:
         resp = None  # the server answered and closed the connection while the client was still sending
     if resp is not None:

@@ -19,20 +19,41 @@ from core.service.db.tables import Job, JobState
 def job(server, account, seed):
     model_id, dataset_id = seed()
     with server.session() as s:
-        job, created = jobs.create(session=s, tenant=account.tenant, model_id=model_id, dataset_id=dataset_id,
-                                   spec={"sparsity": 0.5}, idempotency_key="k", request_hash="h")
+        job, created = jobs.create(
+            session=s,
+            tenant=account.tenant,
+            model_id=model_id,
+            dataset_id=dataset_id,
+            spec={"sparsity": 0.5},
+            idempotency_key="k",
+            request_hash="h",
+        )
         assert created
         return job
 
 
 def test_create_job_idempotency(server, account, job):
     with server.session() as s:
-        again, created = jobs.create(session=s, tenant=account.tenant, model_id=job.model_id,
-                                     dataset_id=job.dataset_id, spec={}, idempotency_key="k", request_hash="h")
+        again, created = jobs.create(
+            session=s,
+            tenant=account.tenant,
+            model_id=job.model_id,
+            dataset_id=job.dataset_id,
+            spec={},
+            idempotency_key="k",
+            request_hash="h",
+        )
         assert not created and again.id == job.id
         with pytest.raises(IdempotencyMismatch):
-            jobs.create(session=s, tenant=account.tenant, model_id=job.model_id, dataset_id=job.dataset_id,
-                        spec={}, idempotency_key="k", request_hash="other")
+            jobs.create(
+                session=s,
+                tenant=account.tenant,
+                model_id=job.model_id,
+                dataset_id=job.dataset_id,
+                spec={},
+                idempotency_key="k",
+                request_hash="other",
+            )
 
 
 def test_claim_is_exclusive_and_counts_attempts(server, job):
@@ -51,8 +72,9 @@ def test_progress_heartbeat_and_cancel_signal(server, account, job):
     with server.session() as s:
         assert attempts.write_progress(session=s, job_id=job.id, attempt=0, progress=0.5) == (False, False)  # queued
         assert attempts.claim(session=s, job_id=job.id).attempts == 1
-        assert attempts.write_progress(session=s, job_id=job.id, attempt=1, progress=1.7, step=3, sparsity=0.4,
-                                       message="pruning") == (True, False)
+        assert attempts.write_progress(
+            session=s, job_id=job.id, attempt=1, progress=1.7, step=3, sparsity=0.4, message="pruning"
+        ) == (True, False)
         j = jobs.get(session=s, tenant=account.tenant, job_id=job.id)
         assert (j.progress, j.step, j.sparsity, j.message) == (1.0, 3, 0.4, "pruning")
         assert attempts.heartbeat(session=s, job_id=job.id, attempt=1) == (True, False)
@@ -126,8 +148,12 @@ def test_status_poll_rides_over_dropped_read_connections(server, account, job, d
     killer = create_engine(db_url, poolclass=NullPool)
     try:
         with killer.connect() as conn:
-            killed = conn.scalar(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                      "WHERE application_name = 'arborist-read' AND datname = current_database()"))
+            killed = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'arborist-read' AND datname = current_database()"
+                )
+            )
     finally:
         killer.dispose()
     assert killed >= 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from _api_testkit import assert_problem
 
+from _api_testkit import assert_problem
 from core.service.db import attempts, jobs
 from core.service.db.tables import JobState
 
@@ -57,8 +57,9 @@ def test_idempotency_key(server, client, inputs):
 
 
 def test_invalid_spec_is_422_with_field_errors(client, inputs):
-    body = assert_problem(client.post("/v1/jobs", json=_body(inputs, sparsity=1.5, method="nope")), 422,
-                          "validation-error")
+    body = assert_problem(
+        client.post("/v1/jobs", json=_body(inputs, sparsity=1.5, method="nope")), 422, "validation-error"
+    )
     locs = {tuple(e["loc"]) for e in body["errors"]}
     assert ("body", "spec", "sparsity") in locs and ("body", "spec", "method") in locs
     assert all({"loc", "msg", "type"} <= set(e) for e in body["errors"])
@@ -69,8 +70,7 @@ def test_invalid_spec_is_422_with_field_errors(client, inputs):
 
 
 def test_unknown_inputs_are_422(client, inputs):
-    body = assert_problem(client.post("/v1/jobs", json={**_body(inputs), "model_id": "mdl_nope"}), 422,
-                          "invalid-input")
+    body = assert_problem(client.post("/v1/jobs", json={**_body(inputs), "model_id": "mdl_nope"}), 422, "invalid-input")
     assert body["errors"][0]["loc"] == ["body", "model_id"]
 
 
@@ -78,14 +78,16 @@ def test_content_type_and_size_limits(server, client, inputs):
     import json
 
     raw = json.dumps(_body(inputs)).encode()
-    assert_problem(client.post("/v1/jobs", content=raw, headers={"Content-Type": "text/plain"}), 415,
-                   "unsupported-media-type")
+    assert_problem(
+        client.post("/v1/jobs", content=raw, headers={"Content-Type": "text/plain"}), 415, "unsupported-media-type"
+    )
     assert_problem(client.post("/v1/jobs", content=raw), 415)
     huge = json.dumps({**_body(inputs), "pad": "x" * server.settings.max_json_bytes}).encode()
-    assert_problem(client.post("/v1/jobs", content=huge, headers={"Content-Type": "application/json"}), 413,
-                   "too-large")
+    assert_problem(
+        client.post("/v1/jobs", content=huge, headers={"Content-Type": "application/json"}), 413, "too-large"
+    )
     # chunked (no Content-Length): capped while reading
-    chunks = iter([huge[i:i + 4096] for i in range(0, len(huge), 4096)])
+    chunks = iter([huge[i : i + 4096] for i in range(0, len(huge), 4096)])
     assert_problem(client.post("/v1/jobs", content=chunks, headers={"Content-Type": "application/json"}), 413)
     ok = client.post("/v1/jobs", content=raw, headers={"Content-Type": "application/merge-patch+json"})
     assert ok.status_code == 202
@@ -149,8 +151,13 @@ def test_cancel_and_retry_transitions(server, account, client, inputs):
     with server.session() as s:
         jobs.retry(session=s, tenant=account.tenant, job_id=jid)
         attempts.claim(session=s, job_id=jid)
-        attempts.finish(session=s, job_id=jid, attempt=2, state=JobState.FAILED,
-                        error={"type": "https://arborist.dev/problems/x", "title": "X", "status": 422})
+        attempts.finish(
+            session=s,
+            job_id=jid,
+            attempt=2,
+            state=JobState.FAILED,
+            error={"type": "https://arborist.dev/problems/x", "title": "X", "status": 422},
+        )
     failed = client.get(f"/v1/jobs/{jid}")
     assert failed.json()["state"] == "failed" and failed.json()["error"]["title"] == "X"
     assert "retry-after" not in failed.headers

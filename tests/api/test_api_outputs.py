@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
-from _api_testkit import assert_problem
 
+from _api_testkit import assert_problem
 from core.service.artifacts import artifact_key
 from core.service.db import attempts, outputs
 from core.service.db.tables import JobState
@@ -40,8 +40,9 @@ def test_metrics_json_and_csv(server, client, job_id):
         rows = list(csv.DictReader(io.StringIO(resp.text)))
         assert [r["step"] for r in rows] == ["0", "1"]
         assert rows[0]["loss"] == "2.3" and rows[1]["metric"] == "" and rows[1]["kind"] == "finetune"
-    assert client.get(f"/v1/jobs/{job_id}/metrics", params={"format": "json"},
-                      headers={"Accept": "text/csv"}).json()["data"]
+    assert client.get(f"/v1/jobs/{job_id}/metrics", params={"format": "json"}, headers={"Accept": "text/csv"}).json()[
+        "data"
+    ]
 
 
 def _read_sse(resp) -> list[dict]:
@@ -113,10 +114,19 @@ def test_artifact_download_etag_and_304(server, client, job_id):
     assert (size, sha) == (len(payload), hashlib.sha256(payload).hexdigest())
     with server.session() as s:
         attempts.claim(session=s, job_id=job_id)
-        outputs.add_artifact(session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha,
-                             kind="model")
-        outputs.add_artifact(session=s, job_id=job_id, name="report.json", path=key, size=size, sha256=sha,
-                             kind="report", media_type="application/json")
+        outputs.add_artifact(
+            session=s, job_id=job_id, name="model.safetensors", path=key, size=size, sha256=sha, kind="model"
+        )
+        outputs.add_artifact(
+            session=s,
+            job_id=job_id,
+            name="report.json",
+            path=key,
+            size=size,
+            sha256=sha,
+            kind="report",
+            media_type="application/json",
+        )
 
     listed = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     assert [a["name"] for a in listed] == ["model.safetensors", "report.json"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from _api_testkit import assert_problem
-
 from core.service.artifacts import artifact_key
 from core.service.db import outputs
 
@@ -11,8 +10,9 @@ from core.service.db import outputs
 def test_second_tenant_sees_nothing(server, account, make_account, seed):
     owner = account.client
     model_id, dataset_id = seed()
-    job_id = owner.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id,
-                                          "spec": {"sparsity": 0.5}}).json()["id"]
+    job_id = owner.post(
+        "/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}}
+    ).json()["id"]
     key = artifact_key(job_id, "model.safetensors")
     size, sha = server.store.put_stream(key, [b"weights"])
     with server.session() as s:
@@ -38,8 +38,10 @@ def test_second_tenant_sees_nothing(server, account, make_account, seed):
         assert body == {"data": [], "count": 0, "next_cursor": None}
     # the owner's inputs cannot be referenced by the other tenant either
     resp = other.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}})
-    assert {tuple(e["loc"]) for e in assert_problem(resp, 422)["errors"]} == {("body", "model_id"),
-                                                                              ("body", "dataset_id")}
+    assert {tuple(e["loc"]) for e in assert_problem(resp, 422)["errors"]} == {
+        ("body", "model_id"),
+        ("body", "dataset_id"),
+    }
     # ...and everything is still there for the owner
     assert owner.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
     assert owner.get(f"/v1/models/{model_id}").status_code == 200

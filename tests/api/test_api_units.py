@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _api_testkit import assert_problem, files_under
 
+from _api_testkit import assert_problem, files_under
 from core.errors import TooLarge
 from core.service.artifacts import ArtifactStore
 from core.service.queue import EmbeddedQueue, JobQueue, NullQueue, make_queue
@@ -42,8 +42,13 @@ def test_defaults():
 
 
 def test_settings_travel_to_a_child_process(monkeypatch):
-    s = Settings(_env_file=None, database_url="postgresql://u:p@db/a", data_allowed_roots=["/a"], memory_budget_mb=512,
-                 queue_backend="null")
+    s = Settings(
+        _env_file=None,
+        database_url="postgresql://u:p@db/a",
+        data_allowed_roots=["/a"],
+        memory_budget_mb=512,
+        queue_backend="null",
+    )
     assert Settings.from_payload(s.as_payload()) == s
     env = s.to_env()
     assert env["ARBORIST_DATA_ALLOWED_ROOTS"] == '["/a"]' and env["ARBORIST_MEMORY_BUDGET_MB"] == "512.0"
@@ -116,8 +121,12 @@ def test_make_queue_builds_the_backend_settings_name():
     from core.service.queue.celery import CeleryQueue
 
     broker = "redis://127.0.0.1:1/0"  # nothing listens: building a queue connects to nothing
-    cases = [({}, EmbeddedQueue), ({"broker_url": broker}, CeleryQueue), ({"queue_backend": "null"}, NullQueue),
-             ({"broker_url": broker, "queue_backend": "embedded"}, EmbeddedQueue)]
+    cases = [
+        ({}, EmbeddedQueue),
+        ({"broker_url": broker}, CeleryQueue),
+        ({"queue_backend": "null"}, NullQueue),
+        ({"broker_url": broker, "queue_backend": "embedded"}, EmbeddedQueue),
+    ]
     for values, kind in cases:
         queue = make_queue(Settings(_env_file=None, **values))
         assert type(queue) is kind and isinstance(queue, JobQueue)
@@ -190,8 +199,13 @@ with TestClient(create_app(settings, NullQueue())):
               input_shape=[64], num_classes=10, has_val=False)
     print(len(set(sys.modules) - before), "sympy" in before)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True"], out.stdout
 
@@ -203,8 +217,9 @@ def test_the_status_poll_refuses_malformed_keys_without_the_database(tmp_path):
 
     from api.main import create_app
 
-    settings = Settings(_env_file=None, database_url="postgresql+psycopg://nobody@127.0.0.1:9/none",
-                        artifact_root=str(tmp_path / "art"))
+    settings = Settings(
+        _env_file=None, database_url="postgresql+psycopg://nobody@127.0.0.1:9/none", artifact_root=str(tmp_path / "art")
+    )
     client = TestClient(create_app(settings, NullQueue()))  # no lifespan: nothing connects at start-up
     for path in ("/v1/jobs", "/v1/jobs/job_0123456789abcdef0123456789ab"):
         for header in ("Bearer not-a-key", "Bearer arb__x"):

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from _api_testkit import assert_problem, files_under
 from safetensors.torch import save as st_save
 from sqlalchemy import func, select
 
+from _api_testkit import assert_problem, files_under
 from core.service.db.tables import Dataset, Model
 
 MLP_KWARGS = {"in_features": 64, "hidden": [32], "num_classes": 10}

@@ -29,8 +29,14 @@ HEARTBEAT_TIMEOUT_S = 4.0
 REAPER_INTERVAL_S = 1.0
 
 
-def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2,
-             on_timeout: Callable[[], str] | None = None) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    on_timeout: Callable[[], str] | None = None,
+) -> T:
     """Polls ``predicate`` until it returns something truthy; fails with ``what`` (and extra context)."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -43,8 +49,11 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval:
             last_exc = exc
         time.sleep(interval)
     extra = on_timeout() if on_timeout else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else "") + (f"\n{extra}" if extra else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+        + (f"\n{extra}" if extra else "")
+    )
 
 
 @dataclass
@@ -60,9 +69,10 @@ class Proc:
     _log: Any = None
 
     def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (open while the process runs; stop() closes it)
-        self.popen = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            self.cmd, env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self
 
     @property
@@ -113,8 +123,14 @@ class Proc:
 def base_env(**arborist: Any) -> dict[str, str]:
     """The parent's environment without ARBORIST_* variables, plus the given settings and one thread per op."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     env.update(env_vars(arborist))
     return env
 
@@ -129,16 +145,27 @@ class SseEvent:
     data: dict
 
 
-def sse_connect(client: httpx.Client, job_id: str, *, last_event_id: int | None = None, after: int | None = None,
-                timeout: float = 60.0) -> Iterator[SseEvent]:
+def sse_connect(
+    client: httpx.Client,
+    job_id: str,
+    *,
+    last_event_id: int | None = None,
+    after: int | None = None,
+    timeout: float = 60.0,
+) -> Iterator[SseEvent]:
     """One connection to ``GET /v1/jobs/{id}/events`` (from ``after``, or with ``Last-Event-ID`` when given),
     yielding events until the server ends the stream (after ``end``, or without it: then reconnect). A broken
     connection raises ``httpx`` errors; a stream still open after ``timeout`` fails the test."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     params = {"after": after} if after is not None else {}
     deadline = time.monotonic() + timeout
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, params=params,
-                       timeout=httpx.Timeout(10.0, read=max(timeout, 1.0))) as resp:
+    with client.stream(
+        "GET",
+        f"/v1/jobs/{job_id}/events",
+        headers=headers,
+        params=params,
+        timeout=httpx.Timeout(10.0, read=max(timeout, 1.0)),
+    ) as resp:
         assert resp.status_code == 200, resp.read().decode()
         assert resp.headers["content-type"].startswith("text/event-stream")
         event_id, kind, data = None, "message", []
@@ -227,13 +254,19 @@ class Api:
 
     def upload(self, files: DigitsFiles) -> tuple[str, str]:
         with open(files.model, "rb") as fh:
-            r = self.client.post("/v1/models", files={"file": (files.model.name, fh, "application/octet-stream")},
-                                 data={"name": "digits-mlp", "arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)})
+            r = self.client.post(
+                "/v1/models",
+                files={"file": (files.model.name, fh, "application/octet-stream")},
+                data={"name": "digits-mlp", "arch": "mlp", "arch_kwargs": json.dumps(MLP_KWARGS)},
+            )
         assert r.status_code == 201, r.text
         model_id = r.json()["id"]
         with open(files.dataset, "rb") as fh:
-            r = self.client.post("/v1/datasets", files={"file": (files.dataset.name, fh, "application/octet-stream")},
-                                 data={"name": "digits"})
+            r = self.client.post(
+                "/v1/datasets",
+                files={"file": (files.dataset.name, fh, "application/octet-stream")},
+                data={"name": "digits"},
+            )
         assert r.status_code == 201, r.text
         assert r.json()["num_examples"] == len(files.y)
         return model_id, r.json()["id"]
@@ -258,8 +291,13 @@ class Api:
             last = self.job(job_id)
             return last if last["state"] in states else None
 
-        return wait_for(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(states)}", interval=0.3,
-                        on_timeout=lambda: f"last seen: {json.dumps(last)[:1500]}\n{self.diagnostics()}")
+        return wait_for(
+            reached,
+            timeout=timeout,
+            what=f"job {job_id} to reach {sorted(states)}",
+            interval=0.3,
+            on_timeout=lambda: f"last seen: {json.dumps(last)[:1500]}\n{self.diagnostics()}",
+        )
 
     def events(self, job_id: str, timeout: float) -> list[tuple[str, dict]]:
         return list(sse_events(self.client, job_id, timeout=timeout))
@@ -273,8 +311,9 @@ class Api:
         return r.content
 
 
-def check_pruned_model(blob: bytes, files: DigitsFiles, *, sparsity: float = 0.8,
-                       min_accuracy: float = 0.85) -> tuple[float, float]:
+def check_pruned_model(
+    blob: bytes, files: DigitsFiles, *, sparsity: float = 0.8, min_accuracy: float = 0.85
+) -> tuple[float, float]:
     """Loads the downloaded safetensors into the MLP; returns ``(weight sparsity, accuracy on digits)``."""
     import torch
     from safetensors.torch import load
@@ -338,7 +377,6 @@ def happy_path(api: Api, files: DigitsFiles, *, timeout: float = 120.0) -> dict[
     return done
 
 
-
 # --- a restartable API server ----------------------------------------------------------------------------------
 
 
@@ -361,9 +399,21 @@ class ApiServer:
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> ApiServer:
         self.starts += 1
-        self.proc = Proc(f"uvicorn {self.name}#{self.starts}",
-                         [str(VENV_BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                          "--log-level", self.log_level], self.env, self.log_dir / f"uvicorn-{self.name}.log").start()
+        self.proc = Proc(
+            f"uvicorn {self.name}#{self.starts}",
+            [
+                str(VENV_BIN / "uvicorn"),
+                "api.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                self.log_level,
+            ],
+            self.env,
+            self.log_dir / f"uvicorn-{self.name}.log",
+        ).start()
         self.processes.append(self.proc)
         if wait:
             self.wait_ready(timeout)
@@ -389,8 +439,9 @@ class ApiServer:
         try:
             self.proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"uvicorn did not exit within {timeout:.0f}s of signal {sig}\n"
-                                 f"{self.proc.describe()}") from None
+            raise AssertionError(
+                f"uvicorn did not exit within {timeout:.0f}s of signal {sig}\n{self.proc.describe()}"
+            ) from None
         took = time.monotonic() - started
         self.proc.stop(grace=0)  # closes the log (and kills anything left in its group)
         return took
@@ -406,5 +457,8 @@ def thread_nice(pid: int) -> set[int]:
 
 
 def child_pids(pid: int) -> list[int]:
-    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
-            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    return [
+        int(c)
+        for t in os.listdir(f"/proc/{pid}/task")
+        for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()
+    ]

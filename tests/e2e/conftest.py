@@ -99,10 +99,29 @@ def start_worker(service_env: dict[str, str], e2e_dir: Path, processes: list[Pro
 
     def start(name: str, **env: str) -> Proc:
         log = e2e_dir / f"celery-{name}.log"
-        proc = Proc(f"celery {name}", [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "worker",
-                                       "-Q", "cpu,gpu", "-c", "1", "-P", "prefork", "-n", f"{name}@e2e",
-                                       "--without-gossip", "--without-mingle", "-l", "INFO"],
-                    {**service_env, **env}, log).start()
+        proc = Proc(
+            f"celery {name}",
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                "cpu,gpu",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "-n",
+                f"{name}@e2e",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+            {**service_env, **env},
+            log,
+        ).start()
         processes.append(proc)
 
         def ready() -> bool:

@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 
 from _e2e_kit import Api, DigitsFiles, Proc, base_env, free_port, job_spec, wait_for
 from core.runs.spec import PruneSpec
-from core.service.queue.celery import BROKER_MARKER, CeleryQueue
 from core.service.db import inputs, jobs, outputs
 from core.service.db.base import make_engine, make_sessionmaker
 from core.service.db.tables import Model, Tenant
+from core.service.queue.celery import BROKER_MARKER, CeleryQueue
 from core.service.settings import Settings
 
 
@@ -31,10 +31,24 @@ class PrivateRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = Proc(f"redis:{self.port}", [shutil.which("redis-server") or "redis-server", "--port",
-                                                str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                                "--appendonly", "no", "--dir", str(self.directory)],
-                         base_env(), self.directory / "redis.log").start()
+        self.proc = Proc(
+            f"redis:{self.port}",
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            base_env(),
+            self.directory / "redis.log",
+        ).start()
         self.processes.append(self.proc)
         client = self.client()
         wait_for(client.ping, timeout=20, what="redis-server to start", on_timeout=self.proc.describe)
@@ -69,7 +83,10 @@ def _create_job(sessions: Callable[[], Session], model_id: str, dataset_id: str,
 
 
 def test_redis_restart_loses_no_job(
-    api: Api, digits_files: DigitsFiles, pg_url: str, private_redis: PrivateRedis,
+    api: Api,
+    digits_files: DigitsFiles,
+    pg_url: str,
+    private_redis: PrivateRedis,
     start_worker: Callable[..., Proc],
 ) -> None:
     start_worker("redis-restart", ARBORIST_BROKER_URL=private_redis.url)
@@ -84,8 +101,12 @@ def test_redis_restart_loses_no_job(
         job_a = _create_job(sessions, model_id, dataset_id, job_spec(epochs=40, batch_size=1))  # 10-20 s
         job_b = _create_job(sessions, model_id, dataset_id, job_spec(epochs=2))
         queue.enqueue(job_a, queue="cpu")
-        wait_for(lambda: api.job(job_a)["step"] is not None and api.job(job_a)["step"] >= 2, timeout=90,
-                 what="job A to train an epoch", on_timeout=api.diagnostics)
+        wait_for(
+            lambda: api.job(job_a)["step"] is not None and api.job(job_a)["step"] >= 2,
+            timeout=90,
+            what="job A to train an epoch",
+            on_timeout=api.diagnostics,
+        )
         queue.enqueue(job_b, queue="cpu")
         wait_for(lambda: broker.llen("cpu") == 1, timeout=10, what="job B's message to wait in Redis")
         assert api.job(job_a)["state"] == "running", api.job(job_a)

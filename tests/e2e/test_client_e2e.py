@@ -19,8 +19,7 @@ from cli.client import ApiError, Client
 
 
 def arborist(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "arborist"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(VENV_BIN / "arborist"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok_json(result: subprocess.CompletedProcess[str]) -> dict:
@@ -28,21 +27,52 @@ def ok_json(result: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(result.stdout)
 
 
-def test_cli_pipeline_and_python_client(api: Api, api_server: str, service_env: dict[str, str],
-                                        digits_files: DigitsFiles, start_worker: Callable[[str], Proc],
-                                        tmp_path: Path) -> None:
+def test_cli_pipeline_and_python_client(
+    api: Api,
+    api_server: str,
+    service_env: dict[str, str],
+    digits_files: DigitsFiles,
+    start_worker: Callable[[str], Proc],
+    tmp_path: Path,
+) -> None:
     key = api.client.headers["Authorization"].removeprefix("Bearer ")
     env = {**service_env, "ARBORIST_URL": api_server, "ARBORIST_API_KEY": key}
-    model = ok_json(arborist(env, "models", "upload", str(digits_files.model), "--arch", "mlp",
-                             "--kwargs", json.dumps(MLP_KWARGS), "--name", "cli-mlp"))
+    model = ok_json(
+        arborist(
+            env,
+            "models",
+            "upload",
+            str(digits_files.model),
+            "--arch",
+            "mlp",
+            "--kwargs",
+            json.dumps(MLP_KWARGS),
+            "--name",
+            "cli-mlp",
+        )
+    )
     data = ok_json(arborist(env, "datasets", "upload", str(digits_files.dataset)))
     assert model["arch"] == "mlp" and data["num_examples"] == len(digits_files.y)
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("method: woodfisher\nsparsity: 0.5\nfisher: {samples: 256, lambda: 1.0e-3}\ndevice: cpu\n")
     worker = start_worker("client")
-    run = arborist(env, "jobs", "submit", "--model", model["id"], "--dataset", data["id"], "--spec", str(spec),
-                   "--set", "sparsity=0.8", "--set", "finetune.epochs=2", "--wait")
+    run = arborist(
+        env,
+        "jobs",
+        "submit",
+        "--model",
+        model["id"],
+        "--dataset",
+        data["id"],
+        "--spec",
+        str(spec),
+        "--set",
+        "sparsity=0.8",
+        "--set",
+        "finetune.epochs=2",
+        "--wait",
+    )
     job = ok_json(run)
     assert job["state"] == "succeeded" and job["result"]["sparsity"]["target"] == 0.8, job
     assert "pruned:" in run.stderr and "%  " in run.stderr, run.stderr[-2000:]  # events and progress lines
@@ -62,8 +92,20 @@ def test_cli_pipeline_and_python_client(api: Api, api_server: str, service_env: 
     assert json.loads(missing.stderr)["status"] == 404
 
     # A job that fails (more Fisher samples than examples): --wait exits 3 with the failed job on stdout.
-    too_many = arborist(env, "jobs", "submit", "--model", model["id"], "--dataset", data["id"],
-                        "--set", f"fisher.samples={len(digits_files.y) + 1}", "--set", "device=cpu", "--wait")
+    too_many = arborist(
+        env,
+        "jobs",
+        "submit",
+        "--model",
+        model["id"],
+        "--dataset",
+        data["id"],
+        "--set",
+        f"fisher.samples={len(digits_files.y) + 1}",
+        "--set",
+        "device=cpu",
+        "--wait",
+    )
     if too_many.returncode == 2:  # refused at submission already: also a clear answer
         assert json.loads(too_many.stderr)["status"] == 422
     else:
@@ -81,5 +123,6 @@ def test_cli_pipeline_and_python_client(api: Api, api_server: str, service_env: 
         with pytest.raises(ApiError) as err:
             client.submit(model["id"], data["id"], {"sparsity": 1.5})
         assert err.value.status == 422 and ("body", "spec", "sparsity") in {
-            tuple(e["loc"]) for e in err.value.problem["errors"]}
+            tuple(e["loc"]) for e in err.value.problem["errors"]
+        }
     worker.stop()

@@ -109,8 +109,12 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: room for the uploaded model and data, little for anything else."""
     mount = tmp_path / "store"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip()
         if any(s in message.lower() for s in ("permission denied", "not permitted", "superuser", "eperm")):
@@ -124,8 +128,13 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full_fails_jobs_cleanly_and_service_recovers(
-    tiny_store: Path, service_env: dict[str, str], e2e_dir: Path, processes: list[Proc], pg_url: str,
-    digits_files: DigitsFiles, start_worker: Callable[..., Proc],
+    tiny_store: Path,
+    service_env: dict[str, str],
+    e2e_dir: Path,
+    processes: list[Proc],
+    pg_url: str,
+    digits_files: DigitsFiles,
+    start_worker: Callable[..., Proc],
 ) -> None:
     # Its own broker db (a worker left by another test must not take these jobs: it has another store).
     broker = redis.Redis.from_url(FAULTS_REDIS_URL, socket_connect_timeout=2)
@@ -147,8 +156,11 @@ def test_disk_full_fails_jobs_cleanly_and_service_recovers(
         # A full disk: an upload is refused (507) and leaves nothing behind.
         filler = _fill(tiny_store, leave=0)
         with open(digits_files.model, "rb") as fh:
-            r = client.post("/v1/models", files={"file": (digits_files.model.name, fh, "application/octet-stream")},
-                            data={"name": "too-much", "arch": "mlp"})
+            r = client.post(
+                "/v1/models",
+                files={"file": (digits_files.model.name, fh, "application/octet-stream")},
+                data={"name": "too-much", "arch": "mlp"},
+            )
         assert r.status_code == 507 and r.json()["type"].endswith("/storage-full"), (r.status_code, r.text)
         assert _store_files(tiny_store) == inputs
 
@@ -208,8 +220,9 @@ def test_disk_full_fails_jobs_cleanly_and_service_recovers(
 
 
 def _pg_ctl(action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, action],
-                          capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, action], capture_output=True, text=True, timeout=90
+    )
 
 
 def _pg_start_time(engine: sa.Engine) -> object:
@@ -221,12 +234,19 @@ def _ensure_pg_up(engine: sa.Engine) -> None:
     """Starts the cluster if it is down, and waits until it accepts connections."""
     if _pg_ctl("status").returncode != 0:
         _pg_ctl("start")
-    wait_for(lambda: _pg_start_time(engine) is not None, timeout=60, what="PostgreSQL to accept connections",
-             on_timeout=lambda: _pg_ctl("status").stdout)
+    wait_for(
+        lambda: _pg_start_time(engine) is not None,
+        timeout=60,
+        what="PostgreSQL to accept connections",
+        on_timeout=lambda: _pg_ctl("status").stdout,
+    )
 
 
 def test_postgres_restart_mid_job(
-    api: Api, digits_files: DigitsFiles, pg_url: str, faults_worker: Proc,
+    api: Api,
+    digits_files: DigitsFiles,
+    pg_url: str,
+    faults_worker: Proc,
 ) -> None:
     host = make_url(pg_url).host
     if shutil.which("pg_ctlcluster") is None or host not in ("127.0.0.1", "localhost", "::1") or os.geteuid() != 0:
@@ -256,8 +276,11 @@ def test_postgres_restart_mid_job(
         assert _pg_start_time(probe) != started_before  # it really restarted
 
         # The API answers again, and the stream opened before the restart goes on to the end.
-        wait_for(lambda: api.client.get("/readyz", timeout=5).status_code == 200, timeout=30,
-                 what="the API to be ready after the restart")
+        wait_for(
+            lambda: api.client.get("/readyz", timeout=5).status_code == 200,
+            timeout=30,
+            what="the API to be ready after the restart",
+        )
         seen.extend(stream)
         assert seen[-1].kind == "end" and seen[-1].data["state"] == "succeeded", (seen[-3:], api.diagnostics())
         _check_ids(seen)
@@ -281,7 +304,11 @@ def test_postgres_restart_mid_job(
 
 
 def test_api_restart_mid_job(
-    service_env: dict[str, str], e2e_dir: Path, processes: list[Proc], pg_url: str, digits_files: DigitsFiles,
+    service_env: dict[str, str],
+    e2e_dir: Path,
+    processes: list[Proc],
+    pg_url: str,
+    digits_files: DigitsFiles,
     faults_worker: Proc,
 ) -> None:
     server = ApiServer(service_env, e2e_dir, processes, name="restart").start()
@@ -296,7 +323,7 @@ def test_api_restart_mid_job(
     engine = make_engine(pg_url)
     sessions = make_sessionmaker(engine)
 
-    def db_job(job_id: str):  # noqa: ANN202 — what the worker sees while the API is down
+    def db_job(job_id: str):
         with sessions() as s:
             return jobs.get_unscoped(session=s, job_id=job_id)
 

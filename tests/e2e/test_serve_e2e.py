@@ -44,14 +44,34 @@ def start_serve() -> Iterator[ServeFactory]:
     def start(data_dir: Path) -> tuple[str, Proc]:
         port = free_port()
         # A broker URL in the environment must not matter: serve is always embedded.
-        env = base_env(broker_url="redis://127.0.0.1:1/0", heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
-                       reaper_interval_s=REAPER_INTERVAL_S, sse_poll_interval_s=0.2)
-        proc = Proc(f"serve-{len(procs)}", [sys.executable, "-m", "cli.serve", "--host", "127.0.0.1", "--port",
-                                            str(port), "--data-dir", str(data_dir), "--log-level", "warning"],
-                    env, data_dir / f"serve-{len(procs)}.log").start()
+        env = base_env(
+            broker_url="redis://127.0.0.1:1/0",
+            heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+            reaper_interval_s=REAPER_INTERVAL_S,
+            sse_poll_interval_s=0.2,
+        )
+        proc = Proc(
+            f"serve-{len(procs)}",
+            [
+                sys.executable,
+                "-m",
+                "cli.serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--log-level",
+                "warning",
+            ],
+            env,
+            data_dir / f"serve-{len(procs)}.log",
+        ).start()
         procs.append(proc)
-        wait_for(lambda: "Create an API key" in proc.log(50_000), timeout=90, what="serve's banner",
-                 on_timeout=proc.describe)
+        wait_for(
+            lambda: "Create an API key" in proc.log(50_000), timeout=90, what="serve's banner", on_timeout=proc.describe
+        )
         return f"http://127.0.0.1:{port}", proc
 
     try:
@@ -92,8 +112,9 @@ def _wait_checkpoint(api: Api, job_id: str, *, after_epoch: int) -> dict:
     raise AssertionError("no checkpoint")
 
 
-def test_serve_happy_path(start_serve: ServeFactory, digits_files: DigitsFiles,
-                          tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_serve_happy_path(
+    start_serve: ServeFactory, digits_files: DigitsFiles, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     data_dir = tmp_path_factory.mktemp("serve")
     base, proc = start_serve(data_dir)
     banner = proc.log(50_000)
@@ -112,8 +133,9 @@ def test_serve_happy_path(start_serve: ServeFactory, digits_files: DigitsFiles,
     assert proc.popen.wait(60) == 0, proc.describe()
 
 
-def test_serve_restarts_resume_jobs(start_serve: ServeFactory, digits_files: DigitsFiles,
-                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_serve_restarts_resume_jobs(
+    start_serve: ServeFactory, digits_files: DigitsFiles, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     data_dir = tmp_path_factory.mktemp("serve-restart")
 
     # 1. Ctrl-C while a job runs: the job is released (queued) and the server exits cleanly.
@@ -152,8 +174,10 @@ def test_serve_restarts_resume_jobs(start_serve: ServeFactory, digits_files: Dig
         assert done["state"] == "succeeded" and done["attempts"] == 3, done
         events = list(sse_events(client, job_id, timeout=30))
         requeues = [e["data"] for k, e in events if k == "state" and e["data"]["state"] == "queued"]
-        assert [r.get("reason") for r in requeues[1:]] == ["the embedded worker is shutting down",
-                                                           "its embedded worker process exited"], requeues
+        assert [r.get("reason") for r in requeues[1:]] == [
+            "the embedded worker is shutting down",
+            "its embedded worker process exited",
+        ], requeues
         resumed = [e["data"]["epoch"] for k, e in events if k == "resumed"]
         assert len(resumed) == 2 and resumed[0] >= 1 and resumed[1] >= 3, resumed
         metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]

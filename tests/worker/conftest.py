@@ -66,19 +66,32 @@ class World:
     dataset_id: str
 
     def job(self, spec: dict[str, Any] | None = None, **model_overrides: Any) -> str:
-        spec = spec or {"sparsity": 0.8, "fisher": {"samples": 64, "lambda": 1e-3}, "finetune": {"epochs": 2},
-                        "device": "cpu"}
+        spec = spec or {
+            "sparsity": 0.8,
+            "fisher": {"samples": 64, "lambda": 1e-3},
+            "finetune": {"epochs": 2},
+            "device": "cpu",
+        }
         spec_json = PruneSpec.model_validate(spec).model_dump(mode="json", by_alias=True)
         model_id = self.model_id
         if model_overrides:
             with self.sessions() as s:
                 base = inputs.get(Model, session=s, tenant=self.tenant, id=self.model_id)
-                model_id = inputs.create_model(session=s, tenant=self.tenant, name="m2", format=base.format,
-                                               size=base.size, sha256=base.sha256, path=base.path, arch=base.arch,
-                                               arch_kwargs=model_overrides.get("arch_kwargs", base.arch_kwargs)).id
+                model_id = inputs.create_model(
+                    session=s,
+                    tenant=self.tenant,
+                    name="m2",
+                    format=base.format,
+                    size=base.size,
+                    sha256=base.sha256,
+                    path=base.path,
+                    arch=base.arch,
+                    arch_kwargs=model_overrides.get("arch_kwargs", base.arch_kwargs),
+                ).id
         with self.sessions() as s:
-            job, _ = jobs.create(session=s, tenant=self.tenant, model_id=model_id, dataset_id=self.dataset_id,
-                                 spec=spec_json)
+            job, _ = jobs.create(
+                session=s, tenant=self.tenant, model_id=model_id, dataset_id=self.dataset_id, spec=spec_json
+            )
             return job.id
 
     def get(self, job_id: str) -> Job:
@@ -97,8 +110,12 @@ def world_factory(tmp_path: Path, digits_blobs: tuple[Path, Path]) -> Iterator[C
     def make(database_url: str | None = None, **settings: Any) -> World:
         url = database_url or f"sqlite:///{tmp_path / f'w-{uuid.uuid4().hex[:6]}.db'}"
         migrate.upgrade(url)
-        s = Settings(_env_file=None, database_url=url, artifact_root=str(tmp_path / "artifacts"),
-                     **{"heartbeat_timeout_s": 30.0, "job_nice": 0, **settings})  # jobs run in this process
+        s = Settings(
+            _env_file=None,
+            database_url=url,
+            artifact_root=str(tmp_path / "artifacts"),
+            **{"heartbeat_timeout_s": 30.0, "job_nice": 0, **settings},
+        )  # jobs run in this process
         engine = make_engine(url)
         engines.append(engine)
         sessions = make_sessionmaker(engine)
@@ -108,10 +125,20 @@ def world_factory(tmp_path: Path, digits_blobs: tuple[Path, Path]) -> Iterator[C
         dsize, dsha = store.put_file("datasets/t/d.npz", data_path)
         with sessions() as session:
             tenant = tenants.get_or_create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:6]}")
-            model = inputs.create_model(session=session, tenant=tenant, name="m", format="safetensors", size=msize,
-                                        sha256=msha, path="models/t/m.safetensors", arch="mlp", arch_kwargs=MLP_KWARGS)
-            ds = inputs.create_dataset(session=session, tenant=tenant, name="d", format="npz", size=dsize,
-                                       path="datasets/t/d.npz", sha256=dsha)
+            model = inputs.create_model(
+                session=session,
+                tenant=tenant,
+                name="m",
+                format="safetensors",
+                size=msize,
+                sha256=msha,
+                path="models/t/m.safetensors",
+                arch="mlp",
+                arch_kwargs=MLP_KWARGS,
+            )
+            ds = inputs.create_dataset(
+                session=session, tenant=tenant, name="d", format="npz", size=dsize, path="datasets/t/d.npz", sha256=dsha
+            )
         return World(s, sessions, store, tenant, model.id, ds.id)
 
     yield make
@@ -122,7 +149,6 @@ def world_factory(tmp_path: Path, digits_blobs: tuple[Path, Path]) -> Iterator[C
 @pytest.fixture
 def world(world_factory: Callable[..., World]) -> World:
     return world_factory()
-
 
 
 @pytest.fixture(scope="session")

@@ -52,13 +52,22 @@ def test_one_pinned_worker_per_gpu(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrate.upgrade(url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBORIST_", "CUDA_"))}
-    env.update(ARBORIST_DATABASE_URL=url, ARBORIST_BROKER_URL="redis://127.0.0.1:6379/12",
-               ARBORIST_ARTIFACT_ROOT=str(tmp_path / "artifacts"), ARBORIST_GPU_RESTART_DELAY_S="0.5",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        ARBORIST_DATABASE_URL=url,
+        ARBORIST_BROKER_URL="redis://127.0.0.1:6379/12",
+        ARBORIST_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+        ARBORIST_GPU_RESTART_DELAY_S="0.5",
+        PYTHONPATH=str(ROOT),
+    )
     log = open(tmp_path / "gpus.log", "wb")
-    sup = subprocess.Popen([sys.executable, "-m", "worker.gpus", "--gpus", "0,1", "-Q", "gpu", "--hostname", "t",
-                            "--", "-l", "INFO"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "worker.gpus", "--gpus", "0,1", "-Q", "gpu", "--hostname", "t", "--", "-l", "INFO"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         kids = _wait(lambda: len(_children(sup.pid)) == 2 and _children(sup.pid), 30, "two workers")
         pinned = {_environ(pid)["CUDA_VISIBLE_DEVICES"]: _cmdline(pid) for pid in kids}

@@ -9,12 +9,11 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from conftest import World
 from core.service.db import attempts, jobs
 from core.service.db.base import utcnow
 from core.service.db.tables import Job, JobState
 from worker.reaper import Reaper, handle_lost, holder_dead_here, pid_alive, worker_name
-
-from conftest import World
 
 PROBLEMS = "https://arborist.dev/problems/"
 
@@ -43,8 +42,9 @@ class RecordingQueue:
         return lost
 
 
-def _running(world: World, *, age_s: float, worker: str = "w@host:1", attempts_used: int | None = None,
-             cancel: bool = False) -> str:
+def _running(
+    world: World, *, age_s: float, worker: str = "w@host:1", attempts_used: int | None = None, cancel: bool = False
+) -> str:
     job_id = world.job()
     with world.sessions() as s:
         attempts.claim(session=s, job_id=job_id, worker=worker)

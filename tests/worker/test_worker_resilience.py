@@ -12,11 +12,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from conftest import World
 from core.service.db.tables import JobState
 from worker.db import Database
 from worker.runner import run_job
-
-from conftest import World
 
 
 class TcpProxy:
@@ -96,8 +95,14 @@ def test_database_outage_mid_run_is_ridden_out(
     proxy = TcpProxy(("127.0.0.1", 5432))
     try:
         world = world_factory(pg_schema_url("127.0.0.1", proxy.port), heartbeat_timeout_s=60.0)
-        job_id = world.job({"sparsity": 0.8, "fisher": {"samples": 64, "lambda": 1e-3}, "device": "cpu",
-                            "finetune": {"epochs": 6, "batch_size": 2}})
+        job_id = world.job(
+            {
+                "sparsity": 0.8,
+                "fisher": {"samples": 64, "lambda": 1e-3},
+                "device": "cpu",
+                "finetune": {"epochs": 6, "batch_size": 2},
+            }
+        )
         out: list[str] = []
         thread = threading.Thread(target=lambda: out.append(run_job(job_id, world.settings, worker="t@h:1")))
         thread.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import World
 from core.errors import DoesNotFit
 from core.service.artifacts import ArtifactStore
 from core.service.checkpoints import StoreCheckpointer, checkpointer_for, delete_checkpoint
@@ -23,8 +24,6 @@ from worker.control import Control
 from worker.db import Database
 from worker.hooks import DbHooks
 from worker.runner import run_job
-
-from conftest import World
 
 PROBLEMS = "https://arborist.dev/problems/"
 
@@ -98,8 +97,9 @@ def test_time_limit_maps_to_its_problem(world: World, monkeypatch: pytest.Monkey
 
 def _run_in_thread(world: World, job_id: str, control: Control | None = None) -> tuple[threading.Thread, list]:
     out: list = []
-    t = threading.Thread(target=lambda: out.append(run_job(job_id, world.settings, worker="test@host:1",
-                                                           control=control)))
+    t = threading.Thread(
+        target=lambda: out.append(run_job(job_id, world.settings, worker="test@host:1", control=control))
+    )
     t.start()
     return t, out
 
@@ -113,8 +113,12 @@ def _wait_event(world: World, job_id: str, pred: Callable[[str, dict], bool], ti
     raise AssertionError(f"event not seen: {world.events(job_id)[-5:]}")
 
 
-LONG = {"sparsity": 0.8, "fisher": {"samples": 64, "lambda": 1e-3}, "device": "cpu",
-        "finetune": {"epochs": 16, "batch_size": 2}}  # ~0.3 s per epoch on one thread
+LONG = {
+    "sparsity": 0.8,
+    "fisher": {"samples": 64, "lambda": 1e-3},
+    "device": "cpu",
+    "finetune": {"epochs": 16, "batch_size": 2},
+}  # ~0.3 s per epoch on one thread
 
 
 def test_cancel_keeps_the_checkpoint_and_retry_resumes(world: World) -> None:
@@ -228,8 +232,13 @@ nice = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/
 hold.set(); before.join(); after.join()
 print(*nice)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.returncode == 0, out.stderr
     nice = out.stdout.split()
     assert set(nice) == {str(base + 3)} and len(nice) >= 3, out.stdout  # main, before, after (and the imports')

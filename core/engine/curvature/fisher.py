@@ -19,19 +19,34 @@ class Identity:
 
     block_size: int | None = None
 
-    def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
+    def estimate(
+        self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
+    ) -> Curvature:
         dtype = mask.dtype
         return Curvature(
-            layer_segments(layout, lambda l: DiagonalInverse(torch.ones(l.nb, l.block, dtype=dtype, device=mask.device)))
+            layer_segments(
+                layout,
+                lambda layer: DiagonalInverse(torch.ones(layer.nb, layer.block, dtype=dtype, device=mask.device)),
+            )
         )
 
 
 def _samples(cfg: FisherConfig, model, layout, mask, data, progress):
     x, y = data
     return fisher_gradients(
-        model, layout, x, y, m=cfg.m, fisher_batch=cfg.fisher_batch, loss=cfg.loss,
-        true_fisher=cfg.true_fisher, mask=mask, generator=generator(cfg.seed), chunk=cfg.chunk,
-        dtype=mask.dtype, progress=progress,
+        model,
+        layout,
+        x,
+        y,
+        m=cfg.m,
+        fisher_batch=cfg.fisher_batch,
+        loss=cfg.loss,
+        true_fisher=cfg.true_fisher,
+        mask=mask,
+        generator=generator(cfg.seed),
+        chunk=cfg.chunk,
+        dtype=mask.dtype,
+        progress=progress,
     )
 
 
@@ -43,10 +58,12 @@ class WoodFisher:
     block_size: int | None = 128
     taylor: bool = False  # also measure the mean gradient (WoodTaylor)
 
-    def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
+    def estimate(
+        self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
+    ) -> Curvature:
         s = _samples(self.config, model, layout, mask, data, progress)
         segments = layer_segments(
-            layout, lambda l: fisher_block_inverse(l.blocks(s.grads).movedim(0, 1), self.config.lam)
+            layout, lambda layer: fisher_block_inverse(layer.blocks(s.grads).movedim(0, 1), self.config.lam)
         )
         return Curvature(segments, grad=s.mean if self.taylor else None)
 
@@ -58,7 +75,9 @@ class DiagonalFisher:
     config: FisherConfig = field(default_factory=FisherConfig)
     block_size: int | None = None
 
-    def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
+    def estimate(
+        self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
+    ) -> Curvature:
         s = _samples(self.config, model, layout, mask, data, progress)
         diag = s.grads.square().mean(dim=0).add_(self.config.lam)
-        return Curvature(layer_segments(layout, lambda l: DiagonalInverse(1.0 / l.blocks(diag))))
+        return Curvature(layer_segments(layout, lambda layer: DiagonalInverse(1.0 / layer.blocks(diag))))

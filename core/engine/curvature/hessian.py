@@ -15,7 +15,9 @@ from core.engine.layout import BlockLayout
 from core.engine.modes import eval_mode
 
 
-def loss_hessian(model: nn.Module, layout: BlockLayout, x: Tensor, y: Tensor, loss: Loss | str) -> tuple[Tensor, Tensor]:
+def loss_hessian(
+    model: nn.Module, layout: BlockLayout, x: Tensor, y: Tensor, loss: Loss | str
+) -> tuple[Tensor, Tensor]:
     """(H, g): Hessian and gradient of the mean loss over (x, y) w.r.t. the flat selected weights."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -40,7 +42,9 @@ class ExactHessian:
     max_weights: int = 5000
     block_size: int | None = None
 
-    def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
+    def estimate(
+        self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
+    ) -> Curvature:
         if layout.width > self.max_weights:
             raise ValueError(f"exact OBS is for tiny models: {layout.width} weights > {self.max_weights}")
         x, y = data

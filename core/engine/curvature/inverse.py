@@ -74,7 +74,7 @@ class DenseInverse:
         return self.inv.shape[-1]
 
     @classmethod
-    def from_matrix(cls, f: Tensor) -> "DenseInverse":
+    def from_matrix(cls, f: Tensor) -> DenseInverse:
         """Invert SPD blocks ``f`` (nb, c, c) by Cholesky."""
         return cls(torch.cholesky_inverse(torch.linalg.cholesky(f)))
 
@@ -116,7 +116,7 @@ class WoodburyInverse:
         p = p.to(self.w.dtype)
         wp = self.w * p.unsqueeze(-2)  # W_P: columns off P zeroed
         k = torch.eye(self.w.shape[-2], dtype=self.w.dtype, device=self.w.device) - wp @ wp.mT
-        r = (wp @ (p * v).unsqueeze(-1))  # (nb, m, 1)
+        r = wp @ (p * v).unsqueeze(-1)  # (nb, m, 1)
         s = torch.cholesky_solve(r, torch.linalg.cholesky(k))
         return self.lam * (p * v + (wp.mT @ s).squeeze(-1))
 
@@ -175,7 +175,7 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
     """
     if lam <= 0:
         raise ValueError("the dampening λ must be positive")
-    nb, m, c = g.shape
+    _nb, m, c = g.shape
     dense = c <= m
     chol, bad = _cholesky(g, lam, small_side=not dense)
     if bad is not None:  # placeholder factors; these blocks are redone in float64 below

@@ -36,7 +36,7 @@ class KroneckerInverse:
     nb: int = 1
 
     @classmethod
-    def from_factors(cls, b: Tensor, a: Tensor, lam: float) -> "KroneckerInverse":
+    def from_factors(cls, b: Tensor, a: Tensor, lam: float) -> KroneckerInverse:
         eb, ub = _eigh(b)
         ea, ua = _eigh(a)
         return cls(ub, eb.clamp_min(0), ua, ea.clamp_min(0), lam)
@@ -114,6 +114,7 @@ def kfac_factors(
         def hook(mod, inp, out):
             acts[name] = _patches(mod, inp[0].detach())
             out.register_hook(lambda g: _record(name, mod, g))
+
         return hook
 
     def _record(name, mod, g):
@@ -145,7 +146,9 @@ class KFAC:
     config: FisherConfig = field(default_factory=FisherConfig)
     block_size: int | None = None  # one Kronecker block per layer
 
-    def estimate(self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None) -> Curvature:
+    def estimate(
+        self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
+    ) -> Curvature:
         factors = kfac_factors(model, layout.names, *data, self.config)
         segments = [
             Segment(layer.offset, KroneckerInverse.from_factors(b.to(mask.dtype), a.to(mask.dtype), self.config.lam))

@@ -30,9 +30,7 @@ def _loss_kind(loss: str) -> Loss:
         raise InvalidInput(f"unknown loss {loss!r}: use one of {[kind.value for kind in Loss]}") from e
 
 
-def _outputs(
-    model: nn.Module, x: Tensor, input_shape: tuple[int, ...], *, may_not_know: bool = False
-) -> Tensor | None:
+def _outputs(model: nn.Module, x: Tensor, input_shape: tuple[int, ...], *, may_not_know: bool = False) -> Tensor | None:
     """``model(x)`` in eval mode without grad; a shape error → InvalidInput. With ``may_not_know`` an op that
     cannot run where ``x`` lives (no 'meta' kernel) gives ``None``: no verdict, rather than a false refusal."""
     try:
@@ -90,7 +88,10 @@ def check_compatible(model: nn.Module, data: Dataset, loss: str = "cross_entropy
     labels = [data.y_train] + ([data.y_val] if data.y_val is not None else [])
     float_labels = any(y.is_floating_point() for y in labels)
     _check_targets(
-        out, kind, float_labels=float_labels, top=None if float_labels else max(int(y.max()) for y in labels),
+        out,
+        kind,
+        float_labels=float_labels,
+        top=None if float_labels else max(int(y.max()) for y in labels),
         per_y=math.prod(data.y_train.shape[1:]),
     )
 
@@ -111,5 +112,10 @@ def check_compatible_shapes(
     out = _outputs(model, torch.zeros((2, *shape), device=device), shape, may_not_know=True)
     if out is None:
         return
-    _check_targets(out, kind, float_labels=num_classes is None and kind is Loss.CROSS_ENTROPY,
-                   top=None if num_classes is None else int(num_classes) - 1, per_y=None)
+    _check_targets(
+        out,
+        kind,
+        float_labels=num_classes is None and kind is Loss.CROSS_ENTROPY,
+        top=None if num_classes is None else int(num_classes) - 1,
+        per_y=None,
+    )

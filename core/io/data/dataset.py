@@ -171,4 +171,3 @@ def _check_pair(x: Tensor, y: Tensor, split: str) -> None:
                 f"{yk} holds negative labels (min {lo}): class labels must be 0, 1, ..., K-1",
                 errors=[field_error([yk], "negative labels")],
             )
-

@@ -148,9 +148,7 @@ def _check_npz(path: str | os.PathLike, max_uncompressed: int = MAX_UNCOMPRESSED
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as e:
                 raise InvalidInput(f"member {name!r} is not a valid .npy array: {e}") from e
             if dtype.hasobject:
-                raise UnsafeFormat(
-                    f"member {name!r} is an object array (pickled Python objects), which is refused"
-                )
+                raise UnsafeFormat(f"member {name!r} is an object array (pickled Python objects), which is refused")
             need = math.prod(shape) * dtype.itemsize
             if need != info.file_size - header_len:
                 raise InvalidInput(

@@ -126,6 +126,7 @@ class _Builder:
         ins = list(node.input) + [""] * (3 - len(node.input))
         b, c = self.known.get(ins[1]), self.known.get(ins[2]) if ins[2] else None
         if b is None or b.dim() != 2:
+
             def gemm(m: Any, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
                 y = alpha * ((x.t() if ta else x) @ (w.t() if tb else w))
                 return y if bias is None else y + beta * bias
@@ -249,6 +250,6 @@ def onnx_to_torch(source: str | Path | onnx.ModelProto) -> OnnxModule:
     check_supported(model)
     try:
         model = onnx.shape_inference.infer_shapes(model)  # ranks for BatchNorm{1,2,3}d
-    except Exception:  # noqa: BLE001 — inference is a hint only
+    except Exception:  # noqa: BLE001 (inference is a hint only)
         pass
     return _Builder(model).build()

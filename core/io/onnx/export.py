@@ -28,7 +28,7 @@ from core.io.files import atomic_path
 log = logging.getLogger(__name__)
 
 
-def _tidy(model_ir) -> onnx.ModelProto:  # noqa: ANN001 — an onnx_ir.Model
+def _tidy(model_ir) -> onnx.ModelProto:
     """Polish with public onnxscript passes; any failure keeps the (valid) unpolished graph.
 
     Constants are folded except ``Transpose`` (so ``Transpose(fc.weight) → MatMul`` keeps the
@@ -50,7 +50,7 @@ def _tidy(model_ir) -> onnx.ModelProto:  # noqa: ANN001 — an onnx_ir.Model
             rules.remove_optional_bias_from_conv_rule, rules.remove_optional_bias_from_gemm_rule,
         ]  # fmt: skip
         proto = rewrite(proto, tidy)
-    except Exception as e:  # noqa: BLE001 — cosmetic, the exported graph is already valid
+    except Exception as e:  # noqa: BLE001 (cosmetic, the exported graph is already valid)
         log.debug("ONNX tidy-up skipped: %s", e)
     return proto
 
@@ -88,7 +88,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: Path) -> Path:
         with torch.no_grad():
             try:
                 proto = _dynamo(model, example_input)
-            except Exception as e:  # noqa: BLE001 — torch.export could not capture the model
+            except Exception as e:  # noqa: BLE001 (torch.export could not capture the model)
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 log.warning(
                     "dynamo ONNX export failed (%s: %s); trying the TorchScript exporter", type(e).__name__, first

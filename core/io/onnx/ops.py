@@ -304,15 +304,19 @@ SIMPLE: dict[str, Callable[[dict, int, list], Fn]] = {
     "Sub": lambda a, o, k: lambda m, x, y: x - y,
     "Mul": lambda a, o, k: lambda m, x, y: x * y,
     "Div": lambda a, o, k: _div,
-    "Concat": lambda a, o, k: lambda m, *xs: (
-        np.concatenate(xs, axis=a["axis"]) if isinstance(xs[0], np.ndarray) else torch.cat(xs, dim=a["axis"])
+    "Concat": lambda a, o, k: (
+        lambda m, *xs: (
+            np.concatenate(xs, axis=a["axis"]) if isinstance(xs[0], np.ndarray) else torch.cat(xs, dim=a["axis"])
+        )
     ),
     "Flatten": _flatten,
     "Reshape": _reshape,
-    "Transpose": lambda a, o, k: lambda m, x: (
-        np.transpose(x, a.get("perm"))
-        if isinstance(x, np.ndarray)
-        else x.permute(a.get("perm", list(range(x.dim()))[::-1]))
+    "Transpose": lambda a, o, k: (
+        lambda m, x: (
+            np.transpose(x, a.get("perm"))
+            if isinstance(x, np.ndarray)
+            else x.permute(a.get("perm", list(range(x.dim()))[::-1]))
+        )
     ),
     "Unsqueeze": _axes_op("axes", 13, _unsqueeze),
     "Squeeze": _axes_op("axes", 13, _squeeze),
@@ -343,8 +347,7 @@ SUPPORTED = frozenset(SIMPLE) | LAYERS | {"Constant"}
 def check_supported(model: onnx.ModelProto) -> None:
     """Every op of the graph is one we convert, else ``InvalidInput`` listing all that are not."""
     bad = sorted(
-        {n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node}
-        - SUPPORTED
+        {n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node} - SUPPORTED
     )
     if bad:
         raise InvalidInput(

@@ -8,7 +8,8 @@ by module type) and has a shape-static, in-place-free ``forward`` so that it run
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -74,7 +75,9 @@ def describe() -> dict[str, dict]:
             args[name] = {
                 "default": None if default is inspect.Parameter.empty else default,
                 "required": default is inspect.Parameter.empty,
-                "type": p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation)),
+                "type": p.annotation
+                if isinstance(p.annotation, str)
+                else getattr(p.annotation, "__name__", str(p.annotation)),
             }
         doc = inspect.cleandoc(ctor.__doc__ or inspect.getmodule(ctor).__doc__ or "")  # own doc, not nn.Module's
         out[arch] = {"doc": doc.splitlines()[0] if doc else "", "args": args}

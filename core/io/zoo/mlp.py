@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+}
 
 
 class MLP(nn.Module):
@@ -30,7 +36,7 @@ class MLP(nn.Module):
         if any(w < 1 for w in widths):
             raise ValueError("in_features, hidden sizes and num_classes must be ≥ 1")
         layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
                 layers.append(ACTIVATIONS[activation]())

@@ -22,7 +22,9 @@ def _conv_bn(c_in: int, c_out: int, k: int, stride: int, groups: int = 1) -> nn.
 class MobileNetV1(nn.Module):
     """MobileNetV1 with width multiplier ``width_mult`` (α)."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width_mult: float = 1.0, small_input: bool = False):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 1000, width_mult: float = 1.0, small_input: bool = False
+    ):
         super().__init__()
         if width_mult <= 0:
             raise ValueError("width_mult must be > 0")

@@ -57,8 +57,12 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(
-        self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], in_channels: int = 3,
-        num_classes: int = 1000, small_input: bool = False,
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        small_input: bool = False,
     ):
         super().__init__()
         if small_input:

@@ -44,7 +44,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16, shortcut: str = "A"):
+    def __init__(
+        self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16, shortcut: str = "A"
+    ):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n ≥ 1, got {depth}")

@@ -88,8 +88,10 @@ def claim(
 
 def job_inputs(*, session: Session, job: Job) -> tuple[Model, Dataset]:
     """The rows of the job's model and dataset; ``NotFound`` for one deleted since."""
-    return (inputs.get_unscoped(Model, session=session, id=job.model_id or ""),
-            inputs.get_unscoped(Dataset, session=session, id=job.dataset_id or ""))
+    return (
+        inputs.get_unscoped(Model, session=session, id=job.model_id or ""),
+        inputs.get_unscoped(Dataset, session=session, id=job.dataset_id or ""),
+    )
 
 
 def heartbeat(*, session: Session, job_id: str, attempt: int) -> tuple[bool, bool]:
@@ -101,9 +103,7 @@ def heartbeat(*, session: Session, job_id: str, attempt: int) -> tuple[bool, boo
 
 def control(*, session: Session, job_id: str, attempt: int) -> tuple[bool, bool]:
     """Read-only ``(owned, cancel_requested)`` for this attempt."""
-    row = session.execute(
-        select(Job.cancel_requested).where(_owned(job_id, attempt))
-    ).scalar_one_or_none()
+    row = session.execute(select(Job.cancel_requested).where(_owned(job_id, attempt))).scalar_one_or_none()
     session.rollback()
     return row is not None, bool(row)
 
@@ -198,14 +198,23 @@ def requeue_lost(
     cond = and_(Job.id == job_id, Job.attempts == attempt, Job.state == JobState.RUNNING)
     if older_than is not None:
         cond = and_(cond, _last_sign_of_life() < utcnow() - _delta(older_than))
-    values = {"state": JobState.QUEUED, "worker": None, "task_id": None, "heartbeat_at": None,
-              "message": f"requeued: {reason}"}
+    values = {
+        "state": JobState.QUEUED,
+        "worker": None,
+        "task_id": None,
+        "heartbeat_at": None,
+        "message": f"requeued: {reason}",
+    }
     res = session.execute(update(Job).where(cond).values(**values).execution_options(synchronize_session=False))
     if res.rowcount != 1:
         session.rollback()
         return False
-    emit(session, job_id, "state", {"state": JobState.QUEUED.value, "requeued": True, "reason": reason,
-                                    "attempt": attempt})
+    emit(
+        session,
+        job_id,
+        "state",
+        {"state": JobState.QUEUED.value, "requeued": True, "reason": reason, "attempt": attempt},
+    )
     session.commit()
     return True
 
@@ -238,9 +247,7 @@ def finish_lost(
     return True
 
 
-def waiting_jobs(
-    *, session: Session, older_than: float | timedelta = 0.0, limit: int = 1000
-) -> list[Job]:
+def waiting_jobs(*, session: Session, older_than: float | timedelta = 0.0, limit: int = 1000) -> list[Job]:
     """Queued jobs (not being canceled) last touched at least ``older_than`` seconds ago, oldest first."""
     cutoff: datetime = utcnow() - _delta(older_than)
     stmt = (

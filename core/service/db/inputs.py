@@ -46,8 +46,17 @@ def create_model(
     num_parameters: int | None = None,
     id: str | None = None,
 ) -> Model:
-    row = Model(tenant_id=tenant.id, name=name, format=format, arch=arch, arch_kwargs=arch_kwargs, size=size,
-                sha256=sha256, path=path, num_parameters=num_parameters)
+    row = Model(
+        tenant_id=tenant.id,
+        name=name,
+        format=format,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        size=size,
+        sha256=sha256,
+        path=path,
+        num_parameters=num_parameters,
+    )
     return _add(session, row, id)
 
 
@@ -69,9 +78,19 @@ def create_dataset(
 ) -> Dataset:
     if (uri is None) == (path is None):
         raise ValueError("a dataset has exactly one of uri (registered) or path (uploaded)")
-    row = Dataset(tenant_id=tenant.id, name=name, format=format, uri=uri, path=path, size=size, sha256=sha256,
-                  num_examples=num_examples, input_shape=list(input_shape) if input_shape is not None else None,
-                  num_classes=num_classes, has_val=has_val)
+    row = Dataset(
+        tenant_id=tenant.id,
+        name=name,
+        format=format,
+        uri=uri,
+        path=path,
+        size=size,
+        sha256=sha256,
+        num_examples=num_examples,
+        input_shape=list(input_shape) if input_shape is not None else None,
+        num_classes=num_classes,
+        has_val=has_val,
+    )
     return _add(session, row, id)
 
 

@@ -42,15 +42,18 @@ def create(
     sees the model and dataset rows of a new job before it is inserted, and raises to refuse it.
     """
     if idempotency_key is not None:
-        existing = session.scalar(
-            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
-        )
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if existing.request_hash != request_hash:
                 raise IdempotencyMismatch(
                     "This Idempotency-Key was used with a different request body",
-                    errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body",
-                             "type": "idempotency"}],
+                    errors=[
+                        {
+                            "loc": ["header", "Idempotency-Key"],
+                            "msg": "reused with a different body",
+                            "type": "idempotency",
+                        }
+                    ],
                 )
             return existing, False
 
@@ -60,9 +63,7 @@ def create(
         errors.append({"loc": ["body", "model_id"], "msg": f"model {model_id!r} not found", "type": "not_found"})
     dataset = inputs.find(Dataset, session=session, tenant=tenant, id=dataset_id)
     if dataset is None:
-        errors.append(
-            {"loc": ["body", "dataset_id"], "msg": f"dataset {dataset_id!r} not found", "type": "not_found"}
-        )
+        errors.append({"loc": ["body", "dataset_id"], "msg": f"dataset {dataset_id!r} not found", "type": "not_found"})
     if errors:
         raise InvalidInput("The job refers to unknown inputs", errors=errors)
     if check is not None:
@@ -170,8 +171,12 @@ def cancel(*, session: Session, tenant: Tenant, job_id: str) -> Job:
         if state in (JobState.SUCCEEDED, JobState.FAILED):
             raise Conflict(f"Job {job_id!r} already {state.value}")
         if state is JobState.QUEUED:
-            values = {"state": JobState.CANCELED, "cancel_requested": True, "finished_at": utcnow(),
-                      "message": "canceled before it started"}
+            values = {
+                "state": JobState.CANCELED,
+                "cancel_requested": True,
+                "finished_at": utcnow(),
+                "message": "canceled before it started",
+            }
             new = JobState.CANCELED
         else:
             values = {"state": JobState.CANCELING, "cancel_requested": True}
@@ -200,14 +205,16 @@ def retry(*, session: Session, tenant: Tenant, job_id: str) -> Job:
             "task_id": None,
             "worker": None,
         }
-        if _transition(session, job_id, expected=state, values=values,
-                       event={"state": JobState.QUEUED.value, "retry": True}):
+        if _transition(
+            session, job_id, expected=state, values=values, event={"state": JobState.QUEUED.value, "retry": True}
+        ):
             return get_unscoped(session=session, job_id=job_id)
     raise Conflict(f"Job {job_id!r} changed state concurrently; try again")
 
 
-def terminal_values(state: JobState, error: dict[str, Any] | None, message: str | None,
-                    result: dict[str, Any] | None) -> dict[str, Any]:
+def terminal_values(
+    state: JobState, error: dict[str, Any] | None, message: str | None, result: dict[str, Any] | None
+) -> dict[str, Any]:
     """The job columns that finishing it sets; ``state`` must be terminal."""
     if state not in TERMINAL_STATES:
         raise ValueError(f"a job can only finish in a terminal state, not {state.value}")

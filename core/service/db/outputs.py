@@ -56,9 +56,7 @@ def add_metric(
 ) -> JobMetric:
     """Adds a curve point, replacing one of the same ``(step, kind)``: a resumed run recomputes the points it
     made after its last checkpoint (identically: runs are seeded), and the curve must not hold them twice."""
-    session.execute(
-        delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step, JobMetric.kind == kind)
-    )
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step, JobMetric.kind == kind))
     row = JobMetric(
         job_id=job_id, step=step, kind=kind, epoch=epoch, sparsity=sparsity, loss=loss, metric=metric, seconds=seconds
     )

@@ -65,9 +65,13 @@ class CeleryQueue:
         return cls(app)
 
     def enqueue(self, job_id: str, *, queue: str) -> str | None:
-        result = self.app.send_task(TASK_NAME, args=[job_id], queue=check_queue(queue),
-                                    retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
-                                                              "interval_step": 0.5, "interval_max": 2.0})
+        result = self.app.send_task(
+            TASK_NAME,
+            args=[job_id],
+            queue=check_queue(queue),
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},
+        )
         return result.id
 
     def revoke(self, task_id: str) -> None:
@@ -85,8 +89,9 @@ class CeleryQueue:
         url = str(self.app.conf.broker_url or "")
         if not url.startswith(("redis://", "rediss://", "unix://")):
             return False
-        client = redis.Redis.from_url(url, socket_timeout=self.ping_timeout_s,
-                                      socket_connect_timeout=self.ping_timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_timeout=self.ping_timeout_s, socket_connect_timeout=self.ping_timeout_s
+        )
         try:
             return bool(client.set(BROKER_MARKER, "1", nx=True))
         finally:
