@@ -5,7 +5,10 @@ checkpoints), TorchScript archives and ``torch.export`` ``.pt2`` archives are re
 :class:`UnsafeFormat` *before* anything in them is interpreted: this module never unpickles.
 
 A safetensors header is parsed and checked on its own first (sizes, offsets, overlaps), so a file
-claiming terabyte tensors is refused without allocating anything.
+claiming terabyte tensors is refused without allocating anything. The architecture it names is built on
+the ``meta`` device first: its parameters are counted (:class:`~core.io.limits.LoadLimits`) and its
+shapes compared with the header before the model is built at full size. ONNX graphs are bounded by the
+importer (:mod:`core.io.onnx.bounds`). NaN/Inf weights are refused in both formats, as the same problem.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from core.errors import ArboristError, InvalidInput, UnsafeFormat
+from core.errors import ArboristError, InvalidInput, UnsafeFormat, out_of_memory_error
 from core.io.files import atomic_path
+from core.io.limits import DEFAULT_LIMITS, UNLIMITED, LoadLimits, check_limit
 from core.io.onnx import onnx_to_torch
 from core.io.zoo import build_model
 
@@ -35,11 +40,13 @@ __all__ = [
     "ModelFormat",
     "ModelInfo",
     "build_architecture",
+    "check_shapes_match",
     "check_state_dict_matches",
     "detect_format",
     "load_model",
     "load_state_dict",
     "read_safetensors_header",
+    "refuse_non_finite",
     "save_state_dict",
     "validate_model_file",
 ]
@@ -150,7 +157,9 @@ def _looks_like_safetensors(path: str | os.PathLike, size: int) -> bool:
 def _parse_onnx(path: str | os.PathLike) -> onnx.ModelProto | None:
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 (any parse failure means: not an ONNX file)
+    except Exception as e:  # any parse failure means: not an ONNX file; running out of memory does not
+        if out_of_memory_error(e) is not None:
+            raise
         return None
     if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
         return None
@@ -166,6 +175,10 @@ def detect_format(path: str | os.PathLike) -> ModelFormat:
     size = _file_size(path)
     if size == 0:
         raise InvalidInput("the model file is empty")
+    # safetensors first: its 8-byte header length starts with 0x80 (pickle's PROTO) for one file in 256 (ResNet-50's
+    # does), and a file read as safetensors is never unpickled whatever its bytes
+    if _looks_like_safetensors(path, size):
+        return "safetensors"
     head = _head(path, 8)
     if head[0] == _PICKLE_PROTO:
         raise UnsafeFormat(
@@ -174,8 +187,6 @@ def detect_format(path: str | os.PathLike) -> ModelFormat:
         )
     if head[:4] in _ZIP_MAGICS:
         _classify_zip(path)
-    if _looks_like_safetensors(path, size):
-        return "safetensors"
     if _parse_onnx(path) is not None:
         return "onnx"
     if _head(path, 9)[8:9] == b"{":  # a safetensors header (length, then JSON) whose length is off: say how
@@ -299,29 +310,43 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         tensors = load_file(os.fspath(path), device="cpu")
     except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
+        if out_of_memory_error(e) is not None:
+            raise
         raise _bad_header(str(e)) from e
+    refuse_non_finite(tensors)
+    return tensors
+
+
+def refuse_non_finite(tensors: Mapping[str, Tensor]) -> None:
+    """NaN or Inf in any of ``tensors`` (a state dict, whatever the file's format) → ``InvalidInput`` naming them."""
     bad = [name for name, t in tensors.items() if not _all_finite(t)]
     if bad:
         raise InvalidInput(
             f"the weights hold NaN or Inf values in {len(bad)} tensor(s): {_listing(bad)}",
             errors=[_err(["state_dict", name], "NaN or Inf values", "non_finite") for name in bad],
         )
-    return tensors
 
 
-def check_state_dict_matches(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Missing/unexpected keys and shape mismatches between ``model`` and ``state_dict`` → InvalidInput."""
-    expected = model.state_dict()
+    check_shapes_match(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state_dict.items()}
+    )
+
+
+def check_shapes_match(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> None:
+    """Missing/unexpected names and shape mismatches between the ``expected`` tensor shapes (a model's, possibly
+    built on the ``meta`` device) and those ``found`` (in a file, possibly only its header) → InvalidInput."""
     errors: list[dict] = []
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
     errors += [_err(["state_dict", k], "missing from the file", "missing_key") for k in missing]
     errors += [_err(["state_dict", k], "not a tensor of the model", "unexpected_key") for k in unexpected]
     errors += [
         _err(
             ["state_dict", k],
-            f"shape {list(state_dict[k].shape)} in the file, model expects {list(expected[k].shape)}",
+            f"shape {list(found[k])} in the file, model expects {list(expected[k])}",
             "shape_mismatch",
         )
         for k in mismatched
@@ -334,7 +359,7 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, Tensor]) ->
     if unexpected:
         parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
     if mismatched:
-        shown = [f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})" for k in mismatched]
+        shown = [f"{k} (file {list(found[k])}, model {list(expected[k])})" for k in mismatched]
         parts.append(f"shape mismatches {len(mismatched)}: {_listing(shown)}")
     raise InvalidInput("the weights do not match the architecture: " + "; ".join(parts), errors=errors)
 
@@ -372,8 +397,53 @@ def build_architecture(arch: str | None, arch_kwargs: dict | None, *, device: st
         return _build_arch(arch, arch_kwargs)
 
 
+_PARAMETERS_SETTING = "ARBORIST_MAX_MODEL_PARAMETERS"
+
+
+def _check_parameters(model: nn.Module, what: str, limits: LoadLimits, loc: list[str]) -> None:
+    count = sum(p.numel() for p in model.parameters())
+    check_limit(count, limits.max_parameters, what=f"{what} has", unit="parameters", setting=_PARAMETERS_SETTING,
+                loc=loc)  # fmt: skip
+
+
+def _load_safetensors(
+    path: str | os.PathLike, arch: str | None, arch_kwargs: dict | None, limits: LoadLimits
+) -> nn.Module:
+    """The architecture's size comes from ``arch_kwargs``, not from the file: so it is built on the ``meta`` device
+    first, its parameters counted and its shapes compared with the file's header, before anything is allocated.
+    The model built then is the size of the weights in the file."""
+    shapes = build_architecture(arch, arch_kwargs, device="meta")
+    _check_parameters(shapes, f"architecture {arch!r} with {arch_kwargs or {}}", limits, ["arch_kwargs"])
+    header = read_safetensors_header(path)
+    check_shapes_match(
+        {k: tuple(v.shape) for k, v in shapes.state_dict().items()},
+        {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"},
+    )
+    state = load_state_dict(path)
+    model = _build_arch(arch, arch_kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
+        raise InvalidInput(f"the weights cannot be loaded into {arch!r}: {e}") from e
+    return model
+
+
+def _load_onnx(path: str | os.PathLike, limits: LoadLimits) -> nn.Module:
+    try:
+        model = onnx_to_torch(os.fspath(path), limits)
+    except ArboristError:
+        raise
+    except Exception as e:  # a malformed graph is a user error, not a server fault
+        if out_of_memory_error(e) is not None:
+            raise
+        raise InvalidInput(f"cannot import the ONNX model: {e}") from e
+    _check_parameters(model, "the ONNX model", limits, ["file"])
+    refuse_non_finite(model.state_dict())
+    return model
+
+
 def _load(
-    path: str | os.PathLike, fmt: ModelFormat | None, arch: str | None, arch_kwargs: dict | None
+    path: str | os.PathLike, fmt: ModelFormat | None, arch: str | None, arch_kwargs: dict | None, limits: LoadLimits
 ) -> tuple[nn.Module, ModelFormat]:
     detected = detect_format(path)
     if fmt is not None and fmt != detected:
@@ -382,21 +452,9 @@ def _load(
             errors=[_err(["format"], f"content is {detected}", "value_error")],
         )
     if detected == "safetensors":
-        model = _build_arch(arch, arch_kwargs)
-        state = load_state_dict(path)
-        check_state_dict_matches(model, state)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
-            raise InvalidInput(f"the weights cannot be loaded into {arch!r}: {e}") from e
-        return model.eval(), detected
-
-    try:
-        model = onnx_to_torch(os.fspath(path))
-    except ArboristError:
-        raise
-    except Exception as e:  # a malformed graph is a user error, not a server fault
-        raise InvalidInput(f"cannot import the ONNX model: {e}") from e
+        model = _load_safetensors(path, arch, arch_kwargs, limits)
+    else:
+        model = _load_onnx(path, limits)
     return model.eval(), detected
 
 
@@ -405,13 +463,15 @@ def load_model(
     fmt: ModelFormat | None = None,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
+    limits: LoadLimits = UNLIMITED,
 ) -> nn.Module:
     """The model in ``path``, in eval mode. ``fmt`` (if given) must agree with the file's content.
 
     safetensors: ``core.io.zoo.build_model(arch, **arch_kwargs)`` with the checked weights loaded strictly.
-    ONNX: ``core.io.onnx.onnx_to_torch(path)`` (``arch`` is ignored).
+    ONNX: ``core.io.onnx.onnx_to_torch(path)`` (``arch`` is ignored). No size caps unless ``limits`` says so: the
+    files a run loads were checked by :func:`validate_model_file` when they were uploaded.
     """
-    return _load(path, fmt, arch, arch_kwargs)[0]
+    return _load(path, fmt, arch, arch_kwargs, limits)[0]
 
 
 def validate_model_file(
@@ -419,9 +479,10 @@ def validate_model_file(
     fmt: ModelFormat | None = None,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> ModelInfo:
-    """Load the model as a run would (so every check applies) and summarise it."""
-    model, detected = _load(path, fmt, arch, arch_kwargs)
+    """Load the model as a run would (so every check applies, within ``limits``) and summarise it."""
+    model, detected = _load(path, fmt, arch, arch_kwargs, limits)
     return ModelInfo(
         format=detected,
         num_parameters=sum(p.numel() for p in model.parameters()),

@@ -6,7 +6,8 @@ Fisher code runs the model under ``torch.func.functional_call`` + ``vmap(grad(..
 
 :func:`onnx_to_torch` gives an :class:`OnnxModule` (:mod:`core.io.onnx.module`). Weight-bearing nodes become
 its layers; everything computable from constants alone (``Constant``, shape arithmetic on initializers,
-``Transpose`` of a weight…) is folded once at conversion time; the other ops come from the table in
+``Transpose`` of a weight…) is folded once at conversion time, after the size of what it builds is known to be
+within the limits (:mod:`core.io.onnx.bounds`); the other ops come from the table in
 :mod:`core.io.onnx.ops`. What stays dynamic is shape bookkeeping (``Shape`` → ``Gather`` → ``Concat`` →
 ``Reshape``), which runs on host values rather than tensors, so that it is vmap-safe and can be traced again by
 ``torch.export``. Files are read by :mod:`core.io.onnx.safety`, which refuses any that reach outside themselves.
@@ -23,16 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, out_of_memory_error
+from core.io.limits import DEFAULT_LIMITS, LoadLimits, check_limit, elements
+from core.io.onnx.bounds import floor_shape, fold_shape
 from core.io.onnx.module import OnnxModule, Step, layer_key
 from core.io.onnx.ops import LAYERS, SIMPLE, Fn, attrs, check_supported, host, same_pads, to_tensor, torch_pads, window
 from core.io.onnx.safety import load_self_contained
+
+_CONSTANTS_SETTING = "ARBORIST_MAX_CONSTANT_ELEMENTS"
 
 
 class _Builder:
     """One conversion: the graph's nodes become layers and steps of an :class:`OnnxModule`."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, limits: LoadLimits):
+        self.limits = limits
+        self.folded = 0  # elements of the values folded so far
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         g = model.graph
         self.graph = g
@@ -56,24 +63,50 @@ class _Builder:
         for i, node in enumerate(self.graph.node):
             if i in self.skip:
                 continue
-            a = attrs(node)
-            if any((o and self.consumers.get(o)) or o in self.graph_outputs for o in node.output[1:]):
-                raise InvalidInput(f"{node.op_type} node {node.name!r}: only its first output is supported")
-            if node.op_type == "Constant":
-                self.known[node.output[0]] = self._constant(a)
-            elif node.op_type in LAYERS:
-                getattr(self, f"_{node.op_type.lower()}")(i, node, a)
-            else:
-                k = [self.known.get(n) if n else None for n in node.input]
-                fn = SIMPLE[node.op_type](a, self.opset, k)
-                if all(v is not None or not n for v, n in zip(k, node.input)):
-                    out = fn(None, *k)  # fold at conversion time
-                    self.known[node.output[0]] = torch.tensor(out.tolist()) if isinstance(out, np.ndarray) else out
-                    if node.input and node.input[0]:
-                        self.origin[node.output[0]] = self.origin.get(node.input[0], node.input[0])
-                else:
-                    self._add(node.op_type, fn, node.input, node.output[:1])
+            try:
+                self._node(i, node)
+            except Exception as e:
+                if out_of_memory_error(e) is None:
+                    raise
+                raise MemoryError(f"converting {node.op_type} node {node.name!r}: {e}") from e
         return self._finish()
+
+    def _node(self, i: int, node: onnx.NodeProto) -> None:
+        a = attrs(node)
+        if any((o and self.consumers.get(o)) or o in self.graph_outputs for o in node.output[1:]):
+            raise InvalidInput(f"{node.op_type} node {node.name!r}: only its first output is supported")
+        if node.op_type == "Constant":
+            self.known[node.output[0]] = self._constant(a)
+        elif node.op_type in LAYERS:
+            getattr(self, f"_{node.op_type.lower()}")(i, node, a)
+        else:
+            k = [self.known.get(n) if n else None for n in node.input]
+            fn = SIMPLE[node.op_type](a, self.opset, k)
+            if all(v is not None or not n for v, n in zip(k, node.input)):
+                self._fold(node, fn, k)
+            else:
+                floor = floor_shape(node.op_type, a, self.opset, k)
+                if floor is not None:
+                    self._check_size(node, floor, "would build at least a")
+                self._add(node.op_type, fn, node.input, node.output[:1])
+
+    def _fold(self, node: onnx.NodeProto, fn: Fn, k: list[Tensor | None]) -> None:
+        """Computes a node whose inputs are all constants once, now, after bounding what it builds."""
+        shape = fold_shape(node.op_type, fn, k)
+        self._check_size(node, shape, "would build a")
+        self.folded += elements(shape)
+        check_limit(self.folded, self.limits.max_constant_elements, setting=_CONSTANTS_SETTING,
+                    what=f"with {node.op_type} node {node.name!r}, the constants folded from the graph would hold",
+                    loc=["model", "nodes", node.name or node.op_type])  # fmt: skip
+        out = fn(None, *k)
+        self.known[node.output[0]] = torch.tensor(out.tolist()) if isinstance(out, np.ndarray) else out
+        if node.input and node.input[0]:
+            self.origin[node.output[0]] = self.origin.get(node.input[0], node.input[0])
+
+    def _check_size(self, node: onnx.NodeProto, shape: tuple[int, ...], verb: str) -> None:
+        check_limit(elements(shape), self.limits.max_constant_elements, setting=_CONSTANTS_SETTING,
+                    what=f"{node.op_type} node {node.name!r} {verb} {list(shape)} tensor of",
+                    loc=["model", "nodes", node.name or node.op_type])  # fmt: skip
 
     def _finish(self) -> OnnxModule:
         inits = {t.name for t in self.graph.initializer}
@@ -234,13 +267,15 @@ class _Builder:
         self._add("BatchNormalization", lambda m, x: m.layers[key](x), node.input[:1], node.output[:1])
 
 
-def onnx_to_torch(source: str | Path | onnx.ModelProto) -> OnnxModule:
+def onnx_to_torch(source: str | Path | onnx.ModelProto, limits: LoadLimits = DEFAULT_LIMITS) -> OnnxModule:
     """Convert an ONNX model (path or ModelProto) into an :class:`OnnxModule`.
 
     Order matters: external data / escaping names are refused (``UnsafeFormat``) before the
     checker runs, so nothing outside the upload is ever touched; then ``onnx.checker`` (a model it
     rejects is ``InvalidInput``), then every op is checked against what we can convert, so an
     unsupported graph fails with the full list of missing ops rather than on the first one.
+    Whatever the graph would build from shapes is bounded by ``limits.max_constant_elements``
+    (:mod:`core.io.onnx.bounds`) before it is allocated: ``LimitExceeded`` names the node and the size.
     """
     model = load_self_contained(source)
     try:
@@ -252,4 +287,4 @@ def onnx_to_torch(source: str | Path | onnx.ModelProto) -> OnnxModule:
         model = onnx.shape_inference.infer_shapes(model)  # ranks for BatchNorm{1,2,3}d
     except Exception:  # noqa: BLE001 (inference is a hint only)
         pass
-    return _Builder(model).build()
+    return _Builder(model, limits).build()

@@ -35,7 +35,7 @@ def to_tensor(t: onnx.TensorProto) -> Tensor:
     return torch.from_numpy(numpy_helper.to_array(t).copy())
 
 
-def _ints(v: Tensor | np.ndarray | list | None) -> list[int] | None:
+def ints(v: Tensor | np.ndarray | list | None) -> list[int] | None:
     """A shape/axes operand as a list. Host values keep their elements as they are: under
     ``torch.export`` they are SymInts, and ``int()`` would specialise them."""
     if v is None:
@@ -101,10 +101,10 @@ def _axes_op(attr_name: str, since: int, body: Callable[..., Tensor]) -> Callabl
     """Ops whose ``axes`` moved from an attribute to input 1 at opset ``since``."""
 
     def factory(a: dict, opset: int, k: list) -> Fn:
-        fixed = a.get(attr_name) if opset < since else _ints(k[1] if len(k) > 1 else None)
+        fixed = a.get(attr_name) if opset < since else ints(k[1] if len(k) > 1 else None)
 
         def fn(m: Any, x: Tensor, axes: Tensor | None = None) -> Tensor:
-            ax = fixed if fixed is not None else _ints(axes)
+            ax = fixed if fixed is not None else ints(axes)
             return body(x, ax, a)
 
         return fn
@@ -167,11 +167,11 @@ def _flatten(a: dict, opset: int, k: list) -> Fn:
 
 
 def _reshape(a: dict, opset: int, k: list) -> Fn:
-    fixed = _ints(k[1])
+    fixed = ints(k[1])
     allowzero = a.get("allowzero", 0)
 
     def fn(m: Any, x: Tensor, shape: Tensor) -> Tensor:
-        s = fixed if fixed is not None else _ints(shape)
+        s = fixed if fixed is not None else ints(shape)
         if not allowzero:  # ONNX: 0 copies the input's dimension
             s = [x.shape[i] if v == 0 else v for i, v in enumerate(s)]
         return x.reshape(s)
@@ -206,15 +206,15 @@ def _clip(a: dict, opset: int, k: list) -> Fn:
 
 def _pad(a: dict, opset: int, k: list) -> Fn:
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[_str(a.get("mode", "constant"))]
-    fixed = a.get("pads") if opset < 11 else _ints(k[1])
+    fixed = a.get("pads") if opset < 11 else ints(k[1])
     value = a.get("value", 0.0) if opset < 11 else (float(k[2]) if len(k) > 2 and k[2] is not None else None)
-    axes = _ints(k[3]) if len(k) > 3 else None
+    axes = ints(k[3]) if len(k) > 3 else None
 
     def fn(
         m: Any, x: Tensor, pads: Tensor | None = None, cval: Tensor | None = None, ax: Tensor | None = None
     ) -> Tensor:
-        p = fixed if fixed is not None else _ints(pads)
-        order = [i % x.dim() for i in (axes or _ints(ax) or range(x.dim()))]
+        p = fixed if fixed is not None else ints(pads)
+        order = [i % x.dim() for i in (axes or ints(ax) or range(x.dim()))]
         begins, ends = [0] * x.dim(), [0] * x.dim()
         for j, i in enumerate(order):
             begins[i], ends[i] = p[j], p[j + len(order)]
@@ -231,11 +231,11 @@ def _slice(a: dict, opset: int, k: list) -> Fn:
     if opset < 10:
         fixed = [a.get("starts"), a.get("ends"), a.get("axes"), None]
     else:
-        fixed = [_ints(t) for t in (k + [None] * 5)[1:5]]
+        fixed = [ints(t) for t in (k + [None] * 5)[1:5]]
 
     def fn(m: Any, x: Tensor, *dyn: Tensor | None) -> Tensor:
         given = [*dyn, None, None, None, None]
-        starts, ends, axes, steps = [f if f is not None else _ints(d) for f, d in zip(fixed, given)]
+        starts, ends, axes, steps = [f if f is not None else ints(d) for f, d in zip(fixed, given)]
         axes = axes or list(range(len(starts)))
         steps = steps or [1] * len(starts)
         idx: list[slice] = [slice(None)] * x.ndim
@@ -285,9 +285,15 @@ def _pool(kind: str) -> Callable:
 
 def _constant_of_shape(a: dict, opset: int, k: list) -> Fn:
     value = to_tensor(a["value"]) if "value" in a else torch.zeros(1)
-    if not value.is_floating_point():  # integer fills feed shape arithmetic (e.g. pads): stay on the host
-        return lambda m, shape: np.full(_ints(shape), value.item(), dtype=object)
-    return lambda m, shape: value.reshape(()).expand(_ints(shape)).clone()
+    if value.is_floating_point():
+        return lambda m, shape: value.reshape(()).expand(ints(shape)).clone()
+
+    def fill(m: Any, shape: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        if isinstance(shape, Tensor):  # a constant shape (folded at conversion): one tensor, not Python objects
+            return torch.full(ints(shape), value.item(), dtype=value.dtype)
+        return np.full(ints(shape), value.item(), dtype=object)  # shape arithmetic (e.g. pads): on the host
+
+    return fill
 
 
 SIMPLE: dict[str, Callable[[dict, int, list], Fn]] = {
@@ -324,7 +330,7 @@ SIMPLE: dict[str, Callable[[dict, int, list], Fn]] = {
     "Gather": _gather,
     "Cast": lambda a, o, k: lambda m, x: x if isinstance(x, np.ndarray) else x.to(_DTYPES[a["to"]]),
     "ConstantOfShape": _constant_of_shape,
-    "Expand": lambda a, o, k: lambda m, x, s: x * torch.ones(_ints(s), dtype=x.dtype, device=x.device),
+    "Expand": lambda a, o, k: lambda m, x, s: x * torch.ones(ints(s), dtype=x.dtype, device=x.device),
     "Slice": _slice,
     "Pad": _pad,
     "MaxPool": _pool("max"),

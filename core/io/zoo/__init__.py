@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, out_of_memory_error
 from core.io.zoo.lenet import LeNet5
 from core.io.zoo.mlp import MLP
 from core.io.zoo.mobilenet import MobileNetV1
@@ -58,6 +58,8 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
     try:
         return ARCHITECTURES[arch](**kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
+        if out_of_memory_error(e) is not None:  # too big to build is not a wrong argument
+            raise
         raise InvalidInput(
             f"bad arguments for {arch}: {e}", errors=[{"loc": ["kwargs"], "msg": str(e), "type": "value_error"}]
         ) from e
