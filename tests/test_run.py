@@ -116,8 +116,8 @@ def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_
     "bad,loc,message",
     [
         ({"sparsity": 1.2}, ("sparsity",), "less than 1"),
-        ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher",), "lambda must be > 0"),
-        ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher",), "block_size must be ≥ 1"),
+        ({"sparsity": 0.5, "fisher": {"lambda": -1.0}}, ("fisher", "lambda"), "lambda must be > 0"),
+        ({"sparsity": 0.5, "fisher": {"block_size": 0}}, ("fisher", "block_size"), "block_size must be ≥ 1"),
         ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
         ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
         # Rules across fields are the model's: no field location, the message names the fields.
@@ -134,11 +134,11 @@ def test_invalid_specs_are_rejected_with_field_errors(bad, loc, message):
 
 
 def test_memory_plan_refuses_or_shrinks_blocks():
-    shapes = {"a": (1000, 1000)}
+    shapes = {"a": (1000, 1000)}  # m = 256: 1 GB of gradients, and 1 GB of Woodbury factors at c = 1000
     with pytest.raises(DoesNotFit, match="MiB"):
-        fit(Method.WOODFISHER, shapes, 1000, 16, 4, 100 * 2**20, False)
-    plan = fit(Method.WOODFISHER, shapes, 1000, 16, 4, 100 * 2**20, True)
-    assert plan.block_size < 1000 and plan.total_bytes <= 100 * 2**20
+        fit(Method.WOODFISHER, shapes, 1000, 256, 4, 1500 * 2**20, False)
+    plan = fit(Method.WOODFISHER, shapes, 1000, 256, 4, 1500 * 2**20, True)
+    assert plan.block_size < 1000 and plan.total_bytes <= 1500 * 2**20
 
 
 def test_cubic_schedule():

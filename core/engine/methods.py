@@ -3,6 +3,13 @@
 A method is a curvature estimator plus its rules: the scopes it thresholds over, whether it takes the joint
 OBS update, whether it uses the first-order term, what it draws from the data and how much memory its estimate
 takes. The pruner, the memory plan and the spec's validation read this table; a new method is one entry here.
+
+Memory comes in two formulas. ``memory`` is what the estimate holds (the Fisher gradients, the inverse
+blocks), the numbers a person tunes with ``fisher.samples`` and ``fisher.block_size``. ``peak`` is the most a
+pruning step holds at once, on top of the loaded model and data: the estimate's phases (gradients of a vmap
+chunk, each block's Gram matrix while it is factored, K-FAC's eigensolver, the Hessian's batches) and the OBS
+step's own vectors. Both follow the engine's code allocation by allocation; ``tests/test_memory_plans.py``
+measures the peak of a real step of every method against ``peak`` (within ±50 %).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from enum import Enum
 
 from core.engine.curvature.base import CurvatureEstimator, FisherConfig
 from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
-from core.engine.curvature.hessian import ExactHessian
+from core.engine.curvature.hessian import MAX_WEIGHTS, ExactHessian
+from core.engine.curvature.hessian import peak_bytes as hessian_peak_bytes
 from core.engine.curvature.kfac import KFAC
 from core.engine.layout import BlockLayout
 from core.engine.obs import Scope
@@ -37,12 +45,34 @@ MemoryFormula = Callable[[BlockLayout, int, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
+class Sizing:
+    """What a pruning step's peak memory depends on besides the layout."""
+
+    m: int  # Fisher samples
+    itemsize: int  # bytes per element of the run's dtype
+    chunk: int = 64  # Fisher samples per vmap chunk (fisher.chunk)
+    joint: bool = False  # the joint OBS update (its solve factors P F⁻¹ P per block)
+
+
+#: bytes a pruning step holds at its peak, on top of the model and the data
+PeakFormula = Callable[[BlockLayout, Sizing], int]
+
+#: vectors of the padded width the pruner and the OBS step hold at once besides the curvature: the flat mask
+#: and weights, the saliencies, shifted weights and keep mask, top-k's (value, index) pairs and the update's
+#: vectors (measured: 10.6 with a global threshold, the most)
+STEP_VECTORS = 11
+#: per-example gradients of one vmap chunk, in chunk × D elements (measured: 1.0 to 1.5)
+VMAP_CHUNK_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     """One pruning method: how its curvature is estimated and the rules a run of it follows."""
 
     name: Method
     estimator: EstimatorFactory
     memory: MemoryFormula
+    peak: PeakFormula
     needs_data: bool = True  # draws training examples (fisher.samples × fisher.batch_size) for its estimate
     needs_gradients: bool = True  # differentiates the loss at those examples
     needs_labels: bool = True  # reads their labels
@@ -51,6 +81,7 @@ class MethodInfo:
     supports_joint: bool = True  # takes the joint OBS update; else the summed one only
     taylor: bool = False  # uses the first-order term (the mean gradient) in the OBS step
     uses_blocks: bool = False  # block-diagonal in fisher.block_size blocks, which a memory budget may shrink
+    max_weights: int | None = None  # the most weights it takes (exact OBS: the Hessian is D × D)
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
         """Raise ValueError for a scope (None: the default) or an update this method does not support."""
@@ -70,12 +101,17 @@ def _no_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
     return 0, 0
 
 
+def _dense(c: int, m: int) -> bool:
+    """A block is kept as its dense c×c inverse when c ≤ m, else in the Woodbury form (m × c)."""
+    return c <= m
+
+
 def _block_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
     """m gradients of the padded width; per block a dense c×c inverse (c ≤ m), or the Woodbury m×c factor and its
     m×m Gram matrix (c > m)."""
 
     def per_block(c: int) -> int:
-        return c * c if c <= m else m * c + m * m
+        return c * c if _dense(c, m) else m * c + m * m
 
     inverse = sum(layer.nb * per_block(layer.block) for layer in layout.layers)
     return m * layout.width * itemsize, inverse * itemsize
@@ -97,27 +133,109 @@ def _hessian_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, in
     return 0, 3 * layout.width**2 * itemsize
 
 
+def _step(layout: BlockLayout, z: Sizing) -> int:
+    """The pruner's and the OBS step's own vectors (see ``STEP_VECTORS``)."""
+    return STEP_VECTORS * layout.width * z.itemsize
+
+
+def _gradients(layout: BlockLayout, z: Sizing) -> tuple[int, int]:
+    """(the m × D gradient buffer, the largest transient while it is filled: one vmap chunk's gradients)."""
+    chunk = math.ceil(VMAP_CHUNK_FACTOR * min(z.chunk, z.m) * layout.width * z.itemsize)
+    return z.m * layout.width * z.itemsize, chunk
+
+
+def _magnitude_peak(layout: BlockLayout, z: Sizing) -> int:
+    """A diagonal of ones and the step."""
+    return layout.width * z.itemsize + _step(layout, z)
+
+
+def _block_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Estimate: the flat mask, the gradients and, the larger of, a vmap chunk, or every block's inverse plus one
+    layer's Gram matrices while they are factored (c×c dense; m×m Woodbury). Step: the inverses, the step's vectors,
+    the mean gradient and, for the joint update, one layer's solve (dense: 4 c×c per block, for P F⁻¹ P, the
+    identity, their sum and its factor; Woodbury: W_P and 3 m×m)."""
+    s, m = z.itemsize, z.m
+    held = build = joint = 0
+    for layer in layout.layers:
+        nb, c = layer.nb, layer.block
+        if _dense(c, m):
+            held += nb * c * c * s
+            build, joint = max(build, nb * c * c * s), max(joint, 4 * nb * c * c * s)
+        else:
+            held += nb * m * c * s
+            build, joint = max(build, nb * m * m * s), max(joint, nb * (m * c + 3 * m * m) * s)
+    gradients, chunk = _gradients(layout, z)
+    vector = layout.width * s
+    estimate = vector + gradients + max(chunk, held + build)
+    step = held + _step(layout, z) + vector + (joint if z.joint else 0)
+    return max(estimate, step)
+
+
+def _diagonal_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Estimate: the mask, the gradients and their squares (mean(g²) squares the m × D buffer); step: the diagonal
+    and the step's vectors."""
+    gradients, chunk = _gradients(layout, z)
+    vector = layout.width * z.itemsize
+    return max(vector + gradients + max(chunk, gradients + vector), vector + _step(layout, z))
+
+
+def _kfac_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Factors: B and A of every layer, the weights' .grad of the backward passes and one factor's product.
+    Eigendecompositions (in float64, one factor at a time): the factors, the eigenvectors so far and, for the
+    largest factor n × n, its float64 copy, eigenvectors and syevd's 2 n² workspace, and the cast back.
+    Step: the eigenvectors, the step's vectors and one layer's diagonal of F⁻¹ (4 out × in temporaries)."""
+    s = z.itemsize
+    sides = [(layer.shape[0], math.prod(layer.shape[1:])) for layer in layout.layers]
+    factors = sum(o * o + i * i for o, i in sides) * s
+    largest = max(max(o, i) for o, i in sides)
+    vector = layout.width * s
+    collect = vector + factors + vector + largest * largest * s
+    eigh = vector + 2 * factors + largest * largest * ((8 if s != 8 else 0) + 8 + 16 + s)
+    step = factors + _step(layout, z) + 4 * max(layer.numel for layer in layout.layers) * s
+    return max(collect, eigh, step)
+
+
+def _hessian_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Estimate: the mask and the Hessian's own peak (core.engine.curvature.hessian.peak_bytes); step: the D×D
+    inverse, the step's vectors and, for the joint update, 4 D×D temporaries of its solve."""
+    d2 = layout.width**2 * z.itemsize
+    estimate = layout.width * z.itemsize + hessian_peak_bytes(layout.width, z.itemsize)
+    return max(estimate, d2 + _step(layout, z) + (4 * d2 if z.joint else 0))
+
+
 _NO_DATA = {"needs_data": False, "needs_gradients": False, "needs_labels": False}
 
 METHODS: dict[Method, MethodInfo] = {
     info.name: info
     for info in (
-        MethodInfo(Method.WOODFISHER, lambda f, c: WoodFisher(f, c), _block_memory, uses_blocks=True),
+        MethodInfo(Method.WOODFISHER, lambda f, c: WoodFisher(f, c), _block_memory, _block_peak, uses_blocks=True),
         MethodInfo(
-            Method.WOODTAYLOR, lambda f, c: WoodFisher(f, c, taylor=True), _block_memory, taylor=True, uses_blocks=True
+            Method.WOODTAYLOR,
+            lambda f, c: WoodFisher(f, c, taylor=True),
+            _block_memory,
+            _block_peak,
+            taylor=True,
+            uses_blocks=True,
         ),
         MethodInfo(
             Method.MAGNITUDE,
             _identity,
             _no_memory,
+            _magnitude_peak,
             **_NO_DATA,
             default_scope=Scope.LAYER,
             scopes=frozenset({Scope.LAYER}),
         ),
-        MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, **_NO_DATA),
-        MethodInfo(Method.DIAG_FISHER, lambda f, c: DiagonalFisher(f), _diagonal_memory),
-        MethodInfo(Method.KFAC, lambda f, c: KFAC(f), _kfac_memory, supports_joint=False),
-        MethodInfo(Method.EXACT_OBS, lambda f, c: ExactHessian(lam=f.lam, loss=f.loss), _hessian_memory),
+        MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, _magnitude_peak, **_NO_DATA),
+        MethodInfo(Method.DIAG_FISHER, lambda f, c: DiagonalFisher(f), _diagonal_memory, _diagonal_peak),
+        MethodInfo(Method.KFAC, lambda f, c: KFAC(f), _kfac_memory, _kfac_peak, supports_joint=False),
+        MethodInfo(
+            Method.EXACT_OBS,
+            lambda f, c: ExactHessian(lam=f.lam, loss=f.loss),
+            _hessian_memory,
+            _hessian_peak,
+            max_weights=MAX_WEIGHTS,
+        ),
     )
 }
 

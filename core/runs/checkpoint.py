@@ -16,6 +16,7 @@ from torch import Tensor
 
 from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
+from core.runs.numerics import json_bytes
 
 
 class Checkpointer(Protocol):
@@ -36,7 +37,7 @@ class DirectoryCheckpointer:
         save_state_dict(tensors, self.root / name)  # atomic itself: complete, or no file at all
         try:
             latest = {"generation": generation, "tensors": name, "meta": meta}
-            atomic_write(self.root / "latest.json", json.dumps(latest).encode())  # on failure: as it was
+            atomic_write(self.root / "latest.json", json_bytes(latest))  # strict JSON; on failure: as it was
         except BaseException:
             # Not committed: the previous generation stays the latest; its successor must not linger.
             (self.root / name).unlink(missing_ok=True)

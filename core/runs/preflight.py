@@ -6,8 +6,14 @@ The run checks everything again on the real model and data (:class:`core.runs.ru
 
 * the Fisher estimate needs no more examples than the training split holds;
 * a zoo model (safetensors weights + ``arch``) runs on the data's input shape, and its outputs cover the
-  labels: the architecture is built on the ``meta`` device, so this costs no memory and no compute.
-  ONNX models are left to the run (their graph has to be loaded to know its shapes).
+  labels: the architecture is built on the ``meta`` device, so this costs no memory and no compute;
+* the memory plan of a pruning step over that architecture's selected weights fits the budget (the lower of the
+  spec's ``memory_budget_mb`` and the server's ``ARBORIST_MEMORY_BUDGET_MB``): 422 ``memory-budget-exceeded``
+  with the numbers (:mod:`core.runs.budget`), after the problems above (a plan of a model that does not fit its
+  data means nothing).
+
+ONNX models are left to the run (their graph has to be loaded to know its shapes); it checks the same plan
+against the same budget before any work.
 
 Field errors are located in the job request: ``["spec", ...]`` and ``["dataset_id"]``.
 """
@@ -16,9 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import nn
+
 from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
+from core.runs.budget import memory_plan
+from core.runs.run import pruned_names
 from core.runs.spec import PruneSpec
 
 __all__ = ["check_job"]
@@ -46,10 +56,7 @@ def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
     )
 
 
-def _check_fit(
-    spec: PruneSpec, arch: str, arch_kwargs: dict | None, input_shape: Sequence[int], num_classes: int | None
-) -> None:
-    model = build_architecture(arch, arch_kwargs, device="meta")
+def _check_fit(model: nn.Module, spec: PruneSpec, input_shape: Sequence[int], num_classes: int | None) -> None:
     try:
         check_compatible_shapes(model, tuple(input_shape), num_classes, spec.loss.value)
     except InvalidInput as e:
@@ -58,6 +65,11 @@ def _check_fit(
             errors=[{**err, "loc": ["dataset_id"]} for err in e.errors]
             or [{"loc": ["dataset_id"], "msg": "does not fit the model", "type": "value_error"}],
         ) from None
+
+
+def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> None:
+    params = dict(model.named_parameters())
+    memory_plan(spec, {n: tuple(params[n].shape) for n in pruned_names(model, spec)}, server_budget_mb)
 
 
 def check_job(
@@ -69,24 +81,29 @@ def check_job(
     input_shape: Sequence[int] | None,
     num_classes: int | None,
     has_val: bool,
+    server_budget_mb: float | None = None,
 ) -> None:
-    """Every problem found (not just the first) in one :class:`InvalidInput`. ``arch`` is ``None`` for models
-    without a zoo architecture (ONNX); unknown summary values (``None``) skip the checks that need them."""
+    """Every problem found (not just the first) in one :class:`InvalidInput`, then the memory plan
+    (:class:`core.errors.DoesNotFit`). ``arch`` is ``None`` for models without a zoo architecture (ONNX); unknown
+    summary values (``None``) skip the checks that need them."""
     problems: list[InvalidInput] = []
+    model = build_architecture(arch, arch_kwargs, device="meta") if arch else None
     if num_examples is not None:
         try:
             _check_samples(spec, int(num_examples), bool(has_val))
         except InvalidInput as e:
             problems.append(e)
-    if arch and input_shape:
+    if model is not None and input_shape:
         try:
-            _check_fit(spec, arch, arch_kwargs, input_shape, num_classes)
+            _check_fit(model, spec, input_shape, num_classes)
         except InvalidInput as e:
             problems.append(e)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
+    if model is not None:
+        _check_plan(model, spec, server_budget_mb)
 
 
 def warm_up() -> None:

@@ -4,6 +4,12 @@ The same code serves the CLI, the workers, the benches and the tests. It talks t
 through ``RunHooks`` (progress, metric points, events, cancellation) and a ``Checkpointer``; it
 checkpoints after every pruning step and every fine-tuning epoch, and a resumed run ends with the
 same weights as an uninterrupted one (all randomness is keyed by seed and epoch).
+
+A run never ends "succeeded" with non-finite numbers: the weights are checked after every pruning step and every
+epoch, the losses whenever they are evaluated, and the first NaN or ±Infinity stops the run with a
+:class:`core.errors.NumericalError` that says where (:mod:`core.runs.numerics`). Everything it writes as JSON
+(report, checkpoint metadata, events) is strict JSON. Its memory plan is fitted to the lower of the spec's and the
+server's budget before any work (:mod:`core.runs.budget`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
-from core.engine.memory import MemoryPlan, fit
+from core.engine.memory import MemoryPlan
 from core.engine.pruner import make_pruner
-from core.errors import Canceled, InvalidInput
+from core.errors import Canceled, InvalidInput, NumericalError
 from core.io.data import Dataset
 from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
+from core.runs.budget import memory_plan
 from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
+from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe, prune_hint
 from core.runs.report import count_macs, curve_csv, curve_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import PruneSpec, Update
@@ -106,7 +115,11 @@ class Run:
         out_dir: Path,
         hooks: RunHooks | None = None,
         checkpointer: Checkpointer | None = None,
+        *,
+        memory_budget_mb: float | None = None,
     ):
+        """``memory_budget_mb``: the server's budget (``Settings.memory_budget_mb``), if any; the lower of it and
+        the spec's applies."""
         self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
         self.out_dir = Path(out_dir)
         self.device = resolve_device(spec.device)
@@ -128,16 +141,7 @@ class Run:
                 errors=[{"loc": ["spec", "fisher", "samples"], "msg": "larger than the training split"}],
             )
         shapes = {n: tuple(params[n].shape) for n in self.names}
-        budget = spec.memory_budget_mb * 2**20 if spec.memory_budget_mb else None
-        self.plan: MemoryPlan = fit(
-            spec.method,
-            shapes,
-            spec.block_size,
-            spec.fisher.samples,
-            torch.finfo(self.dtype).bits // 8,
-            budget,
-            spec.allow_block_shrink,
-        )
+        self.plan: MemoryPlan = memory_plan(spec, shapes, memory_budget_mb)
         self.state = _State()
         self._units = len(self.events) + self.epochs + 1
 
@@ -173,6 +177,9 @@ class Run:
         if self.hooks.cancelled():
             raise Canceled("the run was canceled; its last checkpoint is kept")
 
+    def _event(self, kind: str, data: dict) -> None:
+        self.hooks.event(kind, json_safe(data))  # strict JSON for every hook: non-finite numbers as null
+
     def _progress(self, unit: float, message: str) -> None:
         self.hooks.progress(min(unit / self._units, 1.0), message)
 
@@ -190,22 +197,54 @@ class Run:
         self.hooks.metric(point)
 
     def _choose_lambda(self) -> float:
-        """λ = 'auto': one-shot prune a copy per λ in the grid, keep the best on the validation split."""
+        """λ = 'auto': one-shot prune a copy per λ in the grid, keep the best on the validation split. A λ whose
+        prune goes non-finite is recorded (score null, with the reason) and never chosen; if every λ does, the run
+        fails with a :class:`NumericalError`."""
         first = self.events[min(self.events)]
-        best, results = None, []
+        best, results, failures = None, [], []
         original = copy.deepcopy(self.model.state_dict())
         for i, lam in enumerate(self.spec.fisher.lambda_grid):
             self._check_cancel()
-            self._pruner(lam, self.spec.seed).prune(self.model, self.names, first, (self.x, self.y))
-            score = self._score(self._metric(self.xv, self.yv))
-            results.append({"lambda": lam, "sparsity": first, self.spec.metric: score})
+            try:
+                where = f"the λ sweep's prune with λ = {lam:g}"
+                self._prune_numerically(lam, self.spec.seed, first, where)
+                metrics = self._metric(self.xv, self.yv)
+                check_metrics(metrics, where, prune_hint(lam))
+                score, reason = self._score(metrics), None
+            except NumericalError as e:
+                score, reason = None, e.detail
+                failures.append(f"λ = {lam:g}: {e.detail}")
+            results.append({"lambda": lam, "sparsity": first, self.spec.metric: score, "error": reason})
             self.model.load_state_dict(original)
-            better = best is None or (score > best[1] if self.spec.metric == "accuracy" else score < best[1])
-            best = (lam, score) if better else best
+            if score is not None:
+                better = best is None or (score > best[1] if self.spec.metric == "accuracy" else score < best[1])
+                best = (lam, score) if better else best
             self.hooks.progress(0.0, f"lambda sweep {i + 1}/{len(self.spec.fisher.lambda_grid)}")
-        self.state.lambda_sweep = results
-        self.hooks.event("lambda_chosen", {"lambda": best[0], "sweep": results})
+        if best is None:
+            raise NumericalError(
+                "every λ of fisher.lambda_grid gave non-finite numbers (" + "; ".join(failures)[:1500] + "); "
+                "try larger values",
+                errors=[{"loc": ["spec", "fisher", "lambda_grid"], "msg": "no usable λ", "type": "non_finite"}],
+            )
+        self.state.lambda_sweep = json_safe(results)
+        self._event("lambda_chosen", {"lambda": best[0], "sweep": results})
         return best[0]
+
+    def _prune_numerically(self, lam: float, seed: int, target: float, where: str, **kwargs):
+        """A pruner's ``prune`` to ``target`` at ``lam``, with a failed factorization (a block, or a K-FAC factor, that
+        is not positive definite at this λ) and non-finite weights turned into a :class:`NumericalError` that says
+        ``where`` and what to change."""
+        pruner = self._pruner(lam, seed)
+        try:
+            masks = pruner.prune(self.model, self.names, target, (self.x, self.y), **kwargs)
+        except (torch.linalg.LinAlgError, NumericalError) as e:
+            detail = e.detail if isinstance(e, NumericalError) else str(e).split("\n")[0]
+            raise NumericalError(
+                f"{where} failed to factor the curvature: {detail}; {prune_hint(lam)}",
+                errors=[{"loc": ["spec", "fisher", "lambda"], "msg": "not positive definite", "type": "numerical"}],
+            ) from e
+        check_weights(self.model, where, prune_hint(lam))
+        return pruner, masks
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, cursor: tuple[int, int], started: float) -> None:
@@ -218,8 +257,8 @@ class Run:
         if self.optimizer:
             opt_tensors, meta["optimizer"] = optimizer_state(self.optimizer)
             tensors.update(opt_tensors)
-        self.ckpt.save(tensors, json.loads(json.dumps(meta)))
-        self.hooks.event("checkpoint", {"epoch": cursor[0], "phase": ["pruned", "trained"][cursor[1]]})
+        self.ckpt.save(tensors, json.loads(json_bytes(meta)))
+        self._event("checkpoint", {"epoch": cursor[0], "phase": ["pruned", "trained"][cursor[1]]})
 
     def _resume(self) -> bool:
         loaded = self.ckpt.load() if self.ckpt else None
@@ -234,7 +273,7 @@ class Run:
         st = meta["state"]
         st["cursor"] = tuple(st["cursor"])
         self.state = _State(**st)
-        self.hooks.event("resumed", {"epoch": st["cursor"][0], "phase": st["cursor"][1]})
+        self._event("resumed", {"epoch": st["cursor"][0], "phase": st["cursor"][1]})
         return True
 
     # -- the run --------------------------------------------------------------------------------
@@ -242,9 +281,15 @@ class Run:
         started = time.perf_counter()
         if not self._resume():
             self.state.before = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+            for split, metrics in self.state.before.items():
+                check_metrics(
+                    metrics,
+                    f"before any pruning, on the {split} split",
+                    "the model's outputs overflow on this data: check the scale of its weights and of the inputs",
+                )
             self.state.lam = self._choose_lambda() if self.spec.fisher.damping == "auto" else self.spec.fisher.damping
             self._point(0, 0, "dense", self.state.before["val"], started)
-        self.hooks.event("started", {"lambda": self.state.lam, "memory_plan": self.plan.as_dict()})
+        self._event("started", {"lambda": self.state.lam, "memory_plan": self.plan.as_dict()})
         fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
         fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
         step = len(self.state.curve) - 1
@@ -267,22 +312,25 @@ class Run:
         unit = sum(1 for e in self.events if e < epoch) + epoch
         self._progress(unit, f"pruning to {target:.1%}")
         before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
-        pruner = self._pruner(self.state.lam, self.spec.seed * 1000 + epoch)
-        self.masks = pruner.prune(
-            self.model,
-            self.names,
+        where = f"pruning step {step} (epoch {epoch}, to sparsity {target:.4g}, λ = {self.state.lam:g})"
+        pruner, self.masks = self._prune_numerically(
+            self.state.lam,
+            self.spec.seed * 1000 + epoch,
             target,
-            (self.x, self.y),
-            self.masks,
+            where,
+            masks=self.masks,
             progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"),
         )
         after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
+        check_metrics({"loss": after}, where, prune_hint(self.state.lam))
         predicted = sum(s.predicted_loss_change for s in pruner.log)
         self.state.fidelity.append(
             {"step": step, "sparsity": target, "predicted_loss_change": predicted, "actual_loss_change": after - before}
         )
-        self._point(step, epoch, "prune", self._metric(self.xv, self.yv), started)
-        self.hooks.event("pruned", {"step": step, "sparsity": self._sparsity()})
+        metrics = self._metric(self.xv, self.yv)
+        check_metrics(metrics, where, prune_hint(self.state.lam))
+        self._point(step, epoch, "prune", metrics, started)
+        self._event("pruned", {"step": step, "sparsity": self._sparsity()})
 
     def _train(self, epoch: int, step: int, started: float) -> None:
         ft = self.spec.finetune
@@ -306,11 +354,18 @@ class Run:
             generator=torch.Generator().manual_seed(self.spec.seed * 7919 + epoch),
             on_batch=on_batch,
         )
-        self._point(step, epoch, "epoch", self._metric(self.xv, self.yv), started)
+        where = f"fine-tuning epoch {epoch + 1}/{self.epochs} (step {step}, lr {learning_rate(ft, epoch):g})"
+        check_weights(self.model, where, TRAIN_HINT)
+        metrics = self._metric(self.xv, self.yv)
+        check_metrics(metrics, where, TRAIN_HINT)
+        self._point(step, epoch, "epoch", metrics, started)
 
     def _finish(self) -> RunResult:
         apply_masks(self.model, self.masks)
+        check_weights(self.model, "the final masking", prune_hint(self.state.lam))
         after = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+        for split, metrics in after.items():
+            check_metrics(metrics, f"the pruned model, on the {split} split", prune_hint(self.state.lam))
         model = self.model.to("cpu", torch.float32).eval()
         masks = {k: v.to("cpu", torch.float32) for k, v in self.masks.items()}
         example = self.xv[:1].to("cpu", torch.float32) if self.xv.is_floating_point() else self.xv[:1].cpu()
@@ -325,10 +380,10 @@ class Run:
         except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
             log.warning("ONNX export failed: %s", e)
             onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
-        report = self._report(model, masks, example, after, onnx_error)
+        report = json_safe(self._report(model, masks, example, after, onnx_error))
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
         atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, f"{self.spec.method.value}"))
-        atomic_write(out["report"], json.dumps(report, indent=2).encode())
+        atomic_write(out["report"], json_bytes(report, indent=2))
         self.hooks.progress(1.0, "done")
         return RunResult(out, report)
 
@@ -366,7 +421,7 @@ class Run:
             "macs": {"dense": dense_macs, "sparse": sparse_macs},
             "layers": layers,
             "metrics": {"before": self.state.before, "after": after},
-            "quadratic_model": {"steps": fid, "fitted_scale": num / den if den else None},
+            "quadratic_model": {"steps": fid, "fitted_scale": num / den if den and math.isfinite(den) else None},
             "curve": self.state.curve,
             "seconds": self.state.seconds,
             "device": str(self.device),
@@ -381,6 +436,9 @@ def execute(
     out_dir: Path,
     hooks: RunHooks | None = None,
     checkpointer: Checkpointer | None = None,
+    *,
+    memory_budget_mb: float | None = None,
 ) -> RunResult:
-    """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``."""
-    return Run(spec, model, data, out_dir, hooks, checkpointer).execute()
+    """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
+    ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies)."""
+    return Run(spec, model, data, out_dir, hooks, checkpointer, memory_budget_mb=memory_budget_mb).execute()

@@ -1,11 +1,24 @@
-"""The pruning spec (version 1): the API body, the task input and the argument of a run."""
+"""The pruning spec (version 1): the API body, the task input and the argument of a run.
+
+Every number is bounded: floats are finite (no NaN or ±Infinity, which JSON parsers read from ``Infinity`` or
+``1e400``) and within the ranges below, integers within what a run (torch's seeded generators) and both databases
+hold. A value outside is a field error at job creation, never a run that goes non-finite or a server error later.
+
+* ``fisher.lambda`` (λ): [1e-12, 1e12], or ``"auto"`` (λ·m and 1/λ stay finite and meaningful in float32);
+  ``fisher.lambda_grid``: 1 to 32 such values (each one is a whole one-shot prune);
+* ``finetune.lr``: (0, 10]; ``finetune.weight_decay``: [0, 1]; ``finetune.momentum``: [0, 1);
+  ``schedule.exponent``: (0, 10]; ``memory_budget_mb``: (0, 2^30] (1 PiB);
+* ``seed``: [0, 2^32 − 1] (the run seeds torch generators with seed · 7919 + epoch, which must fit 64 bits);
+  epochs: at most 10,000; ``fisher.block_size``: at most 2^31 − 1 (a block larger than a layer is the layer).
+"""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
@@ -15,6 +28,53 @@ from core.engine.obs import Scope
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+LAMBDA_MIN, LAMBDA_MAX = 1e-12, 1e12
+LAMBDA_GRID_MAX = 32
+SEED_MAX = 2**32 - 1
+EPOCHS_MAX = 10_000
+BLOCK_SIZE_MAX = 2**31 - 1
+MEMORY_BUDGET_MB_MAX = float(2**30)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lambda_value(value: Any, what: str) -> Any:
+    """Refuses a number that is not a usable λ with one message that says the range (before the type's own
+    bounds, which would also refuse it, but in two errors, one per member of the union)."""
+    if not _is_number(value):
+        return value
+    try:
+        x = float(value)
+    except OverflowError:  # an integer literal beyond any float
+        x = math.inf if value > 0 else -math.inf
+    if math.isfinite(x) and LAMBDA_MIN <= x <= LAMBDA_MAX:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        reason = "finite"
+    else:
+        reason = "> 0" if x <= 0 else "at least 1e-12" if x < LAMBDA_MIN else "at most 1e12"
+    raise ValueError(f"{what} must be {reason} (a finite number in [1e-12, 1e12])")
+
+
+def _grid_value(value: Any) -> Any:
+    try:
+        return _lambda_value(value, "each value")
+    except ValueError as e:
+        raise ValueError(f"lambda_grid must hold positive values: {e}") from None
+
+
+#: a dampening λ: finite, within [LAMBDA_MIN, LAMBDA_MAX]
+Lambda = Annotated[float, Field(ge=LAMBDA_MIN, le=LAMBDA_MAX, allow_inf_nan=False)]
+GridLambda = Annotated[Lambda, BeforeValidator(_grid_value)]
+
+
+def finite_float(*, default: Any = ..., **bounds: Any) -> Any:
+    """A float field that refuses NaN and ±Infinity, with its bounds."""
+    return Field(default, allow_inf_nan=False, **bounds)
 
 
 class FisherKind(str, Enum):
@@ -30,35 +90,46 @@ class Update(str, Enum):
 class FisherSpec(_Strict):
     samples: int = Field(256, ge=1, le=1_000_000, description="m: number of Fisher samples (gradients)")
     batch_size: int = Field(1, ge=1, le=4096, description="Fisher mini-batch size: examples averaged per sample")
-    block_size: int | Literal["layer"] = Field(128, description="c: weights per diagonal block, or 'layer'")
-    damping: float | Literal["auto"] = Field(
-        1e-5, alias="lambda", description="λ (dampening); 'auto' sweeps lambda_grid on the validation split"
+    block_size: Annotated[int, Field(ge=1, le=BLOCK_SIZE_MAX)] | Literal["layer"] = Field(
+        128, description="c: weights per diagonal block (larger than a layer: the layer), or 'layer'"
     )
-    lambda_grid: list[float] = Field(default_factory=lambda: [1e-7, 1e-5, 1e-3, 1e-1, 1e1])
+    damping: Lambda | Literal["auto"] = Field(
+        1e-5,
+        alias="lambda",
+        description="λ (dampening), in [1e-12, 1e12]; 'auto' sweeps lambda_grid on the validation split",
+    )
+    lambda_grid: list[GridLambda] = Field(
+        default_factory=lambda: [1e-7, 1e-5, 1e-3, 1e-1, 1e1],
+        min_length=1,
+        max_length=LAMBDA_GRID_MAX,
+        description="the λ values 'auto' tries (1 to 32), each in [1e-12, 1e12]",
+    )
     recompute: int = Field(1, ge=1, le=100, description="R: sub-steps per pruning step, inverse recomputed in each")
     kind: FisherKind = FisherKind.EMPIRICAL
     update: Update = Update.SUMMED
     chunk: int = Field(64, ge=1, le=65536, description="Fisher samples per vmap chunk (memory bound)")
 
-    @model_validator(mode="after")
-    def _check(self) -> FisherSpec:
-        if isinstance(self.block_size, int) and self.block_size < 1:
-            raise ValueError("block_size must be ≥ 1 or 'layer'")
-        if isinstance(self.damping, float) and not self.damping > 0:
-            raise ValueError("lambda must be > 0")
-        if not self.lambda_grid or any(v <= 0 for v in self.lambda_grid):
-            raise ValueError("lambda_grid must hold positive values")
-        return self
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _block_size(cls, value: Any) -> Any:
+        if _is_number(value) and not 1 <= value <= BLOCK_SIZE_MAX:
+            raise ValueError(f"block_size must be ≥ 1 (at most {BLOCK_SIZE_MAX}) or 'layer'")
+        return value
+
+    @field_validator("damping", mode="before")
+    @classmethod
+    def _damping(cls, value: Any) -> Any:
+        return _lambda_value(value, "lambda")
 
 
 class ScheduleSpec(_Strict):
     """Gradual pruning, in fine-tuning epochs: s_t = s_f − (s_f − s_i)(1 − (t − start)/(end − start))^exponent."""
 
-    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    start_epoch: int = Field(0, ge=0)
-    end_epoch: int = Field(4, ge=0)
-    frequency: int = Field(1, ge=1, description="epochs between pruning steps")
-    exponent: float = Field(3.0, gt=0, description="3 = cubic polynomial schedule")
+    initial_sparsity: float = finite_float(default=0.0, ge=0.0, lt=1.0)
+    start_epoch: int = Field(0, ge=0, le=EPOCHS_MAX)
+    end_epoch: int = Field(4, ge=0, le=EPOCHS_MAX)
+    frequency: int = Field(1, ge=1, le=EPOCHS_MAX, description="epochs between pruning steps")
+    exponent: float = finite_float(default=3.0, gt=0, le=10, description="in (0, 10]; 3 = cubic polynomial schedule")
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleSpec:
@@ -68,12 +139,12 @@ class ScheduleSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    epochs: int = Field(0, ge=0, le=10_000)
+    epochs: int = Field(0, ge=0, le=EPOCHS_MAX)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = finite_float(default=0.01, gt=0, le=10, description="learning rate, in (0, 10]")
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = finite_float(default=0.9, ge=0, lt=1)
+    weight_decay: float = finite_float(default=0.0, ge=0, le=1, description="in [0, 1]")
     batch_size: int = Field(64, ge=1, le=65536)
 
 
@@ -89,7 +160,7 @@ class LayerSpec(_Strict):
 class PruneSpec(_Strict):
     version: Literal[1] = 1
     method: Method = Method.WOODFISHER
-    sparsity: float = Field(..., gt=0.0, lt=1.0, description="target fraction of pruned weights")
+    sparsity: float = finite_float(gt=0.0, lt=1.0, description="target fraction of pruned weights")
     mode: Literal["one_shot", "gradual"] = "one_shot"
     scope: Scope | None = Field(None, description="global or per-layer threshold; default by method")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
@@ -98,11 +169,17 @@ class PruneSpec(_Strict):
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     loss: Loss = Loss.CROSS_ENTROPY
     metric: Literal["accuracy", "loss"] = "accuracy"
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out split when the data has none")
-    seed: int = Field(0, ge=0)
+    val_fraction: float = finite_float(default=0.2, gt=0.0, lt=1.0, description="held-out split when the data has none")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds every random draw of the run; in [0, 2^32 − 1]")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
-    memory_budget_mb: float | None = Field(None, gt=0, description="refuse (or shrink blocks) above this")
+    memory_budget_mb: float | None = finite_float(
+        default=None,
+        gt=0,
+        le=MEMORY_BUDGET_MB_MAX,
+        description="refuse (or shrink blocks) when the run's memory plan is above this; the server's "
+        "ARBORIST_MEMORY_BUDGET_MB, if set, applies too (the lower of the two)",
+    )
     allow_block_shrink: bool = False
 
     @model_validator(mode="after")

@@ -27,6 +27,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from core.errors import NumericalError
+
 
 class BlockInverse(Protocol):
     """F⁻¹ for ``nb`` blocks of size ``c``; vectors are shaped ``(nb, c)``."""
@@ -162,7 +164,7 @@ def _cholesky(g: Tensor, lam: float, small_side: bool) -> tuple[Tensor, Tensor |
     bad = (info != 0).nonzero().flatten()
     if bad.numel() == 0 or g.dtype == torch.float64:
         if bad.numel():
-            raise ValueError("Fisher block not positive definite: raise λ")
+            raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
         return chol, None
     return chol, bad
 
