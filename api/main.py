@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from api.admission import Gate
+from api.housekeeping import start_sweeps
 from api.lifecycle import watch_shutdown_signals
 from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
@@ -33,9 +35,10 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     settings = settings or get_settings()
     if queue is None:
         queue = make_queue(settings)
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    pools = {"max_overflow": settings.db_max_overflow, "pool_timeout": settings.db_wait_timeout_s}
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, **pools)
     factory = make_sessionmaker(engine)
-    read_engine = make_read_engine(engine, pool_size=settings.db_read_pool_size, max_overflow=settings.db_max_overflow)
+    read_engine = make_read_engine(engine, pool_size=settings.db_read_pool_size, **pools)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,6 +48,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         await run_in_threadpool(preflight.warm_up)  # before gc.freeze: what it imports is frozen too
         unwatch = watch_shutdown_signals(app)  # open event streams end when the server is told to stop
+        stop_sweeps = start_sweeps(app)  # what killed processes left in the artifact store (api.housekeeping)
         # Everything imported so far (torch included: ~230k objects) lives as long as the process; moved out of the
         # collector's reach, a full collection no longer stalls every request for ~120 ms (seen as the p99 of
         # status polls under load, bench/load.py).
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         try:
             yield
         finally:
+            stop_sweeps()
             unwatch()
             engine.dispose()
             read_engine.dispose()
@@ -68,6 +73,13 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.engine = engine
     app.state.sessionmaker = factory
     app.state.read_engine = read_engine
+    # Admission (api.admission): requests wait on the event loop for a slot of their pool's size, never in a
+    # thread for a connection. Each pool keeps its overflow for what is not gated (an upload's insert, /metrics).
+    app.state.db_gate = Gate("database", settings.db_pool_size, settings.db_wait_timeout_s)
+    app.state.read_gate = Gate("status read", settings.db_read_pool_size, settings.db_wait_timeout_s)
+    # Event streams poll the database through db_gate too, and no more than a quarter of its slots at once: however
+    # many streams are open, the requests keep the rest (a stream that finds no slot polls at its next turn).
+    app.state.stream_gate = Gate("event stream poll", max(1, settings.db_pool_size // 4), settings.db_wait_timeout_s)
     app.state.store = ArtifactStore(settings.artifact_root)
     app.state.queue = queue
     app.state.metrics = Metrics(factory)

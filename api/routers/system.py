@@ -18,7 +18,8 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
+    # on the event loop: liveness must not wait for a thread, which a burst may have kept busy
     return Health(status="ok")
 
 

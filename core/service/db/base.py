@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -79,6 +80,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             kwargs.setdefault("poolclass", StaticPool)
             kwargs.pop("pool_size", None)  # one shared connection: no pool to size
             kwargs.pop("max_overflow", None)
+            kwargs.pop("pool_timeout", None)
         else:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, **kwargs)
@@ -90,6 +92,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+def begin_write(session: Session) -> None:
+    """Makes the session's transaction a writer's from here on, so that what it reads next cannot change before it
+    commits. SQLite: ``BEGIN IMMEDIATE`` (the database's one write lock, waited for under the busy timeout; the
+    driver otherwise begins a transaction only at the first write, so a check read before it is not protected).
+    PostgreSQL: nothing (its row locks and foreign-key checks do this there). Call it before the check."""
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        return
+    if not conn.connection.driver_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_read_engine(engine: Engine, **kwargs: Any) -> Engine:
@@ -120,9 +134,9 @@ def read_retrying(read_engine: Engine, read: Callable[[Connection], T]) -> T:
         return read(conn)
 
 
-#: errors that mean "the database is (momentarily) unreachable" (a restart, a failover, a locked SQLite file),
-#: not "the statement is wrong"
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+#: errors that mean "the database is (momentarily) unreachable" (a restart, a failover, a locked SQLite file) or
+#: out of reach (no pooled connection came free within the pool timeout), not "the statement is wrong"
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
