@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from core.errors import InvalidInput
+from core.service.names import MAX_NAME_LENGTH, check_name, name_problem
 
 
 def form_json_object(fields: dict[str, str], name: str) -> dict[str, Any] | None:
@@ -60,10 +61,28 @@ def form_text(fields: dict[str, str], name: str, *, max_length: int) -> str | No
     return value
 
 
-def default_name(filename: str | None, fallback: str) -> str:
+def default_name(filename: str | None, fallback: str, loc: list[str | int]) -> str:
+    """The name of an input that was not named: the stem of its file's name (at most 200 characters), else
+    ``fallback``. A file name that holds control characters is refused (422 at ``loc``) rather than changed."""
     if filename:
         stem = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
         stem = stem.rsplit(".", 1)[0] if "." in stem else stem
-        if stem.strip():
-            return stem.strip()[:200]
+        stem = stem.strip()[:MAX_NAME_LENGTH]
+        if stem:
+            problem = name_problem(stem)
+            if problem is not None:
+                raise InvalidInput(
+                    f"the file's name {problem}: send a name field",
+                    errors=[{"loc": loc, "msg": f"file name {problem}", "type": "string_pattern_mismatch"}],
+                )
+            return stem
     return fallback
+
+
+def input_name(fields: dict[str, str], filename: str | None, fallback: str) -> str:
+    """The ``name`` form field of an upload (checked as every name is: ``core.service.names``), else the name
+    derived from the uploaded file's name (``default_name``)."""
+    name = form_text(fields, "name", max_length=MAX_NAME_LENGTH)
+    if name is not None:
+        return check_name(name, ["body", "name"])
+    return default_name(filename, fallback, ["body", "file"])

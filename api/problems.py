@@ -18,12 +18,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import (
     ArboristError,
     InvalidInput,
     InvalidRequest,
+    ServiceUnavailable,
     StorageFull,
     no_space_error,
     problem_for_status,
@@ -50,7 +52,8 @@ def _as_response(body: dict[str, Any], headers: Mapping[str, str] | None = None)
 
 async def _arborist_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, ArboristError)
-    return _as_response(problem_from_error(exc, instance=request.url.path))
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServiceUnavailable) else None
+    return _as_response(problem_from_error(exc, instance=request.url.path), headers)
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,13 +85,31 @@ async def _validation_error(request: Request, exc: Exception) -> ProblemResponse
     return _as_response(problem_from_error(InvalidRequest(detail, errors=errors), instance=request.url.path))
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at the request's path. Starlette's 405 names only those of the first route
+    that matched the path, while e.g. ``GET`` and ``DELETE /v1/models/{model_id}`` are two routes."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
+
+
 async def _http_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else None
     body = problem_for_status(exc.status_code, detail=detail, instance=request.url.path)
     if detail == body["title"]:  # the framework's default detail is the reason phrase: say it once
         del body["detail"]
-    return _as_response(body, exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return _as_response(body, headers)
 
 
 async def _data_error(request: Request, exc: Exception) -> ProblemResponse:
@@ -165,12 +186,14 @@ def _problem_response(description: str) -> dict[str, Any]:
 
 def install_problem_openapi(app: FastAPI) -> None:
     """Every operation documents its 422 and any other error (``default``) as a Problem."""
+    from api.document import parameters_as_sent
     from api.schemas import Problem
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
+        parameters_as_sent(schema)  # optional parameters are absent, never JSON null (api.document)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         for name in ("HTTPValidationError", "ValidationError"):

@@ -1,7 +1,8 @@
 """Registering an uploaded file: the one pipeline behind model and dataset uploads.
 
 The multipart upload is streamed to a staging key (``api.uploads``) and its form fields read; the staged file is
-then validated in a child process of its own (``api.isolation``), moved to its final key, and its row inserted.
+then validated in a child process of its own (``api.isolation``: every byte of it is parsed there, none in the
+API process; its memory limited by ``Settings.validation_memory_mb``), moved to its final key, and its row inserted.
 On any failure (bad form fields, an invalid file, a full disk, a database error) the session is rolled back and
 the staged and final files are deleted: nothing half-registered remains. ``upload_openapi`` documents such a
 request body.
@@ -18,10 +19,11 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from api.deps import get_settings
 from api.forms import reject_unknown_fields
-from api.isolation import run_isolated
+from api.isolation import memory_limit, run_isolated
 from api.uploads import UploadedFile, receive_upload
-from core.service.artifacts import ArtifactStore
+from core.service.artifacts import STAGING, ArtifactStore
 
 
 class Validated(Protocol):
@@ -74,7 +76,7 @@ async def register_upload(
 ) -> R:
     """Receives the upload (staged under ``staging/<tenant_id>``; text fields other than ``form_fields`` refused),
     lets ``plan`` read the fields, then registers the file; returns the inserted row."""
-    upload = await receive_upload(request, store=store, staging_prefix=f"staging/{tenant_id}", max_bytes=max_bytes)
+    upload = await receive_upload(request, store=store, staging_prefix=f"{STAGING}/{tenant_id}", max_bytes=max_bytes)
     file = upload.file
     assert file is not None
     try:
@@ -83,15 +85,19 @@ async def register_upload(
     except BaseException:
         store.delete(file.key)
         raise
-    return await run_in_threadpool(_register, session, store, file, registration)
+    limit = memory_limit(get_settings(request), file.size)
+    return await run_in_threadpool(_register, session, store, file, registration, limit)
 
 
-def _register(session: Session, store: ArtifactStore, file: UploadedFile, registration: Registration[V, R]) -> R:
-    """Validates the staged file, moves it into place, inserts the row; undoes all on failure. Blocking."""
+def _register(
+    session: Session, store: ArtifactStore, file: UploadedFile, registration: Registration[V, R], limit: int
+) -> R:
+    """Validates the staged file (in a child that may allocate ``limit`` bytes: ``api.isolation``), moves it into
+    place, inserts the row; undoes all on failure. Blocking."""
     staging, final = file.key, None
     try:
         with store.materialize(staging) as path:
-            info = run_isolated(registration.validate, path)
+            info = run_isolated(registration.validate, path, memory_limit=limit)
         final = f"{registration.final_stem}.{info.format}"
         store.move(staging, final)
         return registration.insert(info, final)

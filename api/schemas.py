@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.runs.spec import PruneSpec
 from core.service.db.tables import JobState
+from core.service.names import MAX_NAME_LENGTH, NAME_PATTERN
 
 T = TypeVar("T")
 
@@ -80,7 +81,7 @@ class DatasetRegister(_Body):
     """Registers a dataset already stored under one of the server's allowed roots."""
 
     uri: str = Field(..., min_length=1, max_length=2048, examples=["file:///data/datasets/mnist.npz"])
-    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00]*$")
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
     format: Literal["npz", "safetensors", "parquet"] | None = None
 
 

@@ -43,11 +43,15 @@ def keys() -> None:
 @URL_OPTION
 def keys_create(tenant: str, name: str | None, url: str | None) -> None:
     """Create a key for TENANT and print it once (only its hash is stored)."""
+    from core.errors import InvalidInput
     from core.service.db import tenants
 
     with _session(url) as session:
-        t = tenants.get_or_create_tenant(session=session, name=tenant)
-        row, key = tenants.create_api_key(session=session, tenant=t, name=name)
+        try:
+            t = tenants.get_or_create_tenant(session=session, name=tenant)
+            row, key = tenants.create_api_key(session=session, tenant=t, name=name)
+        except InvalidInput as exc:  # a name with control characters (core.service.names)
+            raise click.BadParameter(exc.detail) from None
         click.echo(key)
         click.echo(f"tenant={t.name} prefix={row.prefix} (store the key now: it is not shown again)", err=True)
 

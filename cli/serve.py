@@ -20,7 +20,10 @@ Crash and restart
     Ctrl-C (or SIGTERM) asks running jobs to stop at their next check; they go back to ``queued`` and resume
     from their last checkpoint (after each pruning step and fine-tuning epoch) on the next ``arborist serve``.
     A job whose process was killed is requeued at once when the worker notices (same host, dead pid), and by
-    the reaper after ``ARBORIST_HEARTBEAT_TIMEOUT_S`` otherwise.
+    the reaper after ``ARBORIST_HEARTBEAT_TIMEOUT_S`` otherwise. If this process is killed outright (``kill -9``,
+    the OOM killer), the worker and its job processes die with it (``worker.lifeline``), so a restart never finds
+    an old worker still running jobs; what the killed writes left in the artifact store is swept when the API
+    starts (``api.housekeeping``, once older than ``ARBORIST_STAGING_GRACE_S``).
 
 Limits
     * One machine: SQLite and a local artifact directory are not shared across hosts. For several workers,
@@ -68,7 +71,12 @@ def embedded_settings(data_dir: Path, database_url: str | None, overrides: dict[
 
 
 class WorkerSupervisor:
-    """Keeps one ``python -m worker.embedded`` child running; restarts it (with backoff) if it exits."""
+    """Keeps one ``python -m worker.embedded`` child running; restarts it (with backoff) if it exits.
+
+    The worker dies with this process however it ends (``--parent-pid``: ``worker.lifeline``). On Linux the kernel
+    kills it when the *thread* that started it ends, so one thread starts it, restarts it and stops it: the
+    supervisor's own, which lives until the worker is gone.
+    """
 
     def __init__(self, settings: Settings, concurrency: int, log_level: str):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ARBORIST_")}
@@ -81,21 +89,29 @@ class WorkerSupervisor:
             str(concurrency),
             "--log-level",
             log_level,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.grace_s = 45.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self._spawn()
         self._thread.start()
+        self._started.wait(30)
 
     def _spawn(self) -> None:
         # Its own session: a Ctrl-C in the terminal reaches only this process, which then stops the worker
         # (and must not mistake the worker's exit for a crash to restart).
         self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
 
-    def _watch(self) -> None:
+    def _run(self) -> None:
+        try:
+            self._spawn()
+        finally:
+            self._started.set()
         backoff = 1.0
         while not self._stop.wait(1.0):
             assert self.proc is not None
@@ -105,26 +121,43 @@ class WorkerSupervisor:
                 continue
             log.error("embedded worker exited with code %s; restarting in %.0fs", code, backoff)
             if self._stop.wait(backoff):
-                return
+                break
             backoff = min(backoff * 2, 60.0)
             self._spawn()
+        self._terminate()
 
-    def stop(self, grace_s: float = 45.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def _terminate(self) -> None:
+        """Asks the worker to release its running jobs and exit (SIGTERM); kills it after ``grace_s``."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)  # the worker releases its running jobs, then exits
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(grace_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.wait(self.grace_s)
+        except subprocess.TimeoutExpired:
             log.warning("the worker did not stop in time; killing it (its jobs resume on the next start)")
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
+            self.kill()
+
+    def kill(self) -> None:
+        """Kills the worker and its job processes now (they resume from their checkpoints on the next start)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+    def stop(self, grace_s: float = 45.0) -> None:
+        """Stops the worker: its jobs are released (a second Ctrl-C meanwhile kills it instead)."""
+        self.grace_s = grace_s
+        self._stop.set()
+        try:
+            self._thread.join(grace_s + 15)
+        except KeyboardInterrupt:
+            log.warning("killing the worker (its jobs resume on the next start)")
+        self.kill()
 
 
 def _banner(url: str, settings: Settings) -> str:

@@ -74,6 +74,14 @@ class TooLarge(ArboristError):
     status = 413
 
 
+class LimitExceeded(TooLarge):
+    """An input, small as it may be, that would take more than a configured limit once loaded: an ONNX graph
+    that builds huge constants, an architecture with too many parameters, a validation over its memory limit."""
+
+    type = "limit-exceeded"
+    title = "Input exceeds a processing limit"
+
+
 class Forbidden(ArboristError):
     """E.g. a data URI outside the allowed roots."""
 
@@ -87,6 +95,16 @@ class DoesNotFit(ArboristError):
 
     type = "memory-budget-exceeded"
     title = "Run does not fit the memory budget"
+    status = 422
+
+
+class NumericalError(ArboristError):
+    """A run's weights, loss or curvature became non-finite (NaN or ±Infinity), or a factorization failed: the
+    settings (λ too small, a learning rate too large) or the model's scale do not suit the data. The detail says
+    where (which step, which layer) and what to change."""
+
+    type = "numerical-error"
+    title = "The run's numbers became non-finite"
     status = 422
 
 
@@ -126,11 +144,25 @@ class Conflict(ArboristError):
 
 
 class ServiceUnavailable(ArboristError):
-    """A dependency (database, queue) cannot be reached; the client retries later."""
+    """A dependency (database, queue) cannot be reached, or the server is saturated; the client retries after
+    ``retry_after_s`` seconds (the API sends it as Retry-After)."""
 
     type = "service-unavailable"
     title = "Service unavailable"
     status = 503
+
+    def __init__(self, detail: str, *, retry_after_s: int = 5, errors: list[dict] | None = None):
+        super().__init__(detail, errors=errors)
+        self.retry_after_s = retry_after_s
+
+
+class ClientClosedRequest(ArboristError):
+    """The client closed its connection (it gave up waiting) before the request took effect, so nothing was done.
+    Nobody reads the answer: its status (499, as nginx logs it) is for the logs and metrics."""
+
+    type = "client-closed-request"
+    title = "Client closed the request"
+    status = 499
 
 
 class StorageFull(ArboristError):
@@ -157,6 +189,23 @@ def no_space_error(exc: BaseException | None) -> BaseException | None:
         if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
             return exc
         if any(text in str(exc).lower() for text in _NO_SPACE_TEXT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+#: how allocators that do not raise ``MemoryError`` say that an allocation failed (torch's CPU allocator raises
+#: ``RuntimeError('... DefaultCPUAllocator: can't allocate memory ...')``, C++ ``std::bad_alloc``)
+_NO_MEMORY_TEXT = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
+
+
+def out_of_memory_error(exc: BaseException | None) -> BaseException | None:
+    """The exception in ``exc``'s chain that reports a failed allocation (a ``MemoryError``, or an allocator's
+    error recognized by its message), or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or any(text in str(exc).lower() for text in _NO_MEMORY_TEXT):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

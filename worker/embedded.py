@@ -9,7 +9,9 @@ Guarantees: a job is claimed by a compare-and-set in SQL, so several embedded wo
 may poll the same database. Ctrl-C / SIGTERM asks running jobs to stop at their next check: each goes back to
 ``queued`` (``released``) and resumes from its checkpoint on the next start. A job whose process died (killed,
 crashed, or the machine rebooted) is requeued at once on the next poll or start on the same host (its pid is
-gone), or by the reaper after ``heartbeat_timeout_s`` otherwise.
+gone), or by the reaper after ``heartbeat_timeout_s`` otherwise. Job processes die with the worker, and the worker
+(``--parent-pid``) with ``arborist serve``, however it ends (``worker.lifeline``): a ``kill -9`` leaves no job
+running for nobody, and a restart no second worker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from core.service.queue import QUEUES, EmbeddedQueue
 from core.service.settings import Settings, get_settings
 from worker.control import Control
 from worker.db import Database
+from worker.lifeline import die_with
 from worker.reaper import Reaper, handle_lost, holder_dead_here, worker_name
 
 log = logging.getLogger("arborist.embedded")
@@ -45,9 +48,11 @@ class JobTimeLimit(Exception):
     """Raised in a job process when ``Settings.job_time_limit_s`` has passed (SIGALRM)."""
 
 
-def _job_process(job_id: str, payload: dict[str, Any]) -> None:
-    """The body of a job's child process."""
+def _job_process(job_id: str, payload: dict[str, Any], worker_pid: int) -> None:
+    """The body of a job's child process; it dies with the worker that started it (``worker.lifeline``)."""
     from worker import runner
+
+    die_with(worker_pid)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_payload(payload)
@@ -112,7 +117,9 @@ class EmbeddedWorker:
         return exited
 
     def _start(self, job_id: str) -> None:
-        proc = self._ctx.Process(target=_job_process, args=(job_id, self._payload), name=f"arborist-{job_id}")
+        proc = self._ctx.Process(
+            target=_job_process, args=(job_id, self._payload, os.getpid()), name=f"arborist-{job_id}"
+        )
         proc.start()
         self.children[job_id] = proc
         log.info("job %s: started in process %s", job_id, proc.pid)
@@ -180,8 +187,16 @@ class EmbeddedWorker:
 @click.option("--concurrency", "-c", default=1, show_default=True, help="jobs run at once")
 @click.option("--poll-interval", default=1.0, show_default=True, help="seconds between polls of the jobs table")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(concurrency: int, poll_interval: float, log_level: str) -> None:
+@click.option(
+    "--parent-pid",
+    type=int,
+    default=None,
+    help="die with this process, and take the running jobs along (`arborist serve` passes its own pid)",
+)
+def main(concurrency: int, poll_interval: float, log_level: str, parent_pid: int | None) -> None:
     """Run jobs from the database, without a broker (settings from ARBORIST_* variables)."""
+    if parent_pid is not None:
+        die_with(parent_pid)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = EmbeddedWorker(get_settings(), concurrency=concurrency, poll_s=poll_interval)
 

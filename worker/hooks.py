@@ -1,4 +1,7 @@
-"""``RunHooks`` that write a run's progress, metric points and events to the job's rows, and read its cancel flag."""
+"""``RunHooks`` that write a run's progress, metric points and events to the job's rows, and read its cancel flag.
+
+What they write is strict JSON: non-finite floats become ``null`` (``core.runs.numerics.json_safe``), so an event
+or a metric never holds the ``NaN`` that PostgreSQL's JSON type refuses and JSON parsers need not accept."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import logging
 import math
 import time
 
+from core.runs.numerics import json_safe
 from core.runs.run import RunHooks
 from core.service.db import attempts, outputs
 from core.service.db.base import is_transient_db_error
@@ -72,6 +76,7 @@ class DbHooks(RunHooks):
         self.control.update(owned, cancel)
 
     def metric(self, point: dict) -> None:
+        point = json_safe(point)
         self._step, self._sparsity = int(point["step"]), point.get("sparsity")
         self.db.call(
             lambda s: outputs.add_metric(
@@ -89,7 +94,7 @@ class DbHooks(RunHooks):
         )
 
     def event(self, kind: str, data: dict) -> None:
-        payload = json.loads(json.dumps(data, default=str))
+        payload = json.loads(json.dumps(json_safe(data), default=str, allow_nan=False))
         self.db.call(lambda s: outputs.add_event(session=s, job_id=self.job_id, type=kind, data=payload), what="event")
 
     def cancelled(self) -> bool:

@@ -6,10 +6,11 @@ Outcomes (``Outcome``, the return value of :func:`run_job`):
 * ``succeeded``: artifacts uploaded to the store and recorded (sha256, size); the checkpoint is deleted.
 * ``canceled``: the SQL cancel flag was seen (``RunHooks.cancelled``); the checkpoint is kept, so
   ``POST /v1/jobs/{id}/retry`` resumes from it.
-* ``failed``: a domain error (``core.errors.ArboristError``: bad inputs, memory budget, …) becomes its
-  RFC 9457 problem; the time limit becomes ``time-limit-exceeded``; a full disk (``ENOSPC``/``EDQUOT``, on the
-  artifact store or the scratch directory) ``storage-full``, not retried: no partial output is left in the store,
-  the last complete checkpoint is kept; anything else ``internal-error`` with the exception as the reason.
+* ``failed``: a domain error (``core.errors.ArboristError``: bad inputs, the memory budget (the lower of the
+  spec's and the server's), weights or losses gone non-finite (``numerical-error``), …) becomes its RFC 9457
+  problem; the time limit becomes ``time-limit-exceeded``; a full disk (``ENOSPC``/``EDQUOT``, on the artifact
+  store or the scratch directory) ``storage-full``, not retried: no partial output is left in the store, the last
+  complete checkpoint is kept; anything else ``internal-error`` with the exception as the reason.
 * ``released``: the worker is shutting down (embedded mode); the job goes back to ``queued`` and resumes later.
 * ``skipped``: nothing to do (the job is not queued: a redelivered message, a canceled or finished job).
 * ``lost``: another attempt owns the job now (this one was presumed dead by the reaper); nothing is written.
@@ -41,7 +42,7 @@ from core.errors import (
     problem_from_error,
 )
 from core.runs.run import execute
-from core.service.artifacts import ArtifactStore, artifact_key
+from core.service.artifacts import ArtifactStore, artifact_key, artifact_media_type
 from core.service.checkpoints import checkpointer_for, delete_checkpoint
 from core.service.db import attempts, jobs, outputs
 from core.service.db.base import is_transient_db_error
@@ -67,13 +68,6 @@ class Outcome(str, Enum):
     LOST = "lost"
 
 
-MEDIA_TYPES = {
-    ".safetensors": "application/octet-stream",
-    ".onnx": "application/onnx",
-    ".json": "application/json",
-    ".csv": "text/csv",
-    ".png": "image/png",
-}
 #: how long the final state write may keep retrying while the database is down
 FINISH_DEADLINE_S = 300.0
 
@@ -154,7 +148,7 @@ class JobAttempt:
             raise
         names = {}
         for kind, path, key, size, sha256 in stored:
-            media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+            media = artifact_media_type(path.name)
             row = dict(job_id=self.job_id, name=path.name, path=key, size=size, sha256=sha256, kind=kind)
             row["media_type"] = media
             self.db.call(lambda s, row=row: outputs.add_artifact(session=s, **row), what="record artifact")
@@ -184,7 +178,15 @@ class JobAttempt:
             if hooks.cancelled():
                 raise Canceled("the run was canceled before it started")
             checkpointer = checkpointer_for(self.store, self.job_id, scratch)
-            result = execute(spec, model, data, scratch / "out", hooks, checkpointer)
+            result = execute(
+                spec,
+                model,
+                data,
+                scratch / "out",
+                hooks,
+                checkpointer,
+                memory_budget_mb=self.settings.memory_budget_mb,
+            )
             if self.control.lost:
                 return Outcome.LOST
             artifacts = self._upload(result.artifacts)

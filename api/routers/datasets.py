@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
-from api.forms import default_name, form_text
-from api.isolation import run_isolated
+from api.forms import default_name, form_text, input_name
+from api.isolation import memory_limit, run_isolated
 from api.registration import Registration, register_upload, upload_openapi
 from api.routers._common import CREATED
 from api.routers._inputs import add_input_routes
@@ -31,6 +31,7 @@ from core.io.uris import fetch_to_local, resolve_uri
 from core.service.artifacts import CHUNK
 from core.service.db import inputs
 from core.service.db.tables import Dataset, Tenant, new_id
+from core.service.names import NAME_FIELD
 from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=JSONBodyRoute)
@@ -38,7 +39,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=JSONBod
 FORMATS = ("npz", "safetensors", "parquet")
 #: the upload's text fields, as documented
 FORM_FIELDS: dict[str, Any] = {
-    "name": {"type": "string", "maxLength": 200},
+    "name": NAME_FIELD,
     "format": {"type": "string", "enum": list(FORMATS)},
 }
 CREATE_BODY = upload_openapi("npz, safetensors or parquet", FORM_FIELDS, DatasetRegister.model_json_schema())
@@ -58,7 +59,7 @@ def _registration(
     session: Session, tenant: Tenant, fields: dict[str, str], file: UploadedFile
 ) -> Registration[DatasetInfo, Dataset]:
     """The dataset the form fields describe: its file loaded as a run would (``validate_dataset_file``), its row."""
-    name = form_text(fields, "name", max_length=200) or default_name(file.filename, "dataset")
+    name = input_name(fields, file.filename, "dataset")
     fmt = _format_field(fields)
     dataset_id = new_id("ds")
 
@@ -98,16 +99,18 @@ def _register_uri(session: Session, tenant: Tenant, settings: Settings, body: Da
                 f"{body.uri} is not a file",
                 errors=[{"loc": ["body", "uri"], "msg": "not a file", "type": "value_error"}],
             )
-        info = run_isolated(validate_dataset_file, path, body.format)
+        limit = memory_limit(settings, os.path.getsize(path))
+        info = run_isolated(validate_dataset_file, path, body.format, memory_limit=limit)
         size, sha256 = _hash_file(path)
         uri = Path(path).as_uri()
     else:
         with tempfile.TemporaryDirectory(prefix="arborist-ds-") as tmp:
             local = fetch_to_local(body.uri, settings.data_allowed_roots, tmp, settings.max_upload_bytes)
-            info = run_isolated(validate_dataset_file, local, body.format)
+            limit = memory_limit(settings, os.path.getsize(local))
+            info = run_isolated(validate_dataset_file, local, body.format, memory_limit=limit)
             size, sha256 = _hash_file(local)
         uri = body.uri
-    name = body.name or default_name(path, "dataset")
+    name = body.name or default_name(path, "dataset", ["body", "uri"])
     return inputs.create_dataset(
         session=session,
         tenant=tenant,

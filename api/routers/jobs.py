@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
@@ -17,7 +18,7 @@ from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, Set
 from api.routers._common import LOCATION, CursorQuery, LimitQuery
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
-from core.errors import InvalidInput, ServiceUnavailable, problem_from_error
+from core.errors import ClientClosedRequest, DoesNotFit, InvalidInput, ServiceUnavailable, problem_from_error
 from core.runs.preflight import check_job
 from core.runs.spec import PruneSpec
 from core.service.db import jobs, tenants
@@ -63,9 +64,10 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
     return jobs.get_unscoped(session=session, job_id=job.id)
 
 
-def preflight(spec: PruneSpec) -> Callable[[Model, Dataset], None]:
+def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Model, Dataset], None]:
     """Checks a new job's spec against what is stored about its model and dataset (core.runs.preflight: no weights
-    loaded, no data read), so that a job the run would refuse is a 422 now rather than a failed job later."""
+    loaded, no data read), so that a job the run would refuse is a 422 now rather than a failed job later; the
+    memory plan against the lower of the spec's and the server's budget among them."""
 
     def check(model: Model, dataset: Dataset) -> None:
         try:
@@ -77,9 +79,10 @@ def preflight(spec: PruneSpec) -> Callable[[Model, Dataset], None]:
                 input_shape=dataset.input_shape,
                 num_classes=dataset.num_classes,
                 has_val=dataset.has_val,
+                server_budget_mb=server_budget_mb,
             )
-        except InvalidInput as exc:
-            raise InvalidInput(exc.detail, errors=[{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
+        except (InvalidInput, DoesNotFit) as exc:
+            raise type(exc)(exc.detail, errors=[{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
 
     return check
 
@@ -105,6 +108,7 @@ def _public(job: Job, response: Response) -> JobPublic:
 )
 def create_job(
     body: JobCreate,
+    request: Request,
     response: Response,
     session: SessionDep,
     tenant: CurrentTenant,
@@ -123,6 +127,8 @@ def create_job(
             errors=[{"loc": ["body", "spec", "memory_budget_mb"], "msg": f"at most {cap}", "type": "less_than_equal"}],
         )
     spec_json = spec.model_dump(mode="json", by_alias=True)
+    if anyio.from_thread.run(request.is_disconnected):  # its client gave up waiting (a burst): create nothing
+        raise ClientClosedRequest("The client closed the connection before the job was created")
     job, created = jobs.create(
         session=session,
         tenant=tenant,
@@ -132,7 +138,7 @@ def create_job(
         queue=queue_for(spec.device),
         idempotency_key=idempotency_key,
         request_hash=request_hash(body, spec_json),
-        check=preflight(spec),
+        check=preflight(spec, cap),
     )
     if created:
         job = enqueue(session, queue, job)

@@ -9,22 +9,25 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
-from api.forms import default_name, form_json_object, form_text
+from api.forms import form_json_object, form_text, input_name
 from api.registration import Registration, register_upload, upload_openapi
 from api.routers._common import CREATED
 from api.routers._inputs import add_input_routes
 from api.routing import JSONBodyRoute
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import UploadedFile
+from core.io.limits import LoadLimits
 from core.io.model_files import ModelInfo, validate_model_file
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
+from core.service.names import NAME_FIELD
+from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONBodyRoute)
 
 #: the upload's text fields, as documented
 FORM_FIELDS: dict[str, Any] = {
-    "name": {"type": "string", "maxLength": 200},
+    "name": NAME_FIELD,
     "arch": {
         "type": "string",
         "maxLength": 100,
@@ -35,11 +38,19 @@ FORM_FIELDS: dict[str, Any] = {
 UPLOAD_BODY = upload_openapi("safetensors state dict or ONNX model (pickles are refused)", FORM_FIELDS)
 
 
+def load_limits(settings: Settings) -> LoadLimits:
+    """What an uploaded model may become once loaded, from the settings."""
+    return LoadLimits(
+        max_parameters=settings.max_model_parameters, max_constant_elements=settings.max_constant_elements
+    )
+
+
 def _registration(
-    session: Session, tenant: Tenant, fields: dict[str, str], file: UploadedFile
+    session: Session, tenant: Tenant, limits: LoadLimits, fields: dict[str, str], file: UploadedFile
 ) -> Registration[ModelInfo, Model]:
-    """The model the form fields describe: its file loaded as a run would (``validate_model_file``), its row."""
-    name = form_text(fields, "name", max_length=200) or default_name(file.filename, "model")
+    """The model the form fields describe: its file loaded as a run would (``validate_model_file``, within
+    ``limits``), its row."""
+    name = input_name(fields, file.filename, "model")
     arch = form_text(fields, "arch", max_length=100)
     arch_kwargs = form_json_object(fields, "arch_kwargs")
     model_id = new_id("mdl")
@@ -60,7 +71,9 @@ def _registration(
         )
 
     return Registration(
-        partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs), f"models/{tenant.id}/{model_id}", insert
+        partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs, limits=limits),
+        f"models/{tenant.id}/{model_id}",
+        insert,
     )
 
 
@@ -88,7 +101,7 @@ async def upload_model(
         tenant_id=tenant.id,
         max_bytes=settings.max_upload_bytes,
         form_fields=FORM_FIELDS,
-        plan=partial(_registration, session, tenant),
+        plan=partial(_registration, session, tenant, load_limits(settings)),
     )
     response.headers["Location"] = f"/v1/models/{row.id}"
     return ModelPublic.of(row)

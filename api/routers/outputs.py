@@ -18,11 +18,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, close_session
 from api.lifecycle import shutting_down
 from api.routing import JSONBodyRoute
 from api.schemas import METRIC_CSV_COLUMNS, ArtifactPublic, ArtifactsPublic, MetricPublic, MetricsPublic
-from core.errors import NotFound
+from core.errors import NotFound, ServiceUnavailable
+from core.service.artifacts import ARTIFACT_MEDIA_TYPES, DEFAULT_MEDIA_TYPE
 from core.service.db import jobs, outputs
 from core.service.db.base import is_transient_db_error
 from core.service.db.tables import TERMINAL_STATES, JobEvent, JobState
@@ -32,6 +33,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["job outputs"], route_class=JSONBody
 log = logging.getLogger("arborist.api")
 
 EVENT_BATCH = 200
+#: the largest event sequence number (``JobEvent.seq`` is a 32-bit integer on every database): a larger ``after``
+#: or ``Last-Event-ID`` is a 422 before the stream starts, not a database error in the middle of it
+MAX_EVENT_SEQ = 2**31 - 1
 KEEPALIVE_S = 15.0
 
 
@@ -100,8 +104,11 @@ async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_
     """The stream. It ends with ``event: end`` when the job is finished; without it (the client reconnects
     with ``Last-Event-ID`` and misses nothing) after ``max_s``, or when the server is shutting down (uvicorn
     would otherwise wait for every open stream before it stops). While the database is unreachable (a
-    restart) the stream stays open and polls again."""
+    restart), or no slot of the gates is free (api.admission: a poll takes one of the few the streams may use, and
+    one of the database's, for a moment; between polls a stream holds no slot, no connection and no thread), the
+    stream stays open and polls again."""
     factory = request.app.state.sessionmaker
+    stream_gate, db_gate = request.app.state.stream_gate, request.app.state.db_gate
     deadline = time.monotonic() + max_s
     last_sent = time.monotonic()
     yield f"retry: {int(max(poll_s, 1.0) * 1000)}\n\n"
@@ -109,11 +116,15 @@ async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_
         if shutting_down(request.app):
             return
         try:
-            state, events = await run_in_threadpool(_poll, factory, job_id, after)
+            async with stream_gate.hold(), db_gate.hold():
+                state, events = await run_in_threadpool(_poll, factory, job_id, after)
         except Exception as exc:
-            if not is_transient_db_error(exc):
+            if isinstance(exc, ServiceUnavailable):
+                log.debug("events of job %s: no database slot free; polling again", job_id)
+            elif is_transient_db_error(exc):
+                log.warning("events of job %s: database unreachable (%s); polling again", job_id, type(exc).__name__)
+            else:
                 raise
-            log.warning("events of job %s: database unreachable (%s); polling again", job_id, type(exc).__name__)
             if time.monotonic() >= deadline or await request.is_disconnected():
                 return
             if time.monotonic() - last_sent >= KEEPALIVE_S:
@@ -139,12 +150,50 @@ async def _follow(request: Request, job_id: str, after: int, poll_s: float, max_
         await anyio.sleep(poll_s)
 
 
+def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"properties": {"data": {"contentMediaType": "application/json", "contentSchema": schema}}}
+
+
+#: one event of the stream (OpenAPI 3.2's ``itemSchema``: the fields of each event as an EventSource reads them);
+#: its ``data`` is JSON: the stored event, or for the closing ``end`` the job's final state
+EVENT_STREAM_ITEM: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "the event's type (state, progress, checkpoint, ...); `end` last"},
+        "id": {"type": "string", "pattern": r"^[0-9]{1,10}$", "description": "the event's sequence number"},
+        "retry": {"type": "integer", "minimum": 0},
+        "data": {"type": "string"},
+    },
+    "if": {"properties": {"event": {"const": "end"}}},
+    "then": _json_data(
+        {
+            "type": "object",
+            "required": ["state"],
+            "properties": {"state": {"enum": [*(s.value for s in JobState), None]}},
+        }
+    ),
+    "else": _json_data(
+        {
+            "type": "object",
+            "required": ["seq", "type", "data", "created_at"],
+            "properties": {
+                "seq": {"type": "integer", "minimum": 1, "maximum": MAX_EVENT_SEQ},
+                "type": {"type": "string"},
+                "data": {"type": ["object", "null"]},
+                "created_at": {"type": "string", "format": "date-time"},
+            },
+        }
+    ),
+}
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"itemSchema": EVENT_STREAM_ITEM}},
             "description": "stored events after Last-Event-ID / ?after=, then new ones until the job "
             "is finished (closing with `event: end`)",
         }
@@ -156,17 +205,24 @@ async def job_events(
     session: SessionDep,
     tenant: CurrentTenant,
     settings: SettingsDep,
-    after: Annotated[int | None, Query(ge=0, description="replay events with seq > after")] = None,
-    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_SEQ, description="replay events with seq > after")] = None,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            ge=0,
+            le=MAX_EVENT_SEQ,
+            description="the `id` of the last event received (sent by an EventSource when it reconnects): replay "
+            "events after it. Ids are event sequence numbers; anything else is refused (422), like an `after` out "
+            "of range, before the stream starts",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     def check() -> None:
         jobs.get(session=session, tenant=tenant, job_id=job_id)
-        session.close()  # the stream polls with short sessions of its own: it holds no connection while it lasts
+        close_session(session)  # the stream polls with short sessions of its own: it holds no connection meanwhile
 
     await run_in_threadpool(check)
-    start = after or 0
-    if last_event_id and last_event_id.strip().isdigit():
-        start = max(start, int(last_event_id.strip()))
+    start = max(after or 0, last_event_id or 0)
     return StreamingResponse(
         _follow(request, job_id, start, settings.sse_poll_interval_s, settings.sse_max_seconds),
         media_type="text/event-stream",
@@ -197,6 +253,9 @@ def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> A
     )
 
 
+BINARY = {"type": "string", "format": "binary"}
+
+
 def _etag_matches(if_none_match: str, etag: str) -> bool:
     tags = [t.strip() for t in if_none_match.split(",")]
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
@@ -207,8 +266,12 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "the file; ETag is its sha256",
+            "content": {
+                media: {"schema": {"type": "object"} if media == "application/json" else BINARY}
+                for media in sorted({*ARTIFACT_MEDIA_TYPES.values(), DEFAULT_MEDIA_TYPE})
+            },
+            "description": "the file, as the media type of its name (ARTIFACT_MEDIA_TYPES: the report is JSON, "
+            "curves CSV and PNG, weights octet-stream); ETag is its sha256",
             "headers": {
                 "ETag": {"schema": {"type": "string"}},
                 "X-Checksum-Sha256": {"schema": {"type": "string"}},
@@ -243,5 +306,5 @@ def download_artifact(
         raise NotFound(f"The data of artifact {name!r} is missing from the store")
     headers["Content-Length"] = str(art.size)
     headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(art.name)}"
-    session.close()  # no database connection held while the file streams
+    close_session(session)  # no database connection (nor gate slot) held while the file streams
     return StreamingResponse(store.iter_chunks(art.path), media_type=art.media_type, headers=headers)

@@ -13,8 +13,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +28,19 @@ from core.errors import TooLarge
 
 CHUNK = 1024 * 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
+#: where uploads wait while they are validated (``staging/<tenant>/<uuid><suffix>``), moved away when registered
+STAGING = "staging"
+#: the file names of unfinished writes: a ``StreamWriter``'s ``<name>.tmp-<32 hex>`` and ``core.io.files``'
+#: ``.<name>.<8 random characters>.tmp``
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$|^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep deleted: the keys and their total size."""
+
+    keys: list[str]
+    bytes: int
 
 
 def validate_key(key: str) -> str:
@@ -32,6 +48,22 @@ def validate_key(key: str) -> str:
     if not key or any(p in ("", ".", "..") or not _SEGMENT.fullmatch(p) for p in parts):
         raise ValueError(f"invalid artifact key {key!r}")
     return key
+
+
+#: the media type of a job's output by its extension: what a download is sent as, and what the API documents
+ARTIFACT_MEDIA_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".onnx": "application/onnx",
+    ".json": "application/json",
+    ".csv": "text/csv",
+    ".png": "image/png",
+}
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+
+
+def artifact_media_type(name: str) -> str:
+    """The media type a job's output named ``name`` is stored and downloaded as."""
+    return ARTIFACT_MEDIA_TYPES.get(os.path.splitext(name)[1], DEFAULT_MEDIA_TYPE)
 
 
 def artifact_key(job_id: str, name: str) -> str:
@@ -194,8 +226,55 @@ class ArtifactStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(validate_key(prefix)), recursive=True)
 
+    # --- housekeeping ----------------------------------------------------------------------------------
+
+    def _files(self) -> Iterator[tuple[str, int, float | None]]:
+        """Every stored file: its key, size and last modification (a POSIX time; ``None`` when unknown)."""
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return
+        for path, info in found.items():
+            if info.get("type", "file") != "file" or not path.startswith(self.root + "/"):
+                continue
+            yield path[len(self.root) + 1 :], int(info.get("size") or 0), _mtime(info)
+
+    def sweep(
+        self,
+        older_than_s: float,
+        *,
+        orphaned: Callable[[list[str]], Iterable[str]] | None = None,
+        now: float | None = None,
+    ) -> Swept:
+        """Deletes the files no write will finish or claim, once unmodified for ``older_than_s``: everything under
+        ``staging/`` (an upload whose registration never ended), the temporary files of interrupted writes anywhere,
+        and those of the other old keys that ``orphaned`` says nothing refers to. A file of unknown age is kept."""
+        now = time.time() if now is None else now
+        old = {key: size for key, size, mtime in self._files() if mtime is not None and now - mtime > older_than_s}
+        doomed = [k for k in old if k.startswith(f"{STAGING}/") or _TEMPORARY.search(k.rsplit("/", 1)[-1])]
+        if orphaned is not None:
+            rest = old.keys() - set(doomed)
+            doomed += sorted(rest & set(orphaned(sorted(rest))))
+        deleted = []
+        for key in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._path(key))
+                deleted.append(key)
+        return Swept(deleted, sum(old[k] for k in deleted))
+
     def sha256(self, key: str) -> str:
         h = hashlib.sha256()
         for chunk in self.iter_chunks(key):
             h.update(chunk)
         return h.hexdigest()
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """A file's last modification from an fsspec ``info`` dict (local ``mtime``; ``LastModified`` on S3)."""
+    for name in ("mtime", "LastModified", "last_modified"):
+        value = info.get(name)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return None

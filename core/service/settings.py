@@ -31,19 +31,40 @@ class Settings(BaseSettings):
     )
     data_allowed_roots: list[str] = Field(default_factory=lambda: ["./data/datasets"])
 
-    # The API's connection pools. Keep db_pool_size at or above the number of requests that use the database at
-    # once: connections beyond it (the overflow) are closed when returned, so a busy API would otherwise reconnect
-    # all the time (at 8 concurrent status polls with SQLAlchemy's default of 5, one poll in ten opened a new
-    # PostgreSQL connection). Status polls have a pool of their own (one short query each, no ping), with the same
-    # overflow. Per API process, db_pool_size + db_read_pool_size + 2 × db_max_overflow must fit PostgreSQL's
-    # max_connections (defaults: 50 of 100).
+    # The API's connection pools. db_pool_size is also the number of requests that use the database at once (the
+    # admission gate, below): connections beyond it (the overflow) are closed when returned, so the gated requests
+    # never need them (at 8 concurrent status polls with SQLAlchemy's default of 5, one poll in ten opened a new
+    # PostgreSQL connection); the overflow is left to what is not gated (an upload's insert, /metrics). Status
+    # polls have a pool of their own (one short query each, no ping), with the same overflow. Per API process,
+    # db_pool_size + db_read_pool_size + 2 × db_max_overflow must fit PostgreSQL's max_connections (defaults: 50
+    # of 100).
     db_pool_size: int = Field(20, ge=1, description="connections the API keeps open for reuse (opened on demand)")
     db_read_pool_size: int = Field(10, ge=1, description="connections kept open for status polls (PostgreSQL)")
     db_max_overflow: int = Field(10, ge=0, description="extra connections each pool may open at peaks")
+    # Admission control (api/admission.py): at most db_pool_size requests use the database at once (status polls:
+    # db_read_pool_size), the others wait on the event loop, holding no thread and no connection. One that waits
+    # longer than this is answered 503 + Retry-After; it is also the pools' checkout timeout (SQLAlchemy's default,
+    # 30 s, kept a saturated API silent for that long).
+    db_wait_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="seconds a request waits for a database connection before a 503"
+    )
 
     max_upload_bytes: int = Field(2 * GiB, gt=0)
     max_json_bytes: int = Field(1 * MiB, gt=0)
-    memory_budget_mb: float | None = Field(None, gt=0, description="server-side cap on a job's memory budget")
+    # What an uploaded file may become once loaded (a few KB can describe gigabytes): checked before anything is
+    # allocated (core.io.limits), and the validation child's memory as the last line (api.isolation).
+    max_model_parameters: int = Field(
+        2**28, gt=0, description="parameters of an uploaded model (an architecture is counted before it is built)"
+    )
+    max_constant_elements: int = Field(
+        2**27, gt=0, description="elements an ONNX graph's constants may expand to when it is imported (folding)"
+    )
+    validation_memory_mb: int = Field(
+        4096, ge=64, description="memory (MiB) a validation process may allocate, plus 4 bytes per byte of the file"
+    )
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="MiB a job's memory plan may take, for every job (the lower of it and the spec's)"
+    )
     heartbeat_timeout_s: float = Field(300.0, gt=0)
     # Worker (see worker/): a job's time limit, how often the reaper looks for dead workers, and how many
     # attempts a job gets before the reaper gives up on it.
@@ -57,6 +78,10 @@ class Settings(BaseSettings):
     sse_poll_interval_s: float = Field(0.5, gt=0, le=30)
     sse_max_seconds: float = Field(900.0, gt=0, description="one events stream is closed after this long")
     auto_migrate: bool = Field(False, description="run `alembic upgrade head` when the app starts")
+    # Files a killed process never finished (a staged upload, a temporary file, an input file whose row was never
+    # inserted) are deleted when the API starts and then every this many seconds, once they are this old: longer
+    # than any upload's validation, so nothing another API process is still writing is touched.
+    staging_grace_s: float = Field(3600.0, gt=0, description="age at which unfinished files are swept")
 
     @field_validator("database_url")
     @classmethod

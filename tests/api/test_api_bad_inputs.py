@@ -813,7 +813,7 @@ CASES = [
         422,
         VALIDATION,
         r"lambda must be > 0",
-        errors=(("body", "spec", "fisher"),),
+        errors=(("body", "spec", "fisher", "lambda"),),
     ),
     Case("spec/lambda-zero", job({"sparsity": 0.5, "fisher": {"lambda": 0}}), 422, VALIDATION, r"lambda must be > 0"),
     Case(

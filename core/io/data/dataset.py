@@ -13,6 +13,10 @@ from torch import Tensor
 
 from core.errors import InvalidInput
 
+#: the most classes integer labels may name (a 32-bit signed integer: what ``num_classes`` is stored as, on
+#: every database)
+MAX_CLASSES = 2**31 - 1
+
 
 def field_error(loc: list, msg: str, typ: str = "value_error") -> dict:
     """One entry of an error's ``errors`` list: where (``loc``), what (``msg``) and its kind (``type``)."""
@@ -165,9 +169,14 @@ def _check_pair(x: Tensor, y: Tensor, split: str) -> None:
                 f"integer labels must be one per example, {yk} has shape {tuple(y.shape)}",
                 errors=[field_error([yk], "expected shape (N,)")],
             )
-        lo = int(y.min())
+        lo, hi = int(y.min()), int(y.max())
         if lo < 0:
             raise InvalidInput(
                 f"{yk} holds negative labels (min {lo}): class labels must be 0, 1, ..., K-1",
                 errors=[field_error([yk], "negative labels")],
+            )
+        if hi >= MAX_CLASSES:
+            raise InvalidInput(
+                f"{yk} holds the label {hi}: class labels must be below {MAX_CLASSES} (at most {MAX_CLASSES} classes)",
+                errors=[field_error([yk], f"labels must be below {MAX_CLASSES}", "too_large")],
             )

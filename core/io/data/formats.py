@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -217,12 +218,24 @@ def _load_safetensors(path: str | os.PathLike) -> Dataset:
     return _from_arrays(arrays, ".safetensors")
 
 
+def _check_column_names(names: list[str]) -> None:
+    """Refuse a parquet schema that names a column twice (Arrow cannot tell such columns apart by name)."""
+    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
+    if duplicates:
+        shown = [n[:200] for n in duplicates[:20]]
+        raise InvalidInput(
+            f"the parquet file names these columns more than once: {shown}",
+            errors=[field_error(["columns", n], "duplicate column name", "duplicate_column") for n in shown],
+        )
+
+
 def _load_parquet(path: str | os.PathLike) -> Dataset:
     import pyarrow as pa  # here, not at the top: pyarrow adds ~35 MiB to every process importing the package
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
+        _check_column_names(pf.schema_arrow.names)
         meta = pf.metadata
         decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if decoded > MAX_UNCOMPRESSED_BYTES:

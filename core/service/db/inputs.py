@@ -15,16 +15,21 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, NotFound
+from core.service.db.base import begin_write
 from core.service.db.rows import Page, by_id, page
 from core.service.db.tables import ACTIVE_STATES, Dataset, Job, Model, Tenant
+from core.service.names import check_name
 
 Input = TypeVar("Input", Model, Dataset)
 
+#: the artifact-store folders of uploaded input files (``models/<tenant>/<id>.<format>``, ``datasets/...``)
+INPUT_FOLDERS = ("models", "datasets")
 #: the job column that refers to each kind of input
 _USED_BY = {Model: Job.model_id, Dataset: Job.dataset_id}
 
 
 def _add(session: Session, row: Input, id: str | None) -> Input:
+    check_name(row.name, ["body", "name"])  # the API checked it already; this holds for every other caller too
     if id is not None:
         row.id = id
     session.add(row)
@@ -104,6 +109,16 @@ def find(table: type[Input], *, session: Session, tenant: Tenant, id: str, lock:
     return row if row is not None and row.tenant_id == tenant.id else None
 
 
+def missing(*, session: Session, tenant: Tenant, model_id: str, dataset_id: str) -> list[str]:
+    """Which of a job's inputs (``"model"``, ``"dataset"``) are not ``tenant``'s rows now: read from the database,
+    not from the session's identity map."""
+    present = {
+        "model": select(Model.id).where(Model.id == model_id, Model.tenant_id == tenant.id),
+        "dataset": select(Dataset.id).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id),
+    }
+    return [kind for kind, stmt in present.items() if session.scalar(stmt) is None]
+
+
 def get(table: type[Input], *, session: Session, tenant: Tenant, id: str) -> Input:
     row = find(table, session=session, tenant=tenant, id=id)
     if row is None:
@@ -125,11 +140,25 @@ def list_page(
     return page(session, select(table).where(table.tenant_id == tenant.id), table, limit=limit, cursor=cursor)
 
 
+def unreferenced(*, session: Session, keys: Sequence[str]) -> set[str]:
+    """Which of the artifact-store ``keys`` under ``models/`` or ``datasets/`` no model or dataset row holds (a file
+    whose registration never inserted its row, or whose row was deleted before it)."""
+    candidates = sorted({k for k in keys if k.split("/", 1)[0] in INPUT_FOLDERS})
+    held: set[str] = set()
+    for i in range(0, len(candidates), 500):
+        chunk = candidates[i : i + 500]
+        for table in (Model, Dataset):
+            held.update(session.scalars(select(table.path).where(table.path.in_(chunk))))
+    return set(candidates) - held
+
+
 def delete(table: type[Input], *, session: Session, tenant: Tenant, id: str) -> Input:
     """Deletes the row and returns it (the caller removes the stored file). 409 while an active job uses it.
 
-    The row is locked first (PostgreSQL), so a job inserted concurrently either commits before the check sees
-    it or fails its foreign-key check after the delete."""
+    The check and the delete are one writer's transaction: the row is locked first (PostgreSQL), or the database
+    (SQLite, ``begin_write``), so a job inserted concurrently either commits before the check sees it or fails
+    its foreign-key check (or ``jobs.create``'s second look) after the delete."""
+    begin_write(session)
     row = find(table, session=session, tenant=tenant, id=id, lock=True)
     if row is None:
         session.rollback()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
 from core.service.db import inputs
-from core.service.db.base import utcnow
+from core.service.db.base import begin_write, utcnow
 from core.service.db.outputs import emit
 from core.service.db.rows import Page, by_id, page
 from core.service.db.tables import ACTIVE_STATES, TERMINAL_STATES, Dataset, Job, JobState, Model, Tenant
@@ -69,6 +69,18 @@ def create(
     if check is not None:
         assert model is not None and dataset is not None
         check(model, dataset)
+
+    # The inputs are looked at again as a writer: a deletion that committed since the look above is seen now, and
+    # one not yet started waits for this transaction (SQLite), or fails its check on the new job (PostgreSQL: the
+    # foreign keys lock the rows).
+    begin_write(session)
+    gone = inputs.missing(session=session, tenant=tenant, model_id=model_id, dataset_id=dataset_id)
+    if gone:
+        session.rollback()
+        raise Conflict(
+            "The model or dataset was deleted while the job was being created",
+            errors=[{"loc": ["body", f"{kind}_id"], "msg": f"{kind} deleted", "type": "not_found"} for kind in gone],
+        )
 
     job = Job(
         tenant_id=tenant.id,

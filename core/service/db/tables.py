@@ -32,7 +32,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
 
 
-_ID_RE = re.compile(r"[a-z]{1,8}_[0-9a-f]{28}")
+#: what ``new_id`` makes (as a JSON Schema pattern: anchored)
+ID_PATTERN = r"^[a-z]{1,8}_[0-9a-f]{28}$"
+_ID_RE = re.compile(ID_PATTERN[1:-1])
 
 
 def is_id(value: object) -> bool:

@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session, joinedload
 from core.errors import NotFound, Unauthorized
 from core.service.db.base import utcnow
 from core.service.db.tables import ApiKey, Job, Tenant, is_id
+from core.service.names import check_name
 
 KEY_PREFIX = "arb"
 
 
 def get_or_create_tenant(*, session: Session, name: str) -> Tenant:
+    check_name(name, ["tenant"])
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is not None:
         return tenant
@@ -39,6 +41,8 @@ def hash_key(key: str) -> str:
 
 def create_api_key(*, session: Session, tenant: Tenant, name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for ``tenant``: returns the row and the plaintext key (shown once, never stored)."""
+    if name is not None:
+        check_name(name, ["name"])
     prefix = secrets.token_hex(6)
     key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
     row = ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_key(key), name=name)
