@@ -1,6 +1,7 @@
 """Every method through the Pruner interface on a tiny trained MLP."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from core.engine.curvature.hessian import ExactHessian
 from core.engine.layout import BlockLayout, select_parameters
 from core.engine.methods import Method, method_info
 from core.engine.obs import saliency
-from core.engine.pruner import make_pruner
+from core.engine.pruner import make_pruner, substep_targets
 
 
 def spearman(a, b):
@@ -77,7 +78,11 @@ def test_recompute_substeps_keep_masks_nested(tiny_task):
     pruner = make_pruner("woodfisher", FisherConfig(m=100, lam=1e-4), block_size=16, recompute=3, dtype=torch.float64)
     first = pruner.prune(model, names, 0.3, (x, y))
     second = pruner.prune(model, names, 0.75, (x, y), masks=first)
-    assert [round(s.sparsity, 6) for s in pruner.log] == [0.1, 0.2, 0.3, 0.45, 0.6, 0.75]
+    # geometric in the density: each sub-step keeps the same fraction of what was alive
+    # (0.7^(1/3) per sub-step to 30 %, then (0.25/0.7)^(1/3) to 75 %)
+    expected = [1 - 0.7 ** (1 / 3), 1 - 0.7 ** (2 / 3), 0.3]
+    expected += [1 - 0.7 * (0.25 / 0.7) ** (1 / 3), 1 - 0.7 * (0.25 / 0.7) ** (2 / 3), 0.75]
+    assert [s.sparsity for s in pruner.log] == pytest.approx(expected, abs=1e-12)
     for n in names:
         assert torch.all(second[n][first[n] == 0] == 0)
     total = sum(m.numel() for m in second.values())
@@ -100,3 +105,12 @@ def test_woodfisher_beats_magnitude_on_the_tiny_task(tiny_task):
     magnitude = loss_after("global_magnitude", 1.0, 1)
     assert loss_after("woodfisher", 1e-2, 1) < 0.6 * magnitude
     assert loss_after("woodfisher", 1e-4, 5) < 0.5 * magnitude
+
+
+def test_substeps_remove_the_same_fraction_of_what_is_alive():
+    targets = substep_targets(0.2, 0.95, 16)
+    assert targets[-1] == 0.95 and len(targets) == 16
+    densities = [0.8] + [1 - t for t in targets]
+    kept = [b / a for a, b in itertools.pairwise(densities)]
+    assert max(kept) - min(kept) < 1e-12  # every sub-step keeps (0.05 / 0.8)^(1/16) ≈ 84 % of what was alive
+    assert substep_targets(0.5, 0.5, 3) == [0.5, 0.5, 0.5]  # nothing left to prune: the target stays

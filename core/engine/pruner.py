@@ -20,6 +20,19 @@ class StepLog:
     predicted_loss_change: float
 
 
+def substep_targets(start: float, sparsity: float, steps: int) -> list[float]:
+    """The sparsity after each of ``steps`` sub-steps from ``start`` to ``sparsity``: geometric in the density, so
+    every sub-step removes the same fraction of the weights still alive (linear spacing made the last sub-steps to
+    a high target remove over half of what was left, and collapse: bench/defaults.py measured MLP 0.649 → 0.870 at
+    95 % with R = 16). The last target is ``sparsity`` exactly."""
+    if steps < 1:
+        raise ValueError("steps must be ≥ 1")
+    if sparsity <= start:
+        return [sparsity] * steps
+    ratio = (1.0 - sparsity) / (1.0 - start)
+    return [1.0 - (1.0 - start) * ratio ** (r / steps) for r in range(1, steps)] + [sparsity]
+
+
 @dataclass
 class Pruner:
     """Prunes the named parameters of a model in place; masks are {name: 0/1 tensor}."""
@@ -49,8 +62,7 @@ class Pruner:
         keep = {n: (masks[n] if masks and n in masks else torch.ones_like(params[n])) for n in names}
         mask = layout.flatten(keep, self.dtype).to(device)
         start = 1.0 - float(mask.sum()) / layout.numel  # padding is 0 in the mask and not counted
-        for r in range(1, self.recompute + 1):
-            target = start + (sparsity - start) * r / self.recompute
+        for r, target in enumerate(substep_targets(start, sparsity, self.recompute), start=1):
 
             def sub(done: int, total: int, r=r) -> None:
                 if progress:
