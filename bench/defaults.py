@@ -21,8 +21,10 @@ From scratch the default stages take about 25–30 min on one thread here (``--s
 ``--cache`` holding earlier prunes only the timings are measured again. Rows are saved with ``bench._util.save`` as
 ``bench/results/defaults-<stages>.json``.
 
-The default's geometric sub-steps are done here by calling the engine once per sub-step (``prune`` below); the
-engine's own ``recompute`` spaces them linearly (s·r/R), which the search found to collapse at 90–95 %.
+Sub-steps are done here by calling the engine once per sub-step (``prune`` below), so that linear (s·r/R, the
+engine's spacing when this was measured) and geometric spacing can be compared on the same models; the search found
+linear spacing to collapse at 90–95 %, and the engine's ``recompute`` is now geometric
+(``core.engine.pruner.substep_targets``).
 """
 
 from __future__ import annotations
