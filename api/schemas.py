@@ -5,10 +5,10 @@ Stored-only columns (paths, hashes of keys, idempotency data, task ids) never ap
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Self, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from core.runs.spec import PruneSpec
 from core.service.db.tables import JobState
@@ -142,6 +142,36 @@ class JobPublic(Public):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    queue_position: int | None = Field(
+        None,
+        description="while queued: 1 + the queued jobs of the same queue created before it (1 = next to start)",
+    )
+
+    def _seconds(self, start: datetime, end: datetime | None) -> float:
+        return round(max(((end or datetime.now(UTC)) - start).total_seconds(), 0.0), 3)
+
+    @computed_field(description="seconds from creation until it started (until now while queued)")
+    @property
+    def queued_seconds(self) -> float:
+        started = self.started_at if self.state is not JobState.QUEUED else None  # a requeued job waits again
+        return self._seconds(self.created_at, started or self.finished_at)
+
+    @computed_field(
+        description="seconds from its (latest) start until it finished (until now while running); null if never started"
+    )
+    @property
+    def running_seconds(self) -> float | None:
+        if self.started_at is None or self.state is JobState.QUEUED:
+            return None
+        return self._seconds(self.started_at, self.finished_at)
+
+    @computed_field(
+        description="what the worker is doing now, while the job runs (e.g. 'pruning to 80.0%', "
+        "'fine-tuning epoch 2/3', 'lambda sweep 3/8+'): its last progress message; null otherwise"
+    )
+    @property
+    def phase(self) -> str | None:
+        return self.message if self.state in (JobState.RUNNING, JobState.CANCELING) else None
 
 
 class JobsPublic(Page[JobPublic]):

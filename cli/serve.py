@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +51,8 @@ from typing import Any
 
 import click
 
+from cli.datadir import DEFAULT_DATA_DIR, data_dir_option
+from cli.datadir import database_url as data_dir_database_url
 from core.service.settings import Settings
 
 log = logging.getLogger("arborist.serve")
@@ -59,7 +62,7 @@ def embedded_settings(data_dir: Path, database_url: str | None, overrides: dict[
     """Settings from the environment, with the embedded mode's database, artifact root and queue."""
     data_dir = data_dir.expanduser().resolve()
     values: dict[str, Any] = {
-        "database_url": database_url or f"sqlite:///{data_dir / 'arborist.db'}",
+        "database_url": database_url or data_dir_database_url(data_dir),
         "artifact_root": str(data_dir / "artifacts"),
         "broker_url": None,
         "queue_backend": "embedded",
@@ -160,15 +163,17 @@ class WorkerSupervisor:
         self.kill()
 
 
-def _banner(url: str, settings: Settings) -> str:
+def _banner(url: str, settings: Settings, data_dir: Path) -> str:
     db = settings.database_url
+    resolved = data_dir.expanduser().resolve()
+    where = f"--data-dir {shlex.quote(str(resolved))}" if db == data_dir_database_url(resolved) else f"--url {db}"
     return (
         f"\nArborist is running at {url}  (API docs: {url}/docs)\n"
         f"  database:  {db}\n"
         f"  artifacts: {settings.artifact_root}\n"
         f"  worker:    embedded (the database is the queue)\n"
         f"Create an API key (shown once) in another terminal:\n"
-        f"  arborist keys create --tenant <your-name> --url {db}\n"
+        f"  arborist keys create --tenant <your-name> {where}\n"
         f"then send it as 'Authorization: Bearer <key>'. Press Ctrl-C to stop.\n"
     )
 
@@ -176,13 +181,7 @@ def _banner(url: str, settings: Settings) -> str:
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option(
-    "--data-dir",
-    default="./data",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="holds arborist.db, artifacts/ and datasets/",
-)
+@data_dir_option(DEFAULT_DATA_DIR, "holds arborist.db, artifacts/ and datasets/")
 @click.option("--database-url", default=None, help="default: sqlite:///<data-dir>/arborist.db")
 @click.option(
     "--jobs", "concurrency", default=1, show_default=True, type=click.IntRange(1, 64), help="jobs run at once"
@@ -223,7 +222,7 @@ def serve(
             time.sleep(0.05)
         if server.started:
             shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            click.echo(_banner(f"http://{shown}:{port}", settings))
+            click.echo(_banner(f"http://{shown}:{port}", settings, data_dir))
 
     if supervisor is not None:
         supervisor.start()

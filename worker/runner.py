@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,20 @@ def lower_cpu_priority(nice: int) -> None:
             pass
 
 
+# Warnings a job process knows to be noise, each matched by category and message (never a blanket ignore):
+#   torch's pytree deprecates ``isinstance(treespec, LeafSpec)`` and its own ONNX export (torch.export) still does
+#   that, through copyreg: one FutureWarning per job process, nothing the user can act on.
+KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+def filter_known_noise() -> None:
+    """Hides :data:`KNOWN_NOISE` in this process (idempotent: ``warnings`` drops a filter added twice)."""
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def run_job(
     job_id: str,
     settings: Settings,
@@ -263,6 +278,7 @@ def run_job(
 ) -> Outcome:
     """Runs (or resumes) ``job_id`` if it can be claimed, at niceness ``settings.job_nice``; returns the outcome
     (see the module docstring)."""
+    filter_known_noise()
     lower_cpu_priority(settings.job_nice)
     attempt = JobAttempt(
         job_id, settings, worker=worker, task_id=task_id, time_limit_errors=time_limit_errors, control=control

@@ -87,10 +87,18 @@ def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Mode
     return check
 
 
-def _public(job: Job, response: Response) -> JobPublic:
+def _positioned(job: JobPublic, conn: Connection | Session) -> JobPublic:
+    """``job`` with its ``queue_position`` while it is queued."""
+    if job.state is not JobState.QUEUED:
+        return job
+    position = jobs.queue_position(conn=conn, job_id=job.id, queue=job.queue, created_at=job.created_at)
+    return job.model_copy(update={"queue_position": position})
+
+
+def _public(job: Job, response: Response, session: Session) -> JobPublic:
     if job.state in RETRY_AFTER_S:
         response.headers["Retry-After"] = str(RETRY_AFTER_S[job.state])
-    return JobPublic.model_validate(job)
+    return _positioned(JobPublic.model_validate(job), session)
 
 
 @router.post(
@@ -146,7 +154,7 @@ def create_job(
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return _public(job, response)
+    return _public(job, response, session)
 
 
 @router.get("", response_model=JobsPublic)
@@ -159,7 +167,9 @@ def list_jobs(
 ) -> JobsPublic:
     page = jobs.list_page(session=session, tenant=tenant, state=state, limit=limit, cursor=cursor)
     return JobsPublic(
-        data=[JobPublic.model_validate(j) for j in page.items], count=page.count, next_cursor=page.next_cursor
+        data=[_positioned(JobPublic.model_validate(j), session) for j in page.items],
+        count=page.count,
+        next_cursor=page.next_cursor,
     )
 
 
@@ -171,7 +181,9 @@ async def get_job(job_id: str, request: Request, credentials: BearerCredentials)
     tenants.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
 
     def read(conn: Connection) -> Response:
-        job = JobPublic.model_validate(tenants.authenticated_job(conn=conn, token=token, job_id=job_id))
+        job = _positioned(
+            JobPublic.model_validate(tenants.authenticated_job(conn=conn, token=token, job_id=job_id)), conn
+        )
         headers = {"Retry-After": str(RETRY_AFTER_S[job.state])} if job.state in RETRY_AFTER_S else None
         return Response(job.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -189,7 +201,7 @@ def cancel_job(
             queue.revoke(job.task_id)
         except Exception:
             log.warning("revoke of task %s (job %s) failed", job.task_id, job.id, exc_info=True)
-    return _public(job, response)
+    return _public(job, response, session)
 
 
 @router.post(
@@ -205,4 +217,4 @@ def retry_job(
     job = jobs.retry(session=session, tenant=tenant, job_id=job_id)
     job = enqueue(session, queue, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return _public(job, response)
+    return _public(job, response, session)

@@ -1,4 +1,4 @@
-"""Run outputs a person reads: FLOP/parameter counts, the metrics curve as CSV and PNG."""
+"""Run outputs a person reads: FLOP/parameter counts, the metrics curve as CSV and PNG, the quadratic-model check."""
 
 from __future__ import annotations
 
@@ -50,25 +50,101 @@ def curve_csv(points: list[dict]) -> str:
     return buf.getvalue()
 
 
-def curve_png(points: list[dict], metric: str, title: str) -> bytes:
-    """Sparsity and the metric against step, on two axes."""
+def plot_title(model: str | None, method: str, target: float | None, lam: float | None) -> str:
+    """The title every plot of a run carries: model, method, target sparsity and λ."""
+    parts = [p for p in (model, method) if p]
+    if target is not None:
+        parts.append(f"to {target:.0%} sparsity")
+    if lam is not None:
+        parts.append(f"λ = {lam:.0e}")
+    return " · ".join(parts)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [p["step"] for p in points]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [p["metric"] for p in points], "o-", color="tab:blue", label=metric)
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric, color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [p["sparsity"] for p in points], "s--", color="tab:orange", label="sparsity")
-    ax2.set_ylabel("sparsity", color="tab:orange")
-    ax2.set_ylim(0, 1)
-    ax.set_title(title)
-    fig.tight_layout()
+    return plt
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
+
+
+def curve_figure(points: list[dict], metric: str, title: str, split: str | None = None):
+    """The metric (left axis, from 0, with the dense model's value as a line) and sparsity (right axis) per step.
+
+    Steps are whole numbers (0 = the dense model); the metric's split is named on its axis (``split``, else the
+    points' own ``split``)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    split = split or next((p["split"] for p in points if p.get("split")), None)
+    steps = [p["step"] for p in points]
+    values = [p["metric"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, values, "o-", color="tab:blue", label=metric)
+    dense = next((p["metric"] for p in points if p.get("kind") == "dense"), None)
+    if dense is not None:
+        ax.axhline(dense, color="tab:blue", linestyle=":", linewidth=1, label=f"dense {metric} {dense:.4g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("pruning step (0 = dense model)")
+    ax.set_ylabel(f"{metric} ({split} split)" if split else metric, color="tab:blue")
+    finite = [v for v in values if v is not None and v == v]
+    if finite and min(finite) >= 0:  # a score: its axis starts at 0, so a 2-point drop does not look like a collapse
+        top = max(finite)
+        ax.set_ylim(0, 1.02 if top <= 1 else top * 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [p["sparsity"] for p in points], "s--", color="tab:orange", label="sparsity")
+    ax2.set_ylabel("sparsity (fraction of weights zero)", color="tab:orange")
+    ax2.set_ylim(0, 1)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def curve_png(points: list[dict], metric: str, title: str, split: str | None = None) -> bytes:
+    """:func:`curve_figure` as PNG."""
+    return _png(curve_figure(points, metric, title, split))
+
+
+def quadratic_figure(steps: list[dict], title: str, split: str | None = None):
+    """The quadratic model's check (the paper's Fig. 2): the loss change it predicted for each pruning step against
+    the one measured, with the line y = x (a perfect model) and the least-squares scale through 0.
+
+    ``steps`` are the report's ``quadratic_model.steps`` (``predicted_loss_change``, ``actual_loss_change``,
+    ``sparsity``, ``step``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
+    pred = [float(s["predicted_loss_change"]) for s in steps]
+    act = [float(s["actual_loss_change"]) for s in steps]
+    ax.scatter(pred, act, color="tab:blue", zorder=3, label="pruning steps")
+    for s, x, y in zip(steps, pred, act, strict=True):
+        ax.annotate(f"{s['sparsity']:.0%}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    lo, hi = min([0.0, *pred, *act]), max([0.0, *pred, *act])
+    span = (hi - lo) or 1.0
+    lo, hi = lo - 0.05 * span, hi + 0.05 * span
+    ax.plot([lo, hi], [lo, hi], "--", color="gray", linewidth=1, label="y = x (exact quadratic model)")
+    den = sum(x * x for x in pred)
+    if den > 0:
+        scale = sum(x * y for x, y in zip(pred, act, strict=True)) / den
+        ax.plot([lo, hi], [scale * lo, scale * hi], ":", color="tab:orange", label=f"fitted scale {scale:.3g}")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("predicted loss change (quadratic model)")
+    ax.set_ylabel(f"actual loss change ({split} split)" if split else "actual loss change")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def quadratic_png(steps: list[dict], title: str, split: str | None = None) -> bytes:
+    """:func:`quadratic_figure` as PNG."""
+    return _png(quadratic_figure(steps, title, split))

@@ -194,3 +194,45 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_job(server, accou
     assert sorted(r.status_code for r in responses) == [200] * 5 + [202], [r.text for r in responses]
     ids = {r.json()["id"] for r in responses}
     assert len(ids) == 1 and server.queue.queues_of(ids.pop()) == ["cpu"]
+
+
+def test_status_has_durations_phase_and_queue_position(server, account, client, inputs):
+    first = client.post("/v1/jobs", json=_body(inputs)).json()
+    second = client.post("/v1/jobs", json=_body(inputs)).json()
+    # in the queue: a position (1 + queued jobs of its queue created before it), waiting time, no run yet
+    assert first["queue_position"] >= 1 and second["queue_position"] == first["queue_position"] + 1
+    assert first["queued_seconds"] >= 0 and first["running_seconds"] is None and first["phase"] is None
+    polled = client.get(f"/v1/jobs/{second['id']}").json()  # the status poll's own path (a bare connection)
+    assert polled["queue_position"] == second["queue_position"] and polled["queued_seconds"] >= 0
+    listed = {j["id"]: j for j in client.get("/v1/jobs", params={"state": "queued"}).json()["data"]}
+    assert listed[second["id"]]["queue_position"] == second["queue_position"]
+
+    # the first one starts: no position; the one behind it moves up; the worker's progress message is the phase
+    with server.session() as s:
+        assert attempts.claim(session=s, job_id=first["id"]).state is JobState.RUNNING
+        attempts.write_progress(session=s, job_id=first["id"], attempt=1, progress=0.3, message="pruning to 50.0%")
+    running = client.get(f"/v1/jobs/{first['id']}").json()
+    assert running["queue_position"] is None and running["phase"] == "pruning to 50.0%"
+    assert running["running_seconds"] >= 0 and running["queued_seconds"] >= 0
+    assert client.get(f"/v1/jobs/{second['id']}").json()["queue_position"] == second["queue_position"] - 1
+
+    # finished: both durations are fixed by its timestamps, no phase
+    with server.session() as s:
+        assert attempts.finish(session=s, job_id=first["id"], attempt=1, state=JobState.SUCCEEDED)
+    done = client.get(f"/v1/jobs/{first['id']}").json()
+    created, started, finished = (_at(done[k]) for k in ("created_at", "started_at", "finished_at"))
+    assert done["queued_seconds"] == pytest.approx((started - created).total_seconds(), abs=2e-3)
+    assert done["running_seconds"] == pytest.approx((finished - started).total_seconds(), abs=2e-3)
+    assert done["phase"] is None and done["queue_position"] is None
+    assert client.post(f"/v1/jobs/{second['id']}/cancel").json()["queue_position"] is None
+
+    # documented in the OpenAPI schema
+    props = client.get("/openapi.json").json()["components"]["schemas"]["JobPublic"]["properties"]
+    for name in ("queued_seconds", "running_seconds", "phase", "queue_position"):
+        assert props[name].get("description"), name
+
+
+def _at(value: str):
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -141,6 +141,13 @@ def list_page(
     if state is not None:
         stmt = stmt.where(Job.state == state)
     return page(session, stmt, Job, limit=limit, cursor=cursor)
+
+
+def queue_position(*, conn: Connection | Session, job_id: str, queue: str, created_at: Any) -> int:
+    """A queued job's place in its queue: 1 + the queued jobs of the same queue (any tenant) created before it."""
+    before = or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+    ahead = select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED, Job.queue == queue, before)
+    return 1 + int(conn.execute(ahead).scalar_one())
 
 
 def set_task_id(*, session: Session, job_id: str, task_id: str | None) -> None:

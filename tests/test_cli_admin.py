@@ -1,0 +1,47 @@
+"""``arborist keys``/``db`` with ``--data-dir``: the database ``arborist serve --data-dir`` uses, from any directory."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.admin import db, keys
+from cli.serve import embedded_settings
+
+
+def test_keys_create_takes_the_data_dir_of_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "srv" / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the shell is not where the data lives: no ./data here
+    runner = CliRunner()
+
+    missing = runner.invoke(keys, ["create", "--tenant", "alice", "--data-dir", str(data_dir)])
+    assert missing.exit_code == 1 and "no database at" in missing.output and "arborist serve" in missing.output
+
+    up = runner.invoke(db, ["upgrade", "--data-dir", str(data_dir)])
+    assert up.exit_code == 0, up.output
+    created = runner.invoke(keys, ["create", "--tenant", "alice", "--name", "ci", "--data-dir", str(data_dir)])
+    assert created.exit_code == 0, created.output
+    assert created.stdout.strip().splitlines()[0].startswith("arb_")
+    assert not (elsewhere / "data").exists()
+
+    # the same database serve opens for that directory (cli/datadir.py maps both)
+    url = embedded_settings(data_dir, None).database_url
+    listed = runner.invoke(keys, ["list", "--url", url])
+    assert listed.exit_code == 0 and "\talice\tci\tactive" in listed.output, listed.output
+    relative = runner.invoke(keys, ["list", "--data-dir", "../srv/data"])
+    assert relative.exit_code == 0 and "\talice\tci\tactive" in relative.output, relative.output
+
+    both = runner.invoke(keys, ["list", "--url", url, "--data-dir", str(data_dir)])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_serve_banner_names_the_data_dir(tmp_path: Path) -> None:
+    from cli.serve import _banner
+
+    data_dir = tmp_path / "my data"
+    banner = _banner("http://127.0.0.1:8000", embedded_settings(data_dir, None), data_dir)
+    assert f"arborist keys create --tenant <your-name> --data-dir '{data_dir.resolve()}'" in banner
+    other = embedded_settings(data_dir, "sqlite:////elsewhere/x.db")
+    assert "--url sqlite:////elsewhere/x.db" in _banner("http://h", other, data_dir)
