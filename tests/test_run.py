@@ -96,14 +96,22 @@ def test_resume_from_any_checkpoint_matches_the_uninterrupted_run(digits, digits
     assert [p["kind"] for p in resumed.report["curve"]] == [p["kind"] for p in whole.report["curve"]]
 
 
-def test_lambda_auto_sweeps_on_the_validation_split(digits, digits_mlp, tmp_path):
+def test_lambda_auto_sweeps_on_the_calibration_split(digits, digits_mlp, tmp_path):
     spec = PruneSpec(
-        method="woodfisher", sparsity=0.7, fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2]}
+        method="woodfisher",
+        sparsity=0.7,
+        fisher={"samples": 64, "lambda": "auto", "lambda_grid": [1e-4, 1e2], "recompute": 1},
     )
-    result = execute(spec, digits_mlp, digits, tmp_path)
+    hooks = Recorder()
+    result = execute(spec, digits_mlp, digits, tmp_path, hooks)
     sweep = result.report["lambda_sweep"]
-    assert [s["lambda"] for s in sweep] == [1e-4, 1e2]
-    assert result.report["lambda"] == max(sweep, key=lambda s: s["accuracy"])["lambda"]
+    assert [s["lambda"] for s in sweep][:2] == [1e-4, 1e2] and not any(s["widened"] for s in sweep[:2])
+    assert {s["split"] for s in sweep} == {"calibration"}
+    assert result.report["lambda"] == max(sweep, key=lambda s: s["score"])["lambda"]
+    splits = result.report["metrics"]["splits"]
+    assert splits["calibration"]["examples"] + splits["train"]["examples"] == len(digits.x_train)
+    assert splits["val"] == {"name": "validation", "examples": len(digits.x_val)}
+    assert "lambda_chosen" in hooks.events
 
 
 def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_path):

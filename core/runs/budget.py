@@ -39,7 +39,7 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
         spec.method,
         shapes,
         spec.block_size,
-        spec.fisher.samples,
+        spec.fisher_samples(None),
         torch.finfo(torch.float64 if spec.dtype == "float64" else torch.float32).bits // 8,
         budget_mb * 2**20 if budget_mb is not None else None,
         spec.allow_block_shrink,

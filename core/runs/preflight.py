@@ -24,25 +24,40 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from core.engine.methods import method_info
 from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
 from core.runs.budget import memory_plan
-from core.runs.run import pruned_names
+from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
 
 __all__ = ["check_job"]
 
 
+def _train_examples(spec: PruneSpec, num_examples: int | None, has_val: bool) -> int | None:
+    """An upper bound on the examples the Fisher estimate may draw: the training split, less the calibration split
+    that λ = 'auto' holds out of it."""
+    if num_examples is None:
+        return None
+    most = max_train_examples(int(num_examples), bool(has_val), spec.val_fraction)
+    sweeps = spec.fisher.damping == "auto" and method_info(spec.method).needs_gradients
+    return most - calibration_size(most) if sweeps and most else most
+
+
 def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
     need = spec.fisher_examples
-    most = max_train_examples(num_examples, has_val, spec.val_fraction)
+    most = _train_examples(spec, num_examples, has_val)
     if need <= most:
         return
     split = (
         f"at most {most} of its {num_examples} examples, less its own validation split"
         if has_val
         else f"{num_examples} examples less a {spec.val_fraction:g} validation split"
+    ) + (
+        ", less the calibration split of lambda 'auto'"
+        if most < max_train_examples(num_examples, has_val, spec.val_fraction)
+        else ""
     )
     raise InvalidInput(
         f"fisher.samples × fisher.batch_size = {need} exceeds the {most} training examples of the dataset ({split})",
@@ -87,6 +102,7 @@ def check_job(
     (:class:`core.errors.DoesNotFit`). ``arch`` is ``None`` for models without a zoo architecture (ONNX); unknown
     summary values (``None``) skip the checks that need them."""
     problems: list[InvalidInput] = []
+    spec = spec.resolved(_train_examples(spec, num_examples, has_val))  # the default fisher.samples fits the data
     model = build_architecture(arch, arch_kwargs, device="meta") if arch else None
     if num_examples is not None:
         try:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan
+from core.engine.methods import method_info
 from core.engine.pruner import make_pruner
 from core.errors import Canceled, InvalidInput, NumericalError
 from core.io.data import Dataset
@@ -37,10 +38,15 @@ from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimize
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe, prune_hint
 from core.runs.report import count_macs, curve_csv, curve_png
 from core.runs.schedule import pruning_events
-from core.runs.spec import PruneSpec, Update
+from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
+#: λ = 'auto': the calibration split is this fraction of the training examples, at most CALIBRATION_MAX of them
+CALIBRATION_FRACTION = 0.1
+CALIBRATION_MAX = 2048
+#: times the λ grid is widened (two decades past the edge) when the best λ sits on its edge
+LAMBDA_WIDENINGS = 2
 ARTIFACTS = {
     "pruned": "pruned.safetensors",
     "masks": "masks.safetensors",
@@ -91,6 +97,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def calibration_size(num_train: int) -> int:
+    """Examples :func:`calibration_split` takes out of ``num_train`` training examples."""
+    return min(CALIBRATION_MAX, max(1, round(num_train * CALIBRATION_FRACTION)))
+
+
+def calibration_split(x: Tensor, y: Tensor, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((training, its labels), (calibration, its labels)): :func:`calibration_size` of the training examples held
+    out, by a permutation seeded with the run's seed, for what a run chooses itself (λ = 'auto')."""
+    n = len(x)
+    n_cal = calibration_size(n)
+    if n_cal >= n:
+        raise InvalidInput(
+            f"lambda 'auto' holds out {n_cal} of the {n} training example(s) to choose λ and keeps none to train on",
+            errors=[{"loc": ["spec", "fisher", "lambda"], "msg": "too few training examples for 'auto'"}],
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1))
+    cal, train = perm[:n_cal].sort().values, perm[n_cal:].sort().values
+    return (x[train], y[train]), (x[cal], y[cal])
+
+
 def pruned_names(model: nn.Module, spec: PruneSpec) -> list[str]:
     names = select_parameters(model, spec.layers.include, spec.layers.exclude)
     if spec.layers.keep_first_dense:
@@ -126,7 +152,15 @@ class Run:
         self.dtype = torch.float64 if spec.dtype == "float64" else torch.float32
         self.model = model.to(self.device, self.dtype)
         data = data if data.has_val else data.split(spec.val_fraction, spec.seed)
-        self.x, self.y = self._put(data.x_train, data.y_train)
+        x, y = data.x_train, data.y_train
+        #: methods without gradients (magnitude) use no λ and no Fisher memory; they sweep nothing
+        self.curvature = method_info(spec.method).needs_gradients
+        self.xc = self.yc = None
+        if spec.fisher.damping == "auto" and self.curvature:  # λ is chosen on its own split, out of the training data
+            (x, y), (xc, yc) = calibration_split(x, y, spec.seed)
+            self.xc, self.yc = self._put(xc, yc)
+        self.x, self.y = self._put(x, y)
+        self.spec = spec = spec.resolved(len(self.x))  # fisher.samples by default: as many as the data allows
         self.xv, self.yv = self._put(data.x_val, data.y_val)
         self.names = pruned_names(self.model, spec)
         params = dict(self.model.named_parameters())
@@ -163,6 +197,26 @@ class Run:
             dtype=self.dtype,
         )
 
+    def _lam(self) -> float:
+        """The λ the engine gets: the chosen one, or (for methods that use none, reported as null) the spec's."""
+        if self.state.lam is not None:
+            return self.state.lam
+        return self.spec.fisher.damping if self.spec.fisher.damping != "auto" else 1.0
+
+    def _plan_dict(self) -> dict | None:
+        """The memory plan of the Fisher estimate; None for methods that estimate none."""
+        return self.plan.as_dict() if self.curvature else None
+
+    def _splits(self) -> dict:
+        """Every split a metric of the report is measured on: its name and size (keys as in ``metrics``)."""
+        splits = {
+            "train": {"name": "train", "examples": len(self.x)},
+            "val": {"name": "validation", "examples": len(self.xv)},
+        }
+        if self.xc is not None:
+            splits["calibration"] = {"name": "calibration", "examples": len(self.xc), "used_for": "lambda 'auto'"}
+        return splits
+
     def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
         return evaluate(self.model, x, y, self.spec.loss)
 
@@ -191,44 +245,86 @@ class Run:
             "sparsity": self._sparsity(),
             "loss": metrics["loss"],
             "metric": self._score(metrics),
+            "split": "validation",
             "seconds": self.state.seconds + time.perf_counter() - started,
         }
         self.state.curve.append(point)
         self.hooks.metric(point)
 
     def _choose_lambda(self) -> float:
-        """λ = 'auto': one-shot prune a copy per λ in the grid, keep the best on the validation split. A λ whose
-        prune goes non-finite is recorded (score null, with the reason) and never chosen; if every λ does, the run
-        fails with a :class:`NumericalError`."""
+        """λ = 'auto': one-shot prune a copy to the first target per λ of ``fisher.lambda_grid`` and keep the best on
+        the *calibration* split (carved out of the training data, :func:`calibration_split`; never the validation
+        split whose metric the job reports). When the best λ sits on an edge of what was tried, the grid is widened
+        by two decades past that edge (×10 steps), at most :data:`LAMBDA_WIDENINGS` times. A λ whose prune goes
+        non-finite is recorded (score null, with the reason) and never chosen; if every λ does, the run fails with a
+        :class:`NumericalError`. Deterministic: every candidate prunes with the run's seed."""
         first = self.events[min(self.events)]
-        best, results, failures = None, [], []
+        results: list[dict] = []
+        failures: list[str] = []
         original = copy.deepcopy(self.model.state_dict())
-        for i, lam in enumerate(self.spec.fisher.lambda_grid):
-            self._check_cancel()
-            try:
-                where = f"the λ sweep's prune with λ = {lam:g}"
-                self._prune_numerically(lam, self.spec.seed, first, where)
-                metrics = self._metric(self.xv, self.yv)
-                check_metrics(metrics, where, prune_hint(lam))
-                score, reason = self._score(metrics), None
-            except NumericalError as e:
-                score, reason = None, e.detail
-                failures.append(f"λ = {lam:g}: {e.detail}")
-            results.append({"lambda": lam, "sparsity": first, self.spec.metric: score, "error": reason})
-            self.model.load_state_dict(original)
-            if score is not None:
-                better = best is None or (score > best[1] if self.spec.metric == "accuracy" else score < best[1])
-                best = (lam, score) if better else best
-            self.hooks.progress(0.0, f"lambda sweep {i + 1}/{len(self.spec.fisher.lambda_grid)}")
-        if best is None:
+        grid = list(dict.fromkeys(self.spec.fisher.lambda_grid))
+        accuracy = self.spec.metric == "accuracy"
+
+        def best() -> dict | None:
+            scored = [r for r in results if r["score"] is not None]
+            return (max if accuracy else min)(scored, key=lambda r: r["score"]) if scored else None
+
+        def sweep(lams: list[float], widened: bool) -> None:
+            for lam in lams:
+                self._check_cancel()
+                try:
+                    where = f"the λ sweep's prune with λ = {lam:g}"
+                    self._prune_numerically(lam, self.spec.seed, first, where)
+                    metrics = self._metric(self.xc, self.yc)
+                    check_metrics(metrics, where, prune_hint(lam))
+                    score, reason = self._score(metrics), None
+                except NumericalError as e:
+                    score, reason = None, e.detail
+                    failures.append(f"λ = {lam:g}: {e.detail}")
+                results.append(
+                    {
+                        "lambda": lam,
+                        "sparsity": first,
+                        "split": "calibration",
+                        "metric": self.spec.metric,
+                        "score": score,
+                        self.spec.metric: score,
+                        "error": reason,
+                        "widened": widened,
+                    }
+                )
+                self.model.load_state_dict(original)
+                self.hooks.progress(0.0, f"lambda sweep {len(results)}/{len(grid)}+")
+
+        sweep(grid, False)
+        for _ in range(LAMBDA_WIDENINGS if len(grid) > 1 else 0):
+            top = best()
+            tried = [r["lambda"] for r in results]
+            if top is None:
+                break
+            if top["lambda"] == min(tried):
+                more = [float(f"{min(tried) / 10**k:.6g}") for k in (1, 2)]
+            elif top["lambda"] == max(tried):
+                more = [float(f"{max(tried) * 10**k:.6g}") for k in (1, 2)]
+            else:
+                break
+            more = [lam for lam in more if LAMBDA_MIN <= lam <= LAMBDA_MAX and lam not in tried]
+            if not more:
+                break
+            sweep(more, True)
+        top = best()
+        if top is None:
             raise NumericalError(
                 "every λ of fisher.lambda_grid gave non-finite numbers (" + "; ".join(failures)[:1500] + "); "
                 "try larger values",
                 errors=[{"loc": ["spec", "fisher", "lambda_grid"], "msg": "no usable λ", "type": "non_finite"}],
             )
         self.state.lambda_sweep = json_safe(results)
-        self._event("lambda_chosen", {"lambda": best[0], "sweep": results})
-        return best[0]
+        self._event(
+            "lambda_chosen",
+            {"lambda": top["lambda"], "split": "calibration", "widened": top["widened"], "sweep": results},
+        )
+        return top["lambda"]
 
     def _prune_numerically(self, lam: float, seed: int, target: float, where: str, **kwargs):
         """A pruner's ``prune`` to ``target`` at ``lam``, with a failed factorization (a block, or a K-FAC factor, that
@@ -287,9 +383,14 @@ class Run:
                     f"before any pruning, on the {split} split",
                     "the model's outputs overflow on this data: check the scale of its weights and of the inputs",
                 )
-            self.state.lam = self._choose_lambda() if self.spec.fisher.damping == "auto" else self.spec.fisher.damping
+            if not self.curvature:
+                self.state.lam = None  # reported as null: the method uses no λ
+            elif self.spec.fisher.damping == "auto":
+                self.state.lam = self._choose_lambda()
+            else:
+                self.state.lam = self.spec.fisher.damping
             self._point(0, 0, "dense", self.state.before["val"], started)
-        self._event("started", {"lambda": self.state.lam, "memory_plan": self.plan.as_dict()})
+        self._event("started", {"lambda": self.state.lam, "memory_plan": self._plan_dict()})
         fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
         fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
         step = len(self.state.curve) - 1
@@ -312,9 +413,12 @@ class Run:
         unit = sum(1 for e in self.events if e < epoch) + epoch
         self._progress(unit, f"pruning to {target:.1%}")
         before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
-        where = f"pruning step {step} (epoch {epoch}, to sparsity {target:.4g}, λ = {self.state.lam:g})"
+        lam = self._lam()
+        where = f"pruning step {step} (epoch {epoch}, to sparsity {target:.4g}" + (
+            f", λ = {lam:g})" if self.curvature else ")"
+        )
         pruner, self.masks = self._prune_numerically(
-            self.state.lam,
+            lam,
             self.spec.seed * 1000 + epoch,
             target,
             where,
@@ -322,13 +426,13 @@ class Run:
             progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"),
         )
         after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
-        check_metrics({"loss": after}, where, prune_hint(self.state.lam))
+        check_metrics({"loss": after}, where, prune_hint(lam))
         predicted = sum(s.predicted_loss_change for s in pruner.log)
         self.state.fidelity.append(
             {"step": step, "sparsity": target, "predicted_loss_change": predicted, "actual_loss_change": after - before}
         )
         metrics = self._metric(self.xv, self.yv)
-        check_metrics(metrics, where, prune_hint(self.state.lam))
+        check_metrics(metrics, where, prune_hint(lam))
         self._point(step, epoch, "prune", metrics, started)
         self._event("pruned", {"step": step, "sparsity": self._sparsity()})
 
@@ -362,10 +466,10 @@ class Run:
 
     def _finish(self) -> RunResult:
         apply_masks(self.model, self.masks)
-        check_weights(self.model, "the final masking", prune_hint(self.state.lam))
+        check_weights(self.model, "the final masking", prune_hint(self._lam()))
         after = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
         for split, metrics in after.items():
-            check_metrics(metrics, f"the pruned model, on the {split} split", prune_hint(self.state.lam))
+            check_metrics(metrics, f"the pruned model, on the {split} split", prune_hint(self._lam()))
         model = self.model.to("cpu", torch.float32).eval()
         masks = {k: v.to("cpu", torch.float32) for k, v in self.masks.items()}
         example = self.xv[:1].to("cpu", torch.float32) if self.xv.is_floating_point() else self.xv[:1].cpu()
@@ -409,8 +513,8 @@ class Run:
             "spec": self.spec.model_dump(mode="json", by_alias=True),
             "method": self.spec.method.value,
             "lambda": self.state.lam,
-            "block_size": self.plan.block_size,
-            "memory_plan": self.plan.as_dict(),
+            "block_size": self.plan.block_size if self.curvature else None,
+            "memory_plan": self._plan_dict(),
             "lambda_sweep": self.state.lambda_sweep,
             "sparsity": {"target": self.spec.sparsity, "pruned_layers": self._sparsity(), "global": zeros / total},
             "parameters": {
@@ -420,7 +524,7 @@ class Run:
             },
             "macs": {"dense": dense_macs, "sparse": sparse_macs},
             "layers": layers,
-            "metrics": {"before": self.state.before, "after": after},
+            "metrics": {"before": self.state.before, "after": after, "splits": self._splits()},
             "quadratic_model": {"steps": fid, "fitted_scale": num / den if den and math.isfinite(den) else None},
             "curve": self.state.curve,
             "seconds": self.state.seconds,

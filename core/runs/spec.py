@@ -35,6 +35,9 @@ LAMBDA_GRID_MAX = 32
 SEED_MAX = 2**32 - 1
 EPOCHS_MAX = 10_000
 BLOCK_SIZE_MAX = 2**31 - 1
+#: the measured defaults (bench/defaults.py): m up to 512 Fisher samples, R = 16 sub-steps, the joint update
+DEFAULT_SAMPLES = 512
+DEFAULT_RECOMPUTE = 16
 MEMORY_BUDGET_MB_MAX = float(2**30)
 
 
@@ -88,7 +91,13 @@ class Update(str, Enum):
 
 
 class FisherSpec(_Strict):
-    samples: int = Field(256, ge=1, le=1_000_000, description="m: number of Fisher samples (gradients)")
+    samples: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="m: number of Fisher samples (gradients); default: as many as the training split allows, "
+        f"up to {DEFAULT_SAMPLES} (training examples // batch_size)",
+    )
     batch_size: int = Field(1, ge=1, le=4096, description="Fisher mini-batch size: examples averaged per sample")
     block_size: Annotated[int, Field(ge=1, le=BLOCK_SIZE_MAX)] | Literal["layer"] = Field(
         128, description="c: weights per diagonal block (larger than a layer: the layer), or 'layer'"
@@ -96,17 +105,23 @@ class FisherSpec(_Strict):
     damping: Lambda | Literal["auto"] = Field(
         1e-5,
         alias="lambda",
-        description="λ (dampening), in [1e-12, 1e12]; 'auto' sweeps lambda_grid on the validation split",
+        description="λ (dampening), in [1e-12, 1e12]; 'auto' sweeps lambda_grid (widened past an edge that wins) "
+        "on a calibration split carved out of the training data",
     )
     lambda_grid: list[GridLambda] = Field(
-        default_factory=lambda: [1e-7, 1e-5, 1e-3, 1e-1, 1e1],
+        default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         min_length=1,
         max_length=LAMBDA_GRID_MAX,
-        description="the λ values 'auto' tries (1 to 32), each in [1e-12, 1e12]",
+        description="the λ values 'auto' tries (1 to 32), each in [1e-12, 1e12]; when the best is the smallest or "
+        "largest, two more decades past it are tried, at most twice",
     )
-    recompute: int = Field(1, ge=1, le=100, description="R: sub-steps per pruning step, inverse recomputed in each")
+    recompute: int = Field(
+        DEFAULT_RECOMPUTE, ge=1, le=100, description="R: sub-steps per pruning step, inverse recomputed in each"
+    )
     kind: FisherKind = FisherKind.EMPIRICAL
-    update: Update = Update.SUMMED
+    update: Update | None = Field(
+        None, description="the OBS update; default: 'joint' where the method supports it, else 'summed'"
+    )
     chunk: int = Field(64, ge=1, le=65536, description="Fisher samples per vmap chunk (memory bound)")
 
     @field_validator("block_size", mode="before")
@@ -191,7 +206,11 @@ class PruneSpec(_Strict):
                 raise ValueError("schedule.end_epoch must be < finetune.epochs")
             if self.schedule.initial_sparsity > self.sparsity:
                 raise ValueError("schedule.initial_sparsity must be ≤ sparsity")
-        method_info(self.method).check(self.scope, self.fisher.update is Update.JOINT)
+        info = method_info(self.method)
+        if self.fisher.update is None:  # a copy: the caller's FisherSpec instance is never changed
+            update = Update.JOINT if info.supports_joint else Update.SUMMED
+            self.fisher = self.fisher.model_copy(update={"update": update})
+        info.check(self.scope, self.fisher.update is Update.JOINT)
         if self.loss is Loss.MSE and self.metric == "accuracy":
             raise ValueError("metric 'accuracy' needs loss 'cross_entropy'")
         return self
@@ -200,18 +219,35 @@ class PruneSpec(_Strict):
     def block_size(self) -> int | None:
         return None if self.fisher.block_size == "layer" else self.fisher.block_size
 
+    def fisher_samples(self, train_examples: int | None) -> int:
+        """m: the spec's ``fisher.samples``, or by default as many as ``train_examples`` allow (at ``fisher.batch_size``
+        examples each), up to :data:`DEFAULT_SAMPLES`; without a count (unknown), :data:`DEFAULT_SAMPLES`."""
+        if self.fisher.samples is not None:
+            return self.fisher.samples
+        if train_examples is None:
+            return DEFAULT_SAMPLES
+        return max(1, min(DEFAULT_SAMPLES, train_examples // self.fisher.batch_size))
+
+    def resolved(self, train_examples: int | None) -> PruneSpec:
+        """This spec with the defaults that depend on the data filled in (``fisher.samples``); what a run executes
+        and its report shows."""
+        if self.fisher.samples is not None:
+            return self
+        fisher = self.fisher.model_copy(update={"samples": self.fisher_samples(train_examples)})
+        return self.model_copy(update={"fisher": fisher})
+
     @property
     def fisher_examples(self) -> int:
         """Training examples the curvature estimate draws (samples × batch size); 0 for methods that draw none."""
         if not method_info(self.method).needs_data:
             return 0
-        return self.fisher.samples * self.fisher.batch_size
+        return self.fisher_samples(None) * self.fisher.batch_size
 
     def fisher_config(self, lam: float, seed: int) -> FisherConfig:
         """The engine's Fisher settings for one estimate: λ (the one chosen when 'auto') and its seed."""
         f = self.fisher
         return FisherConfig(
-            m=f.samples,
+            m=self.fisher_samples(None),
             fisher_batch=f.batch_size,
             lam=lam,
             true_fisher=f.kind is FisherKind.TRUE,

@@ -1,0 +1,149 @@
+"""Defaults that work (#13): the update and m resolved from the method and the data, λ 'auto' on a calibration
+split with a grid that widens past a winning edge, and reports that name the split of every metric."""
+
+import math
+
+import pytest
+import torch
+
+from core.engine.methods import METHODS, Method, method_info
+from core.errors import InvalidInput
+from core.runs.preflight import check_job
+from core.runs.run import Run, calibration_size, execute
+from core.runs.spec import DEFAULT_RECOMPUTE, DEFAULT_SAMPLES, PruneSpec, Update
+
+MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_update_defaults_to_joint_where_the_method_has_it(method):
+    spec = PruneSpec(method=method, sparsity=0.5)
+    expected = Update.JOINT if method_info(method).supports_joint else Update.SUMMED
+    assert spec.fisher.update is expected
+    assert spec.fisher.recompute == DEFAULT_RECOMPUTE == 16 and spec.fisher.damping == 1e-5
+    assert spec.fisher.samples is None and spec.fisher.block_size == 128
+
+
+def test_kfac_defaults_to_summed_and_an_explicit_update_stays():
+    assert PruneSpec(method="kfac", sparsity=0.5).fisher.update is Update.SUMMED
+    assert PruneSpec(sparsity=0.5, fisher={"update": "summed"}).fisher.update is Update.SUMMED
+    # the resolved spec validates again as it is (what a job stores and a worker reads back)
+    dumped = PruneSpec(method="kfac", sparsity=0.5).model_dump(mode="json", by_alias=True)
+    assert PruneSpec.model_validate(dumped).fisher.update is Update.SUMMED
+
+
+@pytest.mark.parametrize(
+    "fisher,train,expected",
+    [
+        ({}, 100, 100),  # as many as the training split allows
+        ({}, 10_000, DEFAULT_SAMPLES),  # up to 512
+        ({"batch_size": 8}, 1000, 125),  # whole Fisher mini-batches
+        ({"batch_size": 8}, 3, 1),
+        ({}, None, DEFAULT_SAMPLES),  # unknown size: the upper bound
+        ({"samples": 64}, 10_000, 64),  # an explicit value stays
+        ({"samples": 5000}, 100, 5000),
+    ],
+)
+def test_default_samples_fit_the_training_split(fisher, train, expected):
+    spec = PruneSpec(sparsity=0.5, fisher=fisher)
+    assert spec.fisher_samples(train) == expected
+    assert spec.resolved(train).fisher.samples == expected
+
+
+def test_preflight_clamps_the_default_and_refuses_an_explicit_excess():
+    common = dict(MLP, input_shape=[64], num_classes=10, has_val=False)
+    check_job(PruneSpec(sparsity=0.5), num_examples=100, **common)  # default: 80 training examples → m = 80
+    with pytest.raises(InvalidInput, match="exceeds") as err:
+        check_job(PruneSpec(sparsity=0.5, fisher={"samples": 500}), num_examples=100, **common)
+    assert err.value.errors[0]["loc"] == ["spec", "fisher", "samples"]
+    # 'auto' holds a calibration split out of the 80: 72 left for the Fisher estimate
+    check_job(PruneSpec(sparsity=0.5, fisher={"samples": 72, "lambda": "auto"}), num_examples=100, **common)
+    with pytest.raises(InvalidInput, match="calibration split"):
+        check_job(PruneSpec(sparsity=0.5, fisher={"samples": 73, "lambda": "auto"}), num_examples=100, **common)
+
+
+def test_the_run_uses_the_resolved_samples(digits, digits_mlp, tmp_path):
+    spec = PruneSpec(method="woodfisher", sparsity=0.5, fisher={"recompute": 1, "block_size": 32})
+    run = Run(spec, digits_mlp, digits, tmp_path)
+    assert run.spec.fisher.samples == min(DEFAULT_SAMPLES, len(digits.x_train))
+    assert run.spec.fisher_config(1e-5, 0).m == run.spec.fisher.samples
+
+
+def _fake_sweep(monkeypatch, run: Run, best_lambda: float) -> list[tuple[float, str]]:
+    """Prunes nothing; scores a λ by its distance (in decades) to ``best_lambda``; records (λ, split) per score."""
+    seen: list[tuple[float, str]] = []
+    current = {}
+
+    def prune(lam, seed, target, where, **kwargs):
+        current["lam"] = lam
+        return None, {}
+
+    def metric(x, y):
+        split = "validation" if x is run.xv else "calibration" if x is run.xc else "train" if x is run.x else "?"
+        seen.append((current.get("lam"), split))
+        return {"loss": 1.0, "accuracy": -abs(math.log10(current["lam"]) - math.log10(best_lambda))}
+
+    monkeypatch.setattr(run, "_prune_numerically", prune)
+    monkeypatch.setattr(run, "_metric", metric)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "best,chosen,widened",
+    [
+        (1e-4, 1e-4, []),  # inside the grid: no widening
+        (1e-9, 1e-9, [1e-8, 1e-9, 1e-10, 1e-11]),  # below: widened twice, the second time past 1e-9
+        (1e-12, 1e-11, [1e-8, 1e-9, 1e-10, 1e-11]),  # further below: at most twice
+        (1.0, 1.0, [1.0, 10.0]),  # above: widened once, then 1 wins inside
+        (1e2, 1e2, [1.0, 10.0, 1e2, 1e3]),  # further above: twice
+    ],
+)
+def test_the_lambda_sweep_widens_past_a_winning_edge(monkeypatch, digits, digits_mlp, tmp_path, best, chosen, widened):
+    spec = PruneSpec(sparsity=0.5, fisher={"lambda": "auto", "samples": 16, "recompute": 1})
+    run = Run(spec, digits_mlp, digits, tmp_path)
+    seen = _fake_sweep(monkeypatch, run, best)
+    assert run._choose_lambda() == pytest.approx(chosen)
+    sweep = run.state.lambda_sweep
+    assert [s["lambda"] for s in sweep if not s["widened"]] == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert [s["lambda"] for s in sweep if s["widened"]] == pytest.approx(widened)
+    # every candidate scored on the calibration split, never on the validation split
+    assert {split for _, split in seen} == {"calibration"} and len(seen) == len(sweep)
+    assert {s["split"] for s in sweep} == {"calibration"}
+
+
+def test_the_calibration_split_is_carved_from_training_and_seeded(digits, digits_mlp, tmp_path):
+    spec = PruneSpec(sparsity=0.5, fisher={"lambda": "auto", "samples": 16, "recompute": 1})
+    a, b = Run(spec, digits_mlp, digits, tmp_path), Run(spec, digits_mlp, digits, tmp_path)
+    n = len(digits.x_train)
+    assert len(a.xc) == calibration_size(n) and len(a.x) == n - len(a.xc)
+    assert torch.equal(a.xc, b.xc) and torch.equal(a.x, b.x)  # deterministic
+    rows = {tuple(r.tolist()) for r in digits.x_train}
+    assert all(tuple(r.tolist()) in rows for r in a.xc)  # out of the training data
+    fixed = Run(PruneSpec(sparsity=0.5, fisher={"samples": 16}), digits_mlp, digits, tmp_path)
+    assert fixed.xc is None and len(fixed.x) == n  # a fixed λ holds nothing out
+
+
+@pytest.mark.parametrize("method", [Method.MAGNITUDE, Method.GLOBAL_MAGNITUDE])
+def test_magnitude_reports_no_lambda_no_fisher_plan_and_names_its_splits(method, digits, digits_mlp, tmp_path):
+    spec = PruneSpec(method=method, sparsity=0.5, fisher={"lambda": "auto"})
+    result = execute(spec, digits_mlp, digits, tmp_path)
+    report = result.report
+    assert report["lambda"] is None and report["memory_plan"] is None and report["block_size"] is None
+    assert report["lambda_sweep"] == []  # nothing to sweep
+    splits = report["metrics"]["splits"]
+    assert splits == {
+        "train": {"name": "train", "examples": len(digits.x_train)},
+        "val": {"name": "validation", "examples": len(digits.x_val)},
+    }
+    assert set(report["metrics"]["after"]) == set(splits)
+    assert {p["split"] for p in report["curve"]} == {"validation"}
+
+
+def test_woodfisher_reports_its_lambda_and_plan(digits, digits_mlp, tmp_path):
+    spec = PruneSpec(sparsity=0.5, fisher={"samples": 32, "recompute": 1})
+    report = execute(spec, digits_mlp, digits, tmp_path).report
+    assert report["lambda"] == 1e-5 and report["memory_plan"]["total_bytes"] > 0
+    assert report["spec"]["fisher"]["samples"] == 32 and report["spec"]["fisher"]["update"] == "joint"
+    from worker.runner import summarize  # the job result names the splits too
+
+    assert summarize(report, {})["metrics"]["splits"]["val"]["name"] == "validation"
