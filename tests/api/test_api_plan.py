@@ -52,9 +52,12 @@ def test_plan_sees_only_the_tenants_own_inputs(client, seed, make_account) -> No
     model_id, dataset_id = seed(other.tenant)
     r = client.post("/v1/jobs/plan", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}})
     assert_problem(r, 404)
-    assert other.client.post(
-        "/v1/jobs/plan", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}}
-    ).status_code == 200
+    assert (
+        other.client.post(
+            "/v1/jobs/plan", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}}
+        ).status_code
+        == 200
+    )
     assert_problem(client.post("/v1/jobs/plan", json={"spec": {"sparsity": 0.5}}), 422)
     r = client.post("/v1/jobs/plan", content=b"{}", headers={"Content-Type": "text/plain"})
     assert_problem(r, 415)
