@@ -171,12 +171,19 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     assert page.locator(".field-error:not(:empty)").count() == 1
     shot(page, "new-job")
     page.fill("[name='fisher.recompute']", "4")
+    page.fill("[name='fisher.lambda']", "auto")  # a number or 'auto'; the grid is a comma-separated list
+    page.fill("[name='fisher.lambda_grid']", "1e-5, 1e-3, 0.1")
     page.click("#submit-job")
     page.wait_for_url("**/ui/#/jobs/job*")
     job_id = page.url.rsplit("/", 1)[-1]
     submitted = client.get(f"/v1/jobs/{job_id}").json()
     assert submitted["spec"]["sparsity"] == 0.8 and submitted["spec"]["fisher"]["samples"] == 64
     assert submitted["spec"]["fisher"]["recompute"] == 4
+    assert submitted["spec"]["fisher"]["lambda"] == "auto" and submitted["spec"]["fisher"]["lambda_grid"][:3] == [
+        1e-5,
+        1e-3,
+        0.1,
+    ]
 
     # the job page follows the stream to the end, with the curve and the report drawn
     page.wait_for_selector("#job-head [data-state='succeeded']", timeout=JOB_TIMEOUT_MS)
@@ -184,6 +191,9 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     assert page.locator("#curve-plot circle").count() >= 2  # dense, then pruned
     assert page.locator("#layers-plot rect.bar").count() == 2  # the MLP's two weight matrices
     assert page.locator("#quadratic-plot circle").count() == 1  # one one-shot pruning step
+    sweep = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()["lambda_sweep"]
+    swept = len([e for e in sweep if e["score"] is not None])
+    assert len(sweep) >= 3 and page.locator("#lambda-plot g.series").first.locator("circle").count() == swept
     assert page.locator("#events li[data-kind='state']").count() >= 1
     shot(page, "job")
 
