@@ -47,6 +47,7 @@ def client(serve, key: str) -> Iterator[httpx.Client]:
 def page(browser, serve) -> Iterator[Any]:
     """A fresh browser context (its own sessionStorage) with every dialog recorded and dismissed."""
     context = browser.new_context(base_url=serve.base, accept_downloads=True, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(90_000)  # a bound for every wait on the page: 2 shared cores can be slow
     page = context.new_page()
     page.dialogs = []  # type: ignore[attr-defined]
 

@@ -38,6 +38,14 @@ export async function jobView(root, jobId) {
   }
   const controller = new AbortController();
   onLeave(() => controller.abort());
+  const names = {};
+  for (const [kind, id] of [["models", job.model_id], ["datasets", job.dataset_id]]) {
+    if (!id) continue;
+    try {
+      names[id] = (await api(`/v1/${kind}/${encodeURIComponent(id)}`)).name;
+    } catch { /* deleted since: the id is shown */ }
+  }
+  const named = (id) => (id && names[id] !== undefined ? `${names[id]} (${id})` : id ?? "deleted");
   let lastSeq = 0;
   let finishedShown = false;
 
@@ -47,8 +55,8 @@ export async function jobView(root, jobId) {
       h("p", {}, stateBadge(job.state), " ", h("progress", { id: "job-progress", max: 1, value: job.progress ?? 0 }),
         ` ${pct(job.progress)} `, h("span", { id: "phase", className: "muted" },
           job.phase ?? (job.state === "queued" && job.queue_position ? `#${job.queue_position} in queue` : ""))),
-      kv({ method: p.method ?? "woodfisher", target: pct(p.sparsity), mode: p.mode ?? "one_shot", model: job.model_id,
-        dataset: job.dataset_id, attempts: job.attempts, "queued (s)": job.queued_seconds,
+      kv({ method: p.method ?? "woodfisher", target: pct(p.sparsity), mode: p.mode ?? "one_shot", model: named(job.model_id),
+        dataset: named(job.dataset_id), attempts: job.attempts, "queued (s)": job.queued_seconds,
         "running (s)": job.running_seconds, created: job.created_at, finished: job.finished_at }),
       job.error ? problemBox(new ApiError(job.error, job.error.status)) : null));
     const cancel = h("button", { type: "button", className: "danger", id: "cancel-job" }, "Cancel");
@@ -119,7 +127,18 @@ export async function jobView(root, jobId) {
     }
   }
 
+  let following = false;
   async function follow() {
+    if (following) return; // one stream at a time (a retry while the last one is still open)
+    following = true;
+    try {
+      await stream();
+    } finally {
+      following = false;
+    }
+  }
+
+  async function stream() {
     while (mine === current() && !controller.signal.aborted) {
       try {
         const { ended } = await followEvents(jobId, lastSeq, onEvent, controller.signal);
@@ -127,8 +146,10 @@ export async function jobView(root, jobId) {
           job = await api(path);
           showHead();
           await drawCurve();
-          await finished();
-          return;
+          if (TERMINAL.has(job.state)) {
+            await finished();
+            return;
+          } // retried meanwhile: follow it on
         }
       } catch (e) {
         if (controller.signal.aborted) return;
