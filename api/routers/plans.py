@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
-from api.routers.jobs import preflight
+from api.routers.jobs import check_budget_cap, preflight
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate
 from core.runs.budget import effective_budget_mb
@@ -32,6 +32,7 @@ class PlanPublic(BaseModel):
 @router.post("/plan", response_model=PlanPublic, name="plan_job")
 def plan_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> PlanPublic:
     """The checks of ``POST /v1/jobs`` on this body and the memory plan, without creating a job."""
+    check_budget_cap(body.spec, settings.memory_budget_mb)
     model = inputs.get(Model, session=session, tenant=tenant, id=body.model_id)
     dataset = inputs.get(Dataset, session=session, tenant=tenant, id=body.dataset_id)
     plan = preflight(body.spec, settings.memory_budget_mb)(model, dataset)

@@ -61,6 +61,11 @@ def page(browser, serve) -> Iterator[Any]:
     page.on("dialog", on_dialog)
     page.console_errors = []  # type: ignore[attr-defined]
     page.on("pageerror", lambda exc: page.console_errors.append(str(exc)))
+    page.csp_violations = []  # type: ignore[attr-defined]
+    page.on(
+        "console",
+        lambda msg: "Content Security Policy" in msg.text and page.csp_violations.append(msg.text),
+    )
     try:
         yield page
     finally:
@@ -222,7 +227,7 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     page.wait_for_selector(f"#jobs-table [data-job='{job_id}']")
     assert page.locator(f"#jobs-table [data-job='{other}']").count() == 1
     shot(page, "jobs")
-    assert page.dialogs == [] and page.console_errors == []
+    assert page.dialogs == [] and page.console_errors == [] and page.csp_violations == []
 
 
 def test_cancel_and_retry(page: Any, key: str, client: httpx.Client, digits_files: DigitsFiles) -> None:
@@ -271,4 +276,4 @@ def test_names_are_text(page: Any, key: str, client: httpx.Client, digits_files:
     page.goto("/ui/#/new")
     page.wait_for_selector("#job-form")
     assert XSS in page.locator(f"#model_id option[value='{model_id}']").inner_text()
-    assert page.dialogs == [] and page.console_errors == []
+    assert page.dialogs == [] and page.console_errors == [] and page.csp_violations == []
