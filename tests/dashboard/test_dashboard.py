@@ -277,3 +277,9 @@ def test_names_are_text(page: Any, key: str, client: httpx.Client, digits_files:
     page.wait_for_selector("#job-form")
     assert XSS in page.locator(f"#model_id option[value='{model_id}']").inner_text()
     assert page.dialogs == [] and page.console_errors == [] and page.csp_violations == []
+    # delete it from its list: the only dialog is the confirmation (accepted), naming it as text
+    page.goto("/ui/#/models")
+    page.click(f"[data-delete='{model_id}']")
+    page.wait_for_selector(f"[data-delete='{model_id}']", state="detached")
+    assert page.dialogs == [("confirm", f"Delete {XSS}?")]
+    assert client.get(f"/v1/models/{model_id}").status_code == 404
