@@ -46,7 +46,9 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     afterwards."""
     data_dir = tmp_path_factory.mktemp("dashboard")
     port = free_port()
-    env = base_env(sse_poll_interval_s=0.2)
+    # streams end every few seconds without `end` (as at the server's limit): the page must reconnect from the
+    # last event it saw to follow a job to its end
+    env = base_env(sse_poll_interval_s=0.2, sse_max_seconds=3)
     cmd = [sys.executable, "-m", "cli.serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir), "--jobs", "2", "--log-level", "warning"]
     proc = Proc("serve", cmd, env, data_dir / "serve.log").start()

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _e2e_kit import MLP_KWARGS, DigitsFiles, wait_for
+from _e2e_kit import MLP_KWARGS, DigitsFiles, sse_events, wait_for
 
 SCREENSHOTS = os.environ.get("ARBORIST_DASHBOARD_SCREENSHOTS")
 JOB_TIMEOUT_MS = 180_000
@@ -139,8 +139,14 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     assert page.evaluate("sessionStorage.getItem('arborist.api-key')") == key
     assert page.evaluate("localStorage.length") == 0
 
-    # upload a model (with its architecture) and a dataset, with a progress bar
+    # a file that is no model is refused with the API's problem, shown on the page
     page.goto("/ui/#/models")
+    page.set_input_files("#models-file", str(digits_files.dataset))
+    page.click("#models-upload button[type=submit]")
+    page.wait_for_selector("#models-upload .problem")
+    assert "422" in page.inner_text("#models-upload .problem")
+
+    # upload a model (with its architecture) and a dataset, with a progress bar
     page.set_input_files("#models-file", str(digits_files.model))
     page.fill("#models-name", "digits-mlp")
     page.fill("#models-arch", "mlp")
@@ -200,7 +206,10 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     sweep = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()["lambda_sweep"]
     swept = len([e for e in sweep if e["score"] is not None])
     assert len(sweep) >= 3 and page.locator("#lambda-plot g.series").first.locator("circle").count() == swept
-    assert page.locator("#events li[data-kind='state']").count() >= 1
+    # every event once, in order, across the reconnections (the server cuts each stream after 3 s)
+    shown = page.eval_on_selector_all("#events li[data-seq]", "els => els.map(e => Number(e.dataset.seq))")
+    assert shown == [e["seq"] for kind, e in sse_events(client, job_id, timeout=60) if kind != "end"]
+    assert page.locator("#events li[data-kind='end']").count() == 1
     shot(page, "job")
 
     # download an artifact: the bytes the API serves

@@ -104,7 +104,7 @@ export async function jobView(root, jobId) {
   function logEvent(kind, payload) {
     const data = payload?.data ?? payload;
     const text = kind === "progress" && data?.message ? `${pct(data.fraction ?? data.progress)} ${data.message}` : fmt(data);
-    log.append(h("li", { "data-kind": kind }, `${kind}: ${text}`));
+    log.append(h("li", { "data-kind": kind, "data-seq": payload?.seq }, `${kind}: ${text}`));
     while (log.children.length > 200) log.firstChild.remove();
     log.scrollTop = log.scrollHeight;
   }
