@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)  # the dashboard's browser tests
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

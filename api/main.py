@@ -12,11 +12,12 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from api.admission import Gate
+from api.dashboard import install_dashboard
 from api.housekeeping import start_sweeps
 from api.lifecycle import watch_shutdown_signals
 from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
-from api.routers import datasets, jobs, models, outputs, system
+from api.routers import datasets, jobs, models, outputs, plans, system
 from api.routing import CloseUnreadBodyMiddleware
 from core.runs import preflight
 from core.service.artifacts import ArtifactStore
@@ -84,8 +85,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.queue = queue
     app.state.metrics = Metrics(factory)
 
-    for module in (system, models, datasets, jobs, outputs):
+    for module in (system, models, datasets, plans, jobs, outputs):
         app.include_router(module.router)
+    install_dashboard(app)  # the web page at /ui/ (api.dashboard)
     install_problem_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(CloseUnreadBodyMiddleware)

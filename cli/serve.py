@@ -168,7 +168,7 @@ def _banner(url: str, settings: Settings, data_dir: Path) -> str:
     resolved = data_dir.expanduser().resolve()
     where = f"--data-dir {shlex.quote(str(resolved))}" if db == data_dir_database_url(resolved) else f"--url {db}"
     return (
-        f"\nArborist is running at {url}  (API docs: {url}/docs)\n"
+        f"\nArborist is running at {url}  (API docs: {url}/docs, dashboard: {url}/ui/)\n"
         f"  database:  {db}\n"
         f"  artifacts: {settings.artifact_root}\n"
         f"  worker:    embedded (the database is the queue)\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-SLOW_DIRS = (Path(__file__).parent / "e2e",)  # real server and worker processes: minutes, not seconds
+SLOW_DIRS = (Path(__file__).parent / "e2e", Path(__file__).parent / "dashboard")  # real server, worker, browser
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

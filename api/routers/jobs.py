@@ -18,6 +18,7 @@ from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, Set
 from api.routers._common import LOCATION, CursorQuery, LimitQuery
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
+from core.engine.memory import MemoryPlan
 from core.errors import ClientClosedRequest, DoesNotFit, InvalidInput, ServiceUnavailable, problem_from_error
 from core.runs.preflight import check_job
 from core.runs.spec import PruneSpec
@@ -64,14 +65,23 @@ def enqueue(session: Session, queue: JobQueue, job: Job) -> Job:
     return jobs.get_unscoped(session=session, job_id=job.id)
 
 
-def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Model, Dataset], None]:
+def check_budget_cap(spec: PruneSpec, cap: float | None) -> None:
+    """422 when the spec asks for more memory than the server's ``ARBORIST_MEMORY_BUDGET_MB``."""
+    if cap is not None and spec.memory_budget_mb is not None and spec.memory_budget_mb > cap:
+        raise InvalidInput(
+            f"spec.memory_budget_mb exceeds the server limit of {cap} MB",
+            errors=[{"loc": ["body", "spec", "memory_budget_mb"], "msg": f"at most {cap}", "type": "less_than_equal"}],
+        )
+
+
+def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Model, Dataset], MemoryPlan | None]:
     """Checks a new job's spec against what is stored about its model and dataset (core.runs.preflight: no weights
     loaded, no data read), so that a job the run would refuse is a 422 now rather than a failed job later; the
     memory plan against the lower of the spec's and the server's budget among them."""
 
-    def check(model: Model, dataset: Dataset) -> None:
+    def check(model: Model, dataset: Dataset) -> MemoryPlan | None:
         try:
-            check_job(
+            return check_job(
                 spec,
                 arch=model.arch if model.format == "safetensors" else None,
                 arch_kwargs=model.arch_kwargs,
@@ -129,11 +139,7 @@ def create_job(
 ) -> JobPublic:
     spec = body.spec
     cap = settings.memory_budget_mb
-    if cap is not None and spec.memory_budget_mb is not None and spec.memory_budget_mb > cap:
-        raise InvalidInput(
-            f"spec.memory_budget_mb exceeds the server limit of {cap} MB",
-            errors=[{"loc": ["body", "spec", "memory_budget_mb"], "msg": f"at most {cap}", "type": "less_than_equal"}],
-        )
+    check_budget_cap(spec, cap)
     spec_json = spec.model_dump(mode="json", by_alias=True)
     if anyio.from_thread.run(request.is_disconnected):  # its client gave up waiting (a burst): create nothing
         raise ClientClosedRequest("The client closed the connection before the job was created")

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from core.engine.memory import MemoryPlan
 from core.engine.methods import method_info
 from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
@@ -82,9 +83,11 @@ def _check_fit(model: nn.Module, spec: PruneSpec, input_shape: Sequence[int], nu
         ) from None
 
 
-def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> None:
+def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> MemoryPlan | None:
+    """The plan of a pruning step (``None`` for methods that take no gradients, as in the run's report)."""
     params = dict(model.named_parameters())
-    memory_plan(spec, {n: tuple(params[n].shape) for n in pruned_names(model, spec)}, server_budget_mb)
+    plan = memory_plan(spec, {n: tuple(params[n].shape) for n in pruned_names(model, spec)}, server_budget_mb)
+    return plan if method_info(spec.method).needs_gradients else None
 
 
 def check_job(
@@ -97,9 +100,10 @@ def check_job(
     num_classes: int | None,
     has_val: bool,
     server_budget_mb: float | None = None,
-) -> None:
+) -> MemoryPlan | None:
     """Every problem found (not just the first) in one :class:`InvalidInput`, then the memory plan
-    (:class:`core.errors.DoesNotFit`). ``arch`` is ``None`` for models without a zoo architecture (ONNX); unknown
+    (:class:`core.errors.DoesNotFit`); returns that plan (``None`` without a zoo architecture, or for a method
+    that takes no gradients). ``arch`` is ``None`` for models without a zoo architecture (ONNX); unknown
     summary values (``None``) skip the checks that need them."""
     problems: list[InvalidInput] = []
     spec = spec.resolved(_train_examples(spec, num_examples, has_val))  # the default fisher.samples fits the data
@@ -118,8 +122,7 @@ def check_job(
         raise problems[0]
     if problems:
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
-    if model is not None:
-        _check_plan(model, spec, server_budget_mb)
+    return _check_plan(model, spec, server_budget_mb) if model is not None else None
 
 
 def warm_up() -> None:
