@@ -45,3 +45,20 @@ def test_serve_banner_names_the_data_dir(tmp_path: Path) -> None:
     assert f"arborist keys create --tenant <your-name> --data-dir '{data_dir.resolve()}'" in banner
     other = embedded_settings(data_dir, "sqlite:////elsewhere/x.db")
     assert "--url sqlite:////elsewhere/x.db" in _banner("http://h", other, data_dir)
+
+
+def test_serve_keeps_an_explicit_artifact_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``arborist serve`` put artifacts under ``<data-dir>/artifacts`` even when ARBORIST_ARTIFACT_ROOT named a
+    bucket (issue #19): an explicit setting wins, from the environment or from ``.env``; otherwise the data dir's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ARBORIST_ARTIFACT_ROOT", raising=False)
+    data_dir = tmp_path / "data"
+    assert embedded_settings(data_dir, None).artifact_root == str(data_dir.resolve() / "artifacts")
+
+    monkeypatch.setenv("ARBORIST_ARTIFACT_ROOT", "s3://bucket/arborist")
+    assert embedded_settings(data_dir, None).artifact_root == "s3://bucket/arborist"
+
+    monkeypatch.delenv("ARBORIST_ARTIFACT_ROOT")
+    (tmp_path / ".env").write_text("ARBORIST_ARTIFACT_ROOT=s3://from-dotenv/x\n")
+    assert embedded_settings(data_dir, None).artifact_root == "s3://from-dotenv/x"
+    assert embedded_settings(data_dir, None, {"artifact_root": "/o"}).artifact_root == "/o"  # overrides: the caller's
