@@ -122,3 +122,8 @@ def authenticated_job(*, conn: Connection, token: str, job_id: str) -> dict[str,
     if job["id"] is None:
         raise NotFound(f"Job {job_id!r} not found")
     return job
+
+
+def tenant_name(*, conn: Connection, tenant_id: str) -> str:
+    """A tenant's name by id, on a bare connection."""
+    return str(conn.execute(select(Tenant.name).where(Tenant.id == tenant_id)).scalar_one())
