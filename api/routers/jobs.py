@@ -197,12 +197,14 @@ async def get_job(job_id: str, request: Request, credentials: BearerCredentials)
     token = bearer_token(credentials)
     tenants.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
 
+    limiter = request.app.state.rate_limiter
+
     def read(conn: Connection) -> Response:
-        row = tenants.authenticated_job(conn=conn, token=token, job_id=job_id)
-        limiter = request.app.state.rate_limiter
-        if limiter.active:
-            name = limiter.known_name(row["tenant_id"]) or tenants.tenant_name(conn=conn, tenant_id=row["tenant_id"])
-            check_rate(request, credentials, row["tenant_id"], name)
+        def rate(tenant_id: str) -> None:  # the key's rate limit, before the job is looked at
+            name = limiter.known_name(tenant_id) or tenants.tenant_name(conn=conn, tenant_id=tenant_id)
+            check_rate(request, credentials, tenant_id, name)
+
+        row = tenants.authenticated_job(conn=conn, token=token, job_id=job_id, on_key=rate if limiter.active else None)
         job = _positioned(JobPublic.model_validate(row), conn)
         headers = {"Retry-After": str(RETRY_AFTER_S[job.state])} if job.state in RETRY_AFTER_S else None
         return Response(job.model_dump_json(), media_type="application/json", headers=headers)
