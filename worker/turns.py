@@ -3,13 +3,13 @@
 message, so every queued job gets a turn; a message whose job already ran in an earlier turn runs the next
 fairest one, or (nothing queued) is handled as before (``worker.runner``: a redelivery reclaims, a duplicate
 skips). When the only queued jobs belong to tenants at their ``running_jobs`` limit, the turn waits
-(``Deferred``; the task is retried after ``DEFER_S``)."""
+(``Deferred``; the task is retried after ``DEFER_S``): it is kept for them, since the message of a job may have
+been spent on another job's turn."""
 
 from __future__ import annotations
 
 from core.errors import NotFound
 from core.service.db import jobs, scheduling
-from core.service.db.tables import JobState
 from core.service.limits import running_caps
 from core.service.settings import Settings
 from worker.db import Database
@@ -35,10 +35,13 @@ def job_for_turn(job_id: str, settings: Settings) -> str:
         chosen = db.call(
             lambda s: scheduling.pick(session=s, queue=queue, default_cap=default_cap, caps=caps), what="schedule"
         )
+        waiting = chosen is None and db.call(lambda s: scheduling.has_queued(session=s, queue=queue), what="queue")
     finally:
         db.dispose()
     if chosen is not None:
         return chosen
-    if own is not None and own.state is JobState.QUEUED and not own.cancel_requested:
-        raise Deferred(f"job {job_id}: every tenant with queued jobs is at its running limit")
+    if waiting:
+        # Jobs wait, all of tenants at their running limit: this turn is theirs later (were it spent on nothing,
+        # a job whose own message an earlier turn used would wait for the reaper's resend).
+        raise Deferred(f"message of job {job_id}: every tenant with queued jobs is at its running limit")
     return job_id

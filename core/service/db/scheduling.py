@@ -101,3 +101,12 @@ def pick(
     queued jobs at its running limit)."""
     ids = fair_queued(session=session, queues=[queue], limit=1, default_cap=default_cap, caps=caps)
     return ids[0] if ids else None
+
+
+def has_queued(*, session: Session, queue: str) -> bool:
+    """Whether any job waits in ``queue`` (whichever tenant, at its limit or not)."""
+    found = session.scalar(
+        select(Job.id).where(Job.state == JobState.QUEUED, Job.cancel_requested.is_(False), Job.queue == queue).limit(1)
+    )
+    session.rollback()
+    return found is not None
