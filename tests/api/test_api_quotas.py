@@ -210,3 +210,22 @@ def test_usage_shows_the_calling_tenants_jobs_and_limits(quota_server: Harness, 
         "requests_per_s": {"limit": None, "used": None},
     }
     assert_problem(quota_server.client().get("/v1/usage"), 401)
+
+
+def test_the_client_submits_a_priority_and_reads_usage(quota_server: Harness, new_account) -> None:
+    from cli.client import ApiError, Client
+
+    account = new_account()
+    model_id, dataset_id = _seed(quota_server, account)
+    with Client(quota_server.base_url, account.key) as arb:
+        job = arb.submit(model_id, dataset_id, {"sparsity": 0.5}, priority=7)
+        assert job["priority"] == 7 and arb.job(job["id"])["priority"] == 7
+        assert arb.submit(model_id, dataset_id, {"sparsity": 0.5})["priority"] == 0
+        assert arb.usage()["queued_jobs"] == {"limit": QUEUED, "used": 2}
+        with pytest.raises(ApiError) as refused:
+            arb.submit(model_id, dataset_id, {"sparsity": 0.5})
+    assert refused.value.status == 429 and refused.value.problem["limit"]["name"] == "queued_jobs"
+    out_of_range = account.client.post(
+        "/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {}, "priority": 101}
+    )
+    assert_problem(out_of_range, 422)
