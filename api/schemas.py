@@ -148,7 +148,8 @@ class JobPublic(Public):
     updated_at: datetime
     queue_position: int | None = Field(
         None,
-        description="while queued: 1 + the queued jobs of the same queue created before it (1 = next to start)",
+        description="while queued: 1 + the queued jobs of the same queue created before it, of every tenant (an "
+        "upper bound: tenants take turns, so a job may start before older jobs of a tenant with many queued)",
     )
 
     def _seconds(self, start: datetime, end: datetime | None) -> float:
