@@ -233,9 +233,18 @@ def cancel_job(
     responses={202: {"headers": LOCATION}},
 )
 def retry_job(
-    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
+    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep, settings: SettingsDep
 ) -> JobPublic:
-    """Failed or canceled → queued again; the worker resumes from its last checkpoint."""
+    """Failed or canceled → queued again; the worker resumes from its last checkpoint. A job queued again counts
+    against the tenant's queued-jobs limit like a new one (429 at it)."""
+    admit = admission(tenant, limits_for(settings, tenant.name))
+    if admit is not None:
+        jobs.get(session=session, tenant=tenant, job_id=job_id)  # 404 before 429
+        try:
+            admit(session)  # under the tenant's lock until the retry commits
+        except BaseException:
+            session.rollback()
+            raise
     job = jobs.retry(session=session, tenant=tenant, job_id=job_id)
     job = enqueue(session, queue, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

@@ -117,6 +117,9 @@ def test_queued_jobs_limit_is_exact_and_refuses_with_429(quota_server: Harness, 
     assert account.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     assert _submit(account.client, model_id, dataset_id).status_code == 202
     assert _assert_429(_submit(account.client, model_id, dataset_id), "queued_jobs", QUEUED)
+    # Retrying the canceled job would queue a third: refused the same way, the job left canceled.
+    _assert_429(account.client.post(f"/v1/jobs/{job_id}/retry"), "queued_jobs", QUEUED)
+    assert account.client.get(f"/v1/jobs/{job_id}").json()["state"] == "canceled"
 
 
 def test_queued_jobs_limit_holds_under_concurrent_submissions(quota_server: Harness, new_account) -> None:
