@@ -16,6 +16,7 @@ from api.auth import bearer_scheme, tenant_from_credentials
 from core.service.artifacts import ArtifactStore
 from core.service.db.base import read_retrying
 from core.service.db.tables import Tenant
+from core.service.db.tenants import key_prefix
 from core.service.queue import JobQueue
 from core.service.settings import Settings
 
@@ -97,8 +98,19 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-def get_current_tenant(session: SessionDep, credentials: BearerCredentials) -> Tenant:
-    return tenant_from_credentials(session, credentials)
+def get_current_tenant(request: Request, session: SessionDep, credentials: BearerCredentials) -> Tenant:
+    tenant = tenant_from_credentials(session, credentials)
+    check_rate(request, credentials, tenant.id, tenant.name)
+    return tenant
+
+
+def check_rate(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, tenant_id: str, tenant_name: str
+) -> None:
+    """The key's requests-per-second limit (``api.ratelimit``): 429 past it. Call after authentication."""
+    limiter = request.app.state.rate_limiter
+    if limiter.active and credentials is not None:
+        limiter.check(key_prefix(credentials.credentials), tenant_id, tenant_name)
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

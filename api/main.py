@@ -17,7 +17,8 @@ from api.housekeeping import start_sweeps
 from api.lifecycle import watch_shutdown_signals
 from api.observability import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers, install_problem_openapi
-from api.routers import datasets, jobs, models, outputs, plans, system
+from api.ratelimit import RateLimiter
+from api.routers import datasets, jobs, models, outputs, plans, system, usage
 from api.routing import CloseUnreadBodyMiddleware
 from core.runs import preflight
 from core.service.artifacts import ArtifactStore
@@ -84,8 +85,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.store = ArtifactStore(settings.artifact_root)
     app.state.queue = queue
     app.state.metrics = Metrics(factory)
+    app.state.rate_limiter = RateLimiter(settings)
 
-    for module in (system, models, datasets, plans, jobs, outputs):
+    for module in (system, models, datasets, plans, jobs, outputs, usage):
         app.include_router(module.router)
     install_dashboard(app)  # the web page at /ui/ (api.dashboard)
     install_problem_handlers(app)

@@ -1,4 +1,4 @@
-"""Prometheus metrics: request counts and latency by route template, and jobs by state (read at scrape time).
+"""Prometheus metrics: request counts and latency by route template, and (to a tenant's key) its jobs by state.
 
 Each app gets its own registry, so several apps (tests) can live in one process.
 """
@@ -15,30 +15,26 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.service.db import jobs
-
 log = logging.getLogger("arborist.api")
 
 
-class JobsByState(Collector):
-    def __init__(self, factory: sessionmaker[Session]):
-        self.factory = factory
+def tenant_jobs_registry(counts: dict[str, int]) -> CollectorRegistry:
+    """A registry holding one tenant's ``arborist_jobs`` gauge (jobs by state), for an authenticated scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    family = GaugeMetricFamily("arborist_jobs", "Jobs by state (the calling tenant's)", labels=["state"])
+    for state, n in counts.items():
+        family.add_metric([state], n)
 
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("arborist_jobs", "Jobs by state (all tenants)", labels=["state"])
-        try:
-            with self.factory() as session:
-                counts = jobs.counts_by_state(session=session)
-        except Exception:
-            log.warning("jobs-by-state query failed", exc_info=True)
-            return
-        for state, n in counts.items():
-            family.add_metric([state], n)
-        yield family
+    class _Once(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield family
+
+    registry.register(_Once())
+    return registry
 
 
 class Metrics:
-    def __init__(self, factory: sessionmaker[Session]):
+    def __init__(self, factory: sessionmaker[Session] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "arborist_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -50,7 +46,6 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.registry.register(JobsByState(factory))
 
 
 class MetricsMiddleware:

@@ -25,6 +25,7 @@ from core.errors import (
     ArboristError,
     InvalidInput,
     InvalidRequest,
+    QuotaExceeded,
     ServiceUnavailable,
     StorageFull,
     no_space_error,
@@ -52,8 +53,9 @@ def _as_response(body: dict[str, Any], headers: Mapping[str, str] | None = None)
 
 async def _arborist_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, ArboristError)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServiceUnavailable) else None
-    return _as_response(problem_from_error(exc, instance=request.url.path), headers)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, (ServiceUnavailable, QuotaExceeded)) else None
+    extra = {"limit": exc.limit} if isinstance(exc, QuotaExceeded) else {}
+    return _as_response(problem_from_error(exc, instance=request.url.path, **extra), headers)
 
 
 def _jsonable(value: Any) -> Any:

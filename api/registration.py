@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,6 +25,9 @@ from api.forms import reject_unknown_fields
 from api.isolation import memory_limit, run_isolated
 from api.uploads import UploadedFile, receive_upload
 from core.service.artifacts import STAGING, ArtifactStore
+from core.service.db import usage
+from core.service.db.tables import Tenant
+from core.service.limits import TenantLimits, limits_for
 
 
 class Validated(Protocol):
@@ -69,14 +73,20 @@ async def register_upload(
     *,
     session: Session,
     store: ArtifactStore,
-    tenant_id: str,
+    tenant: Tenant,
     max_bytes: int,
     form_fields: Iterable[str],
     plan: Callable[[dict[str, str], UploadedFile], Registration[V, R]],
 ) -> R:
-    """Receives the upload (staged under ``staging/<tenant_id>``; text fields other than ``form_fields`` refused),
-    lets ``plan`` read the fields, then registers the file; returns the inserted row."""
-    upload = await receive_upload(request, store=store, staging_prefix=f"{STAGING}/{tenant_id}", max_bytes=max_bytes)
+    """Receives the upload (staged under ``staging/<tenant id>``; text fields other than ``form_fields`` refused),
+    lets ``plan`` read the fields, then registers the file; returns the inserted row. A tenant at its
+    ``stored_bytes`` limit is refused (429) before the body is read, and one that the file would take past it
+    after (the staged file deleted)."""
+    settings = get_settings(request)
+    limits = limits_for(settings, tenant.name)
+    if limits.stored_bytes is not None:
+        await run_in_threadpool(_precheck, session, tenant, limits)
+    upload = await receive_upload(request, store=store, staging_prefix=f"{STAGING}/{tenant.id}", max_bytes=max_bytes)
     file = upload.file
     assert file is not None
     try:
@@ -85,12 +95,37 @@ async def register_upload(
     except BaseException:
         store.delete(file.key)
         raise
-    limit = memory_limit(get_settings(request), file.size)
-    return await run_in_threadpool(_register, session, store, file, registration, limit)
+    limit = memory_limit(settings, file.size)
+    admit = None if limits.stored_bytes is None else partial(_admit, session, tenant, limits, file.size)
+    return await run_in_threadpool(_register, session, store, file, registration, limit, admit)
+
+
+def _precheck(session: Session, tenant: Tenant, limits: TenantLimits) -> None:
+    """Refuses an upload from a tenant already at its stored-bytes limit, before its body is read (no lock)."""
+    try:
+        usage.admit_bytes(session=session, tenant=tenant, limits=limits, incoming=1)
+    finally:
+        session.rollback()
+
+
+def _admit(session: Session, tenant: Tenant, limits: TenantLimits, incoming: int) -> None:
+    """Takes the tenant's admission lock (until the row's insert commits) and checks its stored bytes; a refusal
+    ends the transaction."""
+    try:
+        usage.lock_tenant(session, tenant)
+        usage.admit_bytes(session=session, tenant=tenant, limits=limits, incoming=incoming)
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def _register(
-    session: Session, store: ArtifactStore, file: UploadedFile, registration: Registration[V, R], limit: int
+    session: Session,
+    store: ArtifactStore,
+    file: UploadedFile,
+    registration: Registration[V, R],
+    limit: int,
+    admit: Callable[[], None] | None = None,
 ) -> R:
     """Validates the staged file (in a child that may allocate ``limit`` bytes: ``api.isolation``), moves it into
     place, inserts the row; undoes all on failure. Blocking."""
@@ -100,6 +135,8 @@ def _register(
             info = run_isolated(registration.validate, path, memory_limit=limit)
         final = f"{registration.final_stem}.{info.format}"
         store.move(staging, final)
+        if admit is not None:
+            admit()  # the tenant's stored bytes, checked under its lock, which the insert's commit releases
         return registration.insert(info, final)
     except BaseException:
         session.rollback()

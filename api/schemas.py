@@ -121,6 +121,9 @@ class JobCreate(_Body):
     model_id: str = Field(..., min_length=1, max_length=64)
     dataset_id: str = Field(..., min_length=1, max_length=64)
     spec: PruneSpec
+    priority: int = Field(
+        0, ge=-100, le=100, description="within the tenant, higher starts first (between tenants: turns)"
+    )
 
 
 class JobPublic(Public):
@@ -129,6 +132,7 @@ class JobPublic(Public):
     dataset_id: str | None
     spec: dict[str, Any]
     queue: str
+    priority: int = 0
     state: JobState
     progress: float
     step: int | None
@@ -144,7 +148,8 @@ class JobPublic(Public):
     updated_at: datetime
     queue_position: int | None = Field(
         None,
-        description="while queued: 1 + the queued jobs of the same queue created before it (1 = next to start)",
+        description="while queued: 1 + the queued jobs of the same queue created before it, of every tenant (an "
+        "upper bound: tenants take turns, so a job may start before older jobs of a tenant with many queued)",
     )
 
     def _seconds(self, start: datetime, end: datetime | None) -> float:
@@ -213,3 +218,18 @@ class ArtifactsPublic(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = Field(default_factory=dict)
+
+
+class LimitUse(BaseModel):
+    limit: float | None = Field(None, description="the tenant's limit (null: none)")
+    used: int | None = Field(None, description="what the tenant uses now (not counted for rates)")
+
+
+class UsagePublic(BaseModel):
+    """The calling tenant's use of its limits (``core.service.limits``)."""
+
+    tenant: str
+    running_jobs: LimitUse
+    queued_jobs: LimitUse
+    stored_bytes: LimitUse
+    requests_per_s: LimitUse

@@ -150,12 +150,23 @@ class Client:
     # --- jobs ---------------------------------------------------------------------------------------------------
 
     def submit(
-        self, model_id: str, dataset_id: str, spec: dict[str, Any], *, idempotency_key: str | None = None
+        self,
+        model_id: str,
+        dataset_id: str,
+        spec: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json(
-            "POST", "/v1/jobs", headers=headers, json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec}
-        )
+        body: dict[str, Any] = {"model_id": model_id, "dataset_id": dataset_id, "spec": spec}
+        if priority is not None:
+            body["priority"] = priority  # within the tenant, higher first
+        return self._json("POST", "/v1/jobs", headers=headers, json=body)
+
+    def usage(self) -> dict[str, Any]:
+        """The tenant's running and queued jobs and stored bytes, beside its limits."""
+        return self._json("GET", "/v1/usage")
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")

@@ -7,6 +7,7 @@ import click
 from cli.admin import db, keys
 from cli.local import compare, dataset, prune, train
 from cli.remote import datasets, jobs, models
+from cli.usage import usage
 
 
 @click.group()
@@ -14,7 +15,7 @@ def main() -> None:
     """Arborist: WoodFisher pruning as a service."""
 
 
-for command in (prune, compare, train, dataset, models, datasets, jobs, keys, db):
+for command in (prune, compare, train, dataset, models, datasets, jobs, keys, db, usage):
     main.add_command(command)
 
 try:  # the embedded service lives in cli/serve.py

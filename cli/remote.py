@@ -135,6 +135,7 @@ def jobs() -> None:
     help="spec field (dotted, value as YAML), e.g. --set sparsity=0.9 --set fisher.lambda=1e-4",
 )
 @click.option("--idempotency-key")
+@click.option("--priority", type=int, default=None, help="within your jobs, higher starts first (-100..100)")
 @click.option("--wait", is_flag=True, help="follow the job to the end (exit 3 unless it succeeds)")
 @_connection
 def jobs_submit(
@@ -144,6 +145,7 @@ def jobs_submit(
     spec_file: str | None,
     overrides: tuple[str, ...],
     idempotency_key: str | None,
+    priority: int | None,
     wait: bool,
 ) -> Any:
     """Submit a pruning job (spec from a file and/or --set)."""
@@ -156,7 +158,7 @@ def jobs_submit(
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    job = client.submit(model_id, dataset_id, spec, idempotency_key=idempotency_key)
+    job = client.submit(model_id, dataset_id, spec, idempotency_key=idempotency_key, priority=priority)
     return _follow(client, job["id"]) if wait else job
 
 

@@ -59,15 +59,18 @@ log = logging.getLogger("arborist.serve")
 
 
 def embedded_settings(data_dir: Path, database_url: str | None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from the environment, with the embedded mode's database, artifact root and queue."""
+    """Settings from the environment, with the embedded mode's database and queue; the artifact root is
+    ``<data dir>/artifacts`` unless ``ARBORIST_ARTIFACT_ROOT`` (environment or ``.env``) sets one: an explicit
+    setting wins (an ``s3://`` bucket, say)."""
     data_dir = data_dir.expanduser().resolve()
     values: dict[str, Any] = {
         "database_url": database_url or data_dir_database_url(data_dir),
-        "artifact_root": str(data_dir / "artifacts"),
         "broker_url": None,
         "queue_backend": "embedded",
         **(overrides or {}),
     }
+    if "artifact_root" not in Settings().model_fields_set:
+        values.setdefault("artifact_root", str(data_dir / "artifacts"))
     if "ARBORIST_DATA_ALLOWED_ROOTS" not in os.environ:
         values.setdefault("data_allowed_roots", [str(data_dir / "datasets")])
     return Settings(**values)
@@ -204,7 +207,8 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = embedded_settings(data_dir, database_url)
-    Path(settings.artifact_root).mkdir(parents=True, exist_ok=True)
+    if "://" not in settings.artifact_root:
+        Path(settings.artifact_root).expanduser().mkdir(parents=True, exist_ok=True)
     for root in settings.data_allowed_roots:
         if "://" not in root:
             Path(root).expanduser().mkdir(parents=True, exist_ok=True)

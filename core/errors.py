@@ -156,6 +156,21 @@ class ServiceUnavailable(ArboristError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaExceeded(ArboristError):
+    """A tenant limit (running or queued jobs, stored bytes, requests per second) is reached: nothing was done; the
+    client retries after ``retry_after_s`` seconds (Retry-After). ``limit`` names the limit, its value and the
+    tenant's current use (in the problem body)."""
+
+    type = "too-many-requests"
+    title = "Tenant limit reached"
+    status = 429
+
+    def __init__(self, detail: str, *, limit: dict[str, Any], retry_after_s: int = 1):
+        super().__init__(detail)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
 class ClientClosedRequest(ArboristError):
     """The client closed its connection (it gave up waiting) before the request took effect, so nothing was done.
     Nobody reads the answer: its status (499, as nginx logs it) is for the logs and metrics."""
@@ -261,7 +276,7 @@ STATUS_TYPES: dict[int, str] = {
     413: TooLarge.type,
     415: UnsupportedMediaType.type,
     422: InvalidInput.type,
-    429: "too-many-requests",
+    429: QuotaExceeded.type,
     500: InternalError.type,
     503: ServiceUnavailable.type,
 }

@@ -45,3 +45,62 @@ def test_serve_banner_names_the_data_dir(tmp_path: Path) -> None:
     assert f"arborist keys create --tenant <your-name> --data-dir '{data_dir.resolve()}'" in banner
     other = embedded_settings(data_dir, "sqlite:////elsewhere/x.db")
     assert "--url sqlite:////elsewhere/x.db" in _banner("http://h", other, data_dir)
+
+
+def test_serve_keeps_an_explicit_artifact_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``arborist serve`` put artifacts under ``<data-dir>/artifacts`` even when ARBORIST_ARTIFACT_ROOT named a
+    bucket (issue #19): an explicit setting wins, from the environment or from ``.env``; otherwise the data dir's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ARBORIST_ARTIFACT_ROOT", raising=False)
+    data_dir = tmp_path / "data"
+    assert embedded_settings(data_dir, None).artifact_root == str(data_dir.resolve() / "artifacts")
+
+    monkeypatch.setenv("ARBORIST_ARTIFACT_ROOT", "s3://bucket/arborist")
+    assert embedded_settings(data_dir, None).artifact_root == "s3://bucket/arborist"
+
+    monkeypatch.delenv("ARBORIST_ARTIFACT_ROOT")
+    (tmp_path / ".env").write_text("ARBORIST_ARTIFACT_ROOT=s3://from-dotenv/x\n")
+    assert embedded_settings(data_dir, None).artifact_root == "s3://from-dotenv/x"
+    assert embedded_settings(data_dir, None, {"artifact_root": "/o"}).artifact_root == "/o"  # overrides: the caller's
+
+
+def test_usage_lists_every_tenant_beside_its_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from cli.usage import usage
+    from core.service.db import inputs, tenants
+    from core.service.db.base import make_engine, make_sessionmaker
+    from core.service.settings import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ARBORIST_TENANT_QUEUED_JOBS", "3")
+    monkeypatch.setenv("ARBORIST_TENANT_LIMITS", '{"bob": {"stored_bytes": 1000}}')
+    get_settings.cache_clear()
+    data_dir = tmp_path / "data"
+    runner = CliRunner()
+    assert runner.invoke(db, ["upgrade", "--data-dir", str(data_dir)]).exit_code == 0
+    engine = make_engine(embedded_settings(data_dir, None).database_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            alice = tenants.get_or_create_tenant(session=s, name="alice")
+            tenants.get_or_create_tenant(session=s, name="bob")
+            inputs.create_model(
+                session=s, tenant=alice, name="m", format="safetensors", size=123, sha256="0" * 64, path="models/m"
+            )
+    finally:
+        engine.dispose()
+    try:
+        table = runner.invoke(usage, ["--data-dir", str(data_dir)])
+        assert table.exit_code == 0, table.output
+        assert table.output.splitlines() == [
+            "tenant\trunning\tqueued\tstored_bytes\trequests_per_s",
+            "alice\t0/-\t0/3\t123/-\t-",
+            "bob\t0/-\t0/3\t0/1000\t-",
+        ]
+        rows = [
+            json.loads(line)
+            for line in runner.invoke(usage, ["--json", "--data-dir", str(data_dir)]).output.splitlines()
+        ]
+        assert rows[0]["tenant"] == "alice" and rows[0]["stored_bytes"] == {"limit": None, "used": 123}
+    finally:
+        get_settings.cache_clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -14,7 +15,7 @@ import yaml
 from core.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = {"api", "worker", "redis", "postgres", "migrate"}
+SERVICES = {"api", "worker", "redis", "postgres", "migrate", "minio", "buckets"}
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +66,41 @@ def test_arborist_variables_are_settings_fields(compose: dict[str, Any], monkeyp
     settings = Settings(_env_file=None)
     assert settings.environment == "prod" and settings.queue_name == "celery"
     assert settings.database_url.startswith("postgresql+psycopg://")
-    assert settings.data_allowed_roots == ["/data/datasets"]
+    assert settings.artifact_root == "s3://arborist/artifacts"
+    assert settings.data_allowed_roots == ["s3://arborist/datasets"]
     assert settings.job_time_limit_s > settings.heartbeat_timeout_s
 
 
-def test_api_and_worker_share_settings_and_artifacts(compose: dict[str, Any]) -> None:
+def _substituted(value: str) -> str:
+    """A compose value with its ``${VAR:?message}`` references replaced by the variable's name."""
+    return re.sub(r"\$\{(\w+)(?::\?[^}]*)?\}", r"\1", value)
+
+
+def test_api_and_worker_share_only_the_network_services(compose: dict[str, Any]) -> None:
+    """Issue #19: API and worker may run on separate hosts. They share settings, and the artifact store is the
+    bucket the compose file creates on its S3 service (the endpoint and credentials the store itself uses); no
+    volume is mounted into either."""
     services = compose["services"]
     api, worker, migrate = _env(services["api"]), _env(services["worker"]), _env(services["migrate"])
     assert api == worker and migrate["ARBORIST_DATABASE_URL"] == api["ARBORIST_DATABASE_URL"]
-    root = api["ARBORIST_ARTIFACT_ROOT"]
-    mounts = {}
     for name in ("api", "worker"):
-        mounts[name] = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
-        assert root in mounts[name], f"{name} does not mount the artifact root {root}"
-    assert mounts["api"][root] == mounts["worker"][root]
-    assert mounts["api"][root] in compose["volumes"], "the artifact store must be a named volume"
+        assert not services[name].get("volumes"), f"{name} mounts a volume: it could not run on another host"
+    root = api["ARBORIST_ARTIFACT_ROOT"]
+    assert root.startswith("s3://")
+    bucket = root.removeprefix("s3://").split("/", 1)[0]
+    assert all(r.startswith(f"s3://{bucket}/") for r in json.loads(api["ARBORIST_DATA_ALLOWED_ROOTS"]))
+    minio, buckets = services["minio"], services["buckets"]
+    host, port = api["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    assert host == "minio" and minio["command"][:2] == ["server", "/data"] and port == "9000"
+    creds = {k: _substituted(v) for k, v in _env(minio).items()}
+    assert _substituted(api["AWS_ACCESS_KEY_ID"]) == creds["MINIO_ROOT_USER"]
+    assert _substituted(api["AWS_SECRET_ACCESS_KEY"]) == creds["MINIO_ROOT_PASSWORD"]
+    assert f"store/{bucket}" in buckets["command"][0] and "mc mb --ignore-existing" in buckets["command"][0]
+    assert {k: _substituted(v) for k, v in _env(buckets).items()} == creds
+    assert _depends(buckets) == {"minio": "service_healthy"} and buckets["restart"] == "no"
+    for name in ("api", "worker"):
+        assert _depends(services[name])["buckets"] == "service_completed_successfully", name
+    assert "objects:/data" in minio["volumes"]
 
 
 def test_depends_on_and_healthchecks_are_consistent(compose: dict[str, Any]) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 
 import click
 
-from core.service.db import attempts
+from core.service.db import attempts, scheduling
+from core.service.limits import running_caps
 from core.service.queue import QUEUES, EmbeddedQueue
 from core.service.settings import Settings, get_settings
 from worker.control import Control
@@ -93,6 +94,8 @@ class EmbeddedWorker:
         self.stopping = threading.Event()
         self._ctx = _context()
         self._payload = settings.as_payload()
+        default_cap, caps = running_caps(settings)
+        self.caps: dict[str, Any] = {"default_cap": default_cap, "caps": caps}  # tenants' running_jobs limits
 
     def recover(self) -> None:
         """Requeues jobs held by processes of this node that no longer exist."""
@@ -131,7 +134,9 @@ class EmbeddedWorker:
         if free <= 0 or self.stopping.is_set():
             return
         ids = self.db.call(
-            lambda s: attempts.next_queued(session=s, queues=self.queues, exclude=list(self.children), limit=free),
+            lambda s: scheduling.fair_queued(
+                session=s, queues=self.queues, exclude=list(self.children), limit=free, **self.caps
+            ),
             deadline_s=10,
             what="poll",
         )

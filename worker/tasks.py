@@ -12,6 +12,7 @@ from core.service.queue.celery import TASK_NAME
 from worker import runner
 from worker.celery_app import settings_of
 from worker.reaper import worker_name
+from worker.turns import DEFER_S, Deferred, job_for_turn
 
 #: seconds before a task whose database was unreachable is tried again (doubling, capped)
 RETRY_BASE_S = 15
@@ -20,16 +21,26 @@ RETRY_MAX_S = 300
 
 @shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Any, job_id: str) -> str:
-    """Claims ``job_id`` (a redelivered or duplicate message finds nothing to claim and returns ``skipped``),
+    """Takes the turn this message gives (``worker.turns``: the fairest queued job, ``job_id`` or another), claims
+    it (a redelivered or duplicate message finds nothing to claim and returns ``skipped``),
     runs or resumes it, and records the outcome on the job row.
 
     If the database stays unreachable (past the runner's own retries), the message is re-sent for later: a job
     not yet claimed would otherwise wait in ``queued`` for the reaper's hourly resend; a claimed one is requeued
     by the reaper once its heartbeat is stale, and the retry then finds it again."""
+    settings = settings_of(self.app)
+    try:
+        job_id = job_for_turn(job_id, settings)  # fair between tenants: this turn may run another queued job
+    except Deferred:
+        raise self.retry(countdown=DEFER_S, max_retries=None) from None
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
+        raise self.retry(exc=exc, countdown=RETRY_BASE_S, max_retries=None) from exc
     try:
         return runner.run_job(
             job_id,
-            settings_of(self.app),
+            settings,
             worker=worker_name(self.request.hostname or "celery"),
             task_id=self.request.id,
             time_limit_errors=(SoftTimeLimitExceeded,),

@@ -158,7 +158,7 @@ async def create_dataset(
             request,
             session=session,
             store=store,
-            tenant_id=tenant.id,
+            tenant=tenant,
             max_bytes=settings.max_upload_bytes,
             form_fields=FORM_FIELDS,
             plan=partial(_registration, session, tenant),

@@ -14,7 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from api.auth import bearer_token
-from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, run_read
+from api.deps import BearerCredentials, CurrentTenant, QueueDep, SessionDep, SettingsDep, check_rate, run_read
 from api.routers._common import LOCATION, CursorQuery, LimitQuery
 from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
@@ -22,8 +22,9 @@ from core.engine.memory import MemoryPlan
 from core.errors import ClientClosedRequest, DoesNotFit, InvalidInput, ServiceUnavailable, problem_from_error
 from core.runs.preflight import check_job
 from core.runs.spec import PruneSpec
-from core.service.db import jobs, tenants
-from core.service.db.tables import Dataset, Job, JobState, Model
+from core.service.db import jobs, tenants, usage
+from core.service.db.tables import Dataset, Job, JobState, Model, Tenant
+from core.service.limits import TenantLimits, limits_for
 from core.service.queue import JobQueue
 
 log = logging.getLogger("arborist.api")
@@ -41,9 +42,10 @@ def queue_for(spec_device: str) -> str:
 
 
 def request_hash(body: JobCreate, spec: dict) -> str:
-    canonical = json.dumps(
-        {"model_id": body.model_id, "dataset_id": body.dataset_id, "spec": spec}, sort_keys=True, separators=(",", ":")
-    )
+    fields = {"model_id": body.model_id, "dataset_id": body.dataset_id, "spec": spec}
+    if body.priority:  # (left out at 0: the hashes of requests from before priorities are unchanged)
+        fields["priority"] = body.priority
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -95,6 +97,19 @@ def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Mode
             raise type(exc)(exc.detail, errors=[{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
 
     return check
+
+
+def admission(tenant: Tenant, limits: TenantLimits) -> Callable[[Session], None] | None:
+    """The tenant's queued-jobs check, run by ``jobs.create`` as a writer under the tenant's lock (none without
+    a limit)."""
+    if limits.queued_jobs is None:
+        return None
+
+    def admit(session: Session) -> None:
+        usage.lock_tenant(session, tenant)
+        usage.admit_job(session=session, tenant=tenant, limits=limits)
+
+    return admit
 
 
 def _positioned(job: JobPublic, conn: Connection | Session) -> JobPublic:
@@ -153,6 +168,8 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash(body, spec_json),
         check=preflight(spec, cap),
+        priority=body.priority,
+        admit=admission(tenant, limits_for(settings, tenant.name)),
     )
     if created:
         job = enqueue(session, queue, job)
@@ -186,10 +203,15 @@ async def get_job(job_id: str, request: Request, credentials: BearerCredentials)
     token = bearer_token(credentials)
     tenants.key_prefix(token)  # a malformed key is a 401 before any database I/O, as on every other route
 
+    limiter = request.app.state.rate_limiter
+
     def read(conn: Connection) -> Response:
-        job = _positioned(
-            JobPublic.model_validate(tenants.authenticated_job(conn=conn, token=token, job_id=job_id)), conn
-        )
+        def rate(tenant_id: str) -> None:  # the key's rate limit, before the job is looked at
+            name = limiter.known_name(tenant_id) or tenants.tenant_name(conn=conn, tenant_id=tenant_id)
+            check_rate(request, credentials, tenant_id, name)
+
+        row = tenants.authenticated_job(conn=conn, token=token, job_id=job_id, on_key=rate if limiter.active else None)
+        job = _positioned(JobPublic.model_validate(row), conn)
         headers = {"Retry-After": str(RETRY_AFTER_S[job.state])} if job.state in RETRY_AFTER_S else None
         return Response(job.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -217,9 +239,18 @@ def cancel_job(
     responses={202: {"headers": LOCATION}},
 )
 def retry_job(
-    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep
+    job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant, queue: QueueDep, settings: SettingsDep
 ) -> JobPublic:
-    """Failed or canceled → queued again; the worker resumes from its last checkpoint."""
+    """Failed or canceled → queued again; the worker resumes from its last checkpoint. A job queued again counts
+    against the tenant's queued-jobs limit like a new one (429 at it)."""
+    admit = admission(tenant, limits_for(settings, tenant.name))
+    if admit is not None:
+        jobs.get(session=session, tenant=tenant, job_id=job_id)  # 404 before 429
+        try:
+            admit(session)  # under the tenant's lock until the retry commits
+        except BaseException:
+            session.rollback()
+            raise
     job = jobs.retry(session=session, tenant=tenant, job_id=job_id)
     job = enqueue(session, queue, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

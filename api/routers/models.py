@@ -98,7 +98,7 @@ async def upload_model(
         request,
         session=session,
         store=store,
-        tenant_id=tenant.id,
+        tenant=tenant,
         max_bytes=settings.max_upload_bytes,
         form_fields=FORM_FIELDS,
         plan=partial(_registration, session, tenant, load_limits(settings)),

@@ -1,8 +1,14 @@
-"""Artifact store over fsspec: a local directory by default, any fsspec URL otherwise.
+"""Artifact store over fsspec: a local directory by default, any fsspec URL otherwise (``s3://bucket/prefix``
+for S3-compatible object storage, shared by API and workers on any number of hosts).
 
 Keys are relative, '/'-separated paths (``models/<tenant>/<id>.safetensors``). Writes go to a temporary name
-and are renamed into place when complete, so a reader never sees a partial file; a write that overflows its
-byte cap is aborted and its temporary file deleted. Memory stays flat: data moves in chunks.
+and are renamed into place when complete (on object storage: a server-side copy of the completed temporary
+object), so a reader never sees a partial file; a write that overflows its byte cap is aborted and its temporary
+file deleted (an unfinished multipart upload is aborted, never completed). Memory stays flat: data moves in
+chunks (on S3, at most one multipart part of ``S3_BLOCK_BYTES`` is buffered per open file).
+
+On object storage nothing is cached between calls: directory listings are not kept (another host may have
+written since), so ``exists`` and reads always ask the store.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 from core.errors import TooLarge
 
 CHUNK = 1024 * 1024
+#: the part size of S3 multipart uploads and the read-ahead of S3 reads: what one open object buffers
+S3_BLOCK_BYTES = 8 * 1024 * 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
 #: where uploads wait while they are validated (``staging/<tenant>/<uuid><suffix>``), moved away when registered
 STAGING = "staging"
@@ -126,15 +134,36 @@ class StreamWriter:
         self.closed = True
         with contextlib.suppress(Exception):  # closing may fail again (ENOSPC on the final flush)
             if self._fh is not None:
-                self._fh.close()
+                _discard(self._fh)
         self._fh = None
         with contextlib.suppress(FileNotFoundError):
             self.store.fs.rm(self.store._path(self._tmp))
 
 
+def _discard(fh: IO[bytes]) -> None:
+    """Ends an unfinished write without completing it: an object store's buffered file (S3) aborts its multipart
+    upload, so no partial object is ever created; a local file is closed (its temporary name is deleted next)."""
+    discard = getattr(fh, "discard", None)
+    if discard is not None and not isinstance(getattr(fh, "fs", None), LocalFileSystem) and hasattr(fh, "buffer"):
+        discard()
+        fh.closed = True  # type: ignore[misc]  # fsspec's buffered file: never flush what was discarded
+        return
+    fh.close()
+
+
+def _object_store_options(root: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults for object storage: no listings cache (other hosts write too) and bounded buffers."""
+    protocol = root.split("://", 1)[0] if "://" in root else "file"
+    if protocol in ("s3", "s3a"):
+        options.setdefault("use_listings_cache", False)
+        options.setdefault("default_block_size", S3_BLOCK_BYTES)
+    return options
+
+
 class ArtifactStore:
     def __init__(self, root: str, **storage_options: Any):
-        self.fs, path = fsspec.core.url_to_fs(root, **storage_options)
+        self.url = root
+        self.fs, path = fsspec.core.url_to_fs(root, **_object_store_options(root, storage_options))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             path = str(Path(path).expanduser().resolve())
@@ -145,6 +174,8 @@ class ArtifactStore:
         return f"{self.root}/{key}"
 
     def _ensure_parent(self, key: str) -> None:
+        if not self.is_local:
+            return  # object stores have no directories: a key's "parents" exist with it
         parent = self._path(key).rsplit("/", 1)[0]
         with contextlib.suppress(FileExistsError):
             self.fs.makedirs(parent, exist_ok=True)

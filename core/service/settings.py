@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field, computed_field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -15,6 +15,18 @@ MiB = 1024**2
 
 # Values that mark a secret nobody replaced; refused outside development.
 PLACEHOLDERS = ("changethis", "changeme")
+
+
+class TenantLimits(BaseModel):
+    """One tenant's limits (``core.service.limits``); a field left out takes the settings' default (``None``
+    there: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running_jobs: int | None = Field(None, ge=1)
+    queued_jobs: int | None = Field(None, ge=0)
+    stored_bytes: int | None = Field(None, ge=0)
+    requests_per_s: float | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -74,6 +86,14 @@ class Settings(BaseSettings):
     # Jobs are batch work: on a host they share with the API, they take the CPU the API leaves (a status poll
     # waits on its CPU share, not on the job). Linux niceness 0-19; 0 leaves jobs at the API's priority.
     job_nice: int = Field(10, ge=0, le=19, description="CPU niceness of job processes (0 = the API's priority)")
+
+    # Tenant limits (core/service/limits.py): these defaults apply to every tenant (None = no limit), and
+    # ``tenant_limits`` overrides them per tenant name, e.g. '{"acme": {"queued_jobs": 50, "running_jobs": 4}}'.
+    tenant_running_jobs: int | None = Field(None, ge=1, description="a tenant's jobs running at once")
+    tenant_queued_jobs: int | None = Field(None, ge=0, description="a tenant's jobs waiting (beyond: 429)")
+    tenant_stored_bytes: int | None = Field(None, ge=0, description="a tenant's uploads and outputs (beyond: 429)")
+    tenant_requests_per_s: float | None = Field(None, gt=0, description="requests per second per API key")
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant overrides")
 
     sse_poll_interval_s: float = Field(0.5, gt=0, le=30)
     sse_max_seconds: float = Field(900.0, gt=0, description="one events stream is closed after this long")

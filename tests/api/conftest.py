@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,14 @@ def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ha
         sse_poll_interval_s=0.05,
         sse_max_seconds=2.0,
     )
+    with serve_app(settings) as harness:
+        yield harness
+
+
+@contextmanager
+def serve_app(settings: Settings) -> Iterator[Harness]:
+    """``create_app(settings)`` with a ``RecordingQueue``, served by uvicorn on a free port in a thread (stopped on
+    exit). The database must be migrated."""
     queue = RecordingQueue()
     app = create_app(settings, queue)
     port = free_port()
@@ -119,7 +128,7 @@ def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ha
         queue=queue,
         sessionmaker=app.state.sessionmaker,
         store=app.state.store,
-        db="sqlite" if db_url.startswith("sqlite") else "postgresql",
+        db="sqlite" if settings.database_url.startswith("sqlite") else "postgresql",
     )
     try:
         yield harness

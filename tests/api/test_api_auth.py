@@ -93,16 +93,25 @@ def test_healthz_readyz(server):
         server.queue.healthy = True
 
 
-def test_prometheus_metrics(server, client, seed):
+def _queued_gauge(text: str) -> float | None:
+    lines = [ln for ln in text.splitlines() if ln.startswith('arborist_jobs{state="queued"}')]
+    return float(lines[0].split()[-1]) if lines else None
+
+
+def test_prometheus_metrics(server, client, seed, make_account):
     model_id, dataset_id = seed()
-    client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}})
+    for _ in range(2):
+        r = client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}})
+        assert r.status_code == 202, r.text
     client.get("/v1/jobs")
     text = server.client().get("/metrics").text
     assert 'arborist_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
     assert "arborist_http_request_duration_seconds_bucket" in text
-    assert 'arborist_jobs{state="queued"}' in text
-    queued = next(ln for ln in text.splitlines() if ln.startswith('arborist_jobs{state="queued"}'))
-    assert float(queued.split()[-1]) >= 1
+    # Issue #19: no caller learns how many jobs other tenants have; a tenant's key shows its own jobs only.
+    assert "arborist_jobs" not in text
+    assert _queued_gauge(client.get("/metrics").text) == 2
+    assert _queued_gauge(make_account().client.get("/metrics").text) == 0
+    assert server.client("arb_nope_nope").get("/metrics").status_code == 401
 
 
 def test_openapi_documents_problems(server):

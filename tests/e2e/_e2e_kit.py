@@ -135,6 +135,46 @@ def base_env(**arborist: Any) -> dict[str, str]:
     return env
 
 
+def start_celery_worker(
+    name: str, env: dict[str, str], log_dir: Path, processes: list[Proc], *, cwd: Path = ROOT
+) -> Proc:
+    """Starts ``celery worker`` (node ``<name>@e2e``, queues cpu and gpu, one job at a time) in ``cwd`` and waits
+    until it is ready; it is added to ``processes`` (killed at the end whatever happens)."""
+    proc = Proc(
+        f"celery {name}",
+        [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            "cpu,gpu",
+            "-c",
+            "1",
+            "-P",
+            "prefork",
+            "-n",
+            f"{name}@e2e",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ],
+        env,
+        log_dir / f"celery-{name}.log",
+        cwd=cwd,
+    ).start()
+    processes.append(proc)
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"celery worker {name} exited\n{proc.describe()}")
+        return " ready." in proc.log(200_000)
+
+    wait_for(ready, timeout=90, what=f"celery worker {name} to be ready", on_timeout=proc.describe)
+    return proc
+
+
 # --- SSE ---------------------------------------------------------------------------------------------------------
 
 

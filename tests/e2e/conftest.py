@@ -15,7 +15,6 @@ import pytest
 from _e2e_kit import (
     HEARTBEAT_TIMEOUT_S,
     REAPER_INTERVAL_S,
-    VENV_BIN,
     Api,
     ApiServer,
     DigitsFiles,
@@ -23,12 +22,16 @@ from _e2e_kit import (
     base_env,
     create_key,
     make_digits_files,
-    wait_for,
+    start_celery_worker,
 )
 from _pg import fresh_schema, schema_url
 from _redis import flushed_db
 
 REDIS_URL = os.environ.get("ARBORIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # db 11: these tests only
+#: ``s3``: the session's artifact store is a bucket on moto's S3 server instead of a local directory (the fault
+#: and end-to-end suites on object storage: ``ARBORIST_TEST_ARTIFACT_STORE=s3 pytest tests/e2e/...``). The
+#: disk-full test keeps its own tmpfs store either way.
+ARTIFACT_STORE = os.environ.get("ARBORIST_TEST_ARTIFACT_STORE", "local")
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +61,32 @@ def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def service_env(pg_url: str, redis_url: str, e2e_dir: Path) -> dict[str, str]:
+def artifact_store(e2e_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The session's artifact root and the environment that reaches it (``ARTIFACT_STORE``)."""
+    if ARTIFACT_STORE == "local":
+        yield str(e2e_dir / "artifacts"), {}
+        return
+    assert ARTIFACT_STORE == "s3", f"ARBORIST_TEST_ARTIFACT_STORE={ARTIFACT_STORE!r}: local or s3"
+    from _s3 import moto_s3
+
+    with moto_s3("arborist-e2e") as s3:
+        yield f"s3://arborist-e2e/{uuid.uuid4().hex[:8]}/artifacts", s3.env
+
+
+@pytest.fixture(scope="session")
+def service_env(
+    pg_url: str, redis_url: str, e2e_dir: Path, artifact_store: tuple[str, dict[str, str]]
+) -> dict[str, str]:
+    root, store_env = artifact_store
+    return {**store_env, **_service_env(pg_url, redis_url, e2e_dir, root)}
+
+
+def _service_env(pg_url: str, redis_url: str, e2e_dir: Path, artifact_root: str) -> dict[str, str]:
     return base_env(
         environment="dev",
         database_url=pg_url,
         broker_url=redis_url,
-        artifact_root=str(e2e_dir / "artifacts"),
+        artifact_root=artifact_root,
         data_allowed_roots=[str(e2e_dir / "datasets")],
         heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
         reaper_interval_s=REAPER_INTERVAL_S,
@@ -98,39 +121,7 @@ def start_worker(service_env: dict[str, str], e2e_dir: Path, processes: list[Pro
     """Starts ``celery worker`` (node ``<name>@e2e``, queues cpu and gpu, one job at a time) and waits for it."""
 
     def start(name: str, **env: str) -> Proc:
-        log = e2e_dir / f"celery-{name}.log"
-        proc = Proc(
-            f"celery {name}",
-            [
-                str(VENV_BIN / "celery"),
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-Q",
-                "cpu,gpu",
-                "-c",
-                "1",
-                "-P",
-                "prefork",
-                "-n",
-                f"{name}@e2e",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "INFO",
-            ],
-            {**service_env, **env},
-            log,
-        ).start()
-        processes.append(proc)
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise AssertionError(f"celery worker {name} exited\n{proc.describe()}")
-            return " ready." in proc.log(200_000)
-
-        wait_for(ready, timeout=90, what=f"celery worker {name} to be ready", on_timeout=proc.describe)
-        return proc
+        return start_celery_worker(name, {**service_env, **env}, e2e_dir, processes)
 
     return start
 

@@ -36,7 +36,7 @@ from _e2e_kit import (
     wait_for,
 )
 
-ServeFactory = Callable[[Path], tuple[str, Proc]]
+ServeFactory = Callable[..., tuple[str, Proc]]
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def start_serve() -> Iterator[ServeFactory]:
     """Starts ``python -m cli.serve`` on a data directory; every server (and its worker) is killed afterwards."""
     procs: list[Proc] = []
 
-    def start(data_dir: Path) -> tuple[str, Proc]:
+    def start(data_dir: Path, **settings: object) -> tuple[str, Proc]:
         port = free_port()
         # A broker URL in the environment must not matter: serve is always embedded.
         env = base_env(
@@ -52,6 +52,7 @@ def start_serve() -> Iterator[ServeFactory]:
             heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
             reaper_interval_s=REAPER_INTERVAL_S,
             sse_poll_interval_s=0.2,
+            **settings,
         )
         proc = Proc(
             f"serve-{len(procs)}",
@@ -134,6 +135,28 @@ def test_serve_happy_path(
 
     proc.popen.send_signal(signal.SIGINT)  # Ctrl-C: the API stops, then the worker; a clean exit
     assert proc.popen.wait(60) == 0, proc.describe()
+
+
+def test_serve_keeps_an_explicit_artifact_root_on_s3(
+    start_serve: ServeFactory, digits_files: DigitsFiles, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue #19: ``arborist serve`` replaced ARBORIST_ARTIFACT_ROOT with ``<data-dir>/artifacts`` (a job's
+    artifacts went to local disk, none to the configured bucket). The setting wins: everything goes to the bucket."""
+    from _s3 import moto_s3
+
+    data_dir = tmp_path_factory.mktemp("serve-s3")
+    with moto_s3("serve-bucket") as s3:
+        base, proc = start_serve(data_dir, artifact_root="s3://serve-bucket/arborist")
+        assert "artifacts: s3://serve-bucket/arborist" in proc.log(50_000)
+        client, _ = _client(base, data_dir)
+        with client:
+            job = happy_path(Api(client, proc.describe), digits_files, timeout=150)
+        stored = {k.rsplit("/", 1)[-1] for k in s3.files(f"serve-bucket/arborist/jobs/{job['id']}")}
+        assert {"pruned.safetensors", "masks.safetensors", "report.json"} <= stored, stored
+        assert any("/models/" in k for k in s3.files("serve-bucket/arborist"))
+        assert not (data_dir / "artifacts").exists()  # nothing on local disk
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.popen.wait(60) == 0, proc.describe()
 
 
 def test_serve_restarts_resume_jobs(

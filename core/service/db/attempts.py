@@ -9,7 +9,6 @@ commits its own unit of work.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -266,20 +265,6 @@ def mark_resent(*, session: Session, job_id: str, reason: str) -> None:
 
 
 # --- the embedded worker ---------------------------------------------------------------------------------------
-
-
-def next_queued(
-    *, session: Session, queues: Collection[str] | None = None, exclude: Sequence[str] = (), limit: int = 10
-) -> list[str]:
-    """Ids of queued jobs, oldest first (the embedded worker's poll)."""
-    stmt = select(Job.id).where(Job.state == JobState.QUEUED, Job.cancel_requested.is_(False))
-    if queues is not None:
-        stmt = stmt.where(Job.queue.in_(list(queues)))
-    if exclude:
-        stmt = stmt.where(Job.id.not_in(list(exclude)))
-    ids = list(session.scalars(stmt.order_by(Job.created_at, Job.id).limit(limit)))
-    session.rollback()
-    return ids
 
 
 def running_jobs(*, session: Session, worker_prefix: str | None = None) -> list[Job]:

@@ -34,12 +34,15 @@ def create(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     check: Callable[[Model, Dataset], None] | None = None,
+    priority: int = 0,
+    admit: Callable[[Session], None] | None = None,
 ) -> tuple[Job, bool]:
     """A queued job; returns ``(job, created)``.
 
     With an ``idempotency_key`` already used by this tenant: the same ``request_hash`` returns the existing job
     (``created=False``), a different one raises ``IdempotencyMismatch``. ``check`` (e.g. the API's preflight)
-    sees the model and dataset rows of a new job before it is inserted, and raises to refuse it.
+    sees the model and dataset rows of a new job before it is inserted, and raises to refuse it; ``admit`` (the
+    tenant's limits: ``usage.admit_job``) runs in the inserting transaction, as a writer, and raises to refuse it.
     """
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
@@ -74,6 +77,12 @@ def create(
     # one not yet started waits for this transaction (SQLite), or fails its check on the new job (PostgreSQL: the
     # foreign keys lock the rows).
     begin_write(session)
+    if admit is not None:
+        try:
+            admit(session)
+        except BaseException:
+            session.rollback()
+            raise
     gone = inputs.missing(session=session, tenant=tenant, model_id=model_id, dataset_id=dataset_id)
     if gone:
         session.rollback()
@@ -88,6 +97,7 @@ def create(
         dataset_id=dataset_id,
         spec=spec,
         queue=queue,
+        priority=priority,
         state=JobState.QUEUED,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -276,9 +286,12 @@ def finish(
     return get_unscoped(session=session, job_id=job_id)
 
 
-def counts_by_state(*, session: Session) -> dict[str, int]:
-    """Job counts over all tenants (for /metrics)."""
-    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+def counts_by_state(*, session: Session, tenant: Tenant | None = None) -> dict[str, int]:
+    """Job counts by state: ``tenant``'s (for its /metrics), or over all tenants (an admin's)."""
+    stmt = select(Job.state, func.count())
+    if tenant is not None:
+        stmt = stmt.where(Job.tenant_id == tenant.id)
+    rows = session.execute(stmt.group_by(Job.state)).all()
     counts = {s.value: 0 for s in JobState}
     for state, n in rows:
         counts[JobState(state).value] = n

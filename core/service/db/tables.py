@@ -134,6 +134,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_tenant_id_state", "tenant_id", "state"),
+        Index("ix_jobs_state_queue_tenant_id", "state", "queue", "tenant_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -143,6 +144,9 @@ class Job(Base):
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    # Within its tenant, a job of higher priority starts first (core.service.db.scheduling); between tenants it
+    # counts for nothing: the schedulers take turns between tenants.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     state: Mapped[JobState] = mapped_column(JOB_STATE_TYPE, default=JobState.QUEUED, index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int | None] = mapped_column(Integer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -100,7 +101,7 @@ _KEYS, _JOBS = ApiKey.__table__, Job.__table__
 #: The key by its prefix, and the job if it is this key's tenant's. Built once (SQLAlchemy then keys its compiled
 #: form on this very object), over tables rather than mapped classes, so no ORM step runs.
 _AUTHENTICATED_JOB = (
-    select(_KEYS.c.key_hash, _KEYS.c.revoked_at, *_JOBS.c)
+    select(_KEYS.c.key_hash, _KEYS.c.revoked_at, _KEYS.c.tenant_id.label("key_tenant_id"), *_JOBS.c)
     .select_from(
         _KEYS.outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == _KEYS.c.tenant_id))
     )
@@ -109,16 +110,26 @@ _AUTHENTICATED_JOB = (
 _JOB_KEYS = tuple(column.key for column in _JOBS.c)
 
 
-def authenticated_job(*, conn: Connection, token: str, job_id: str) -> dict[str, Any]:
+def authenticated_job(
+    *, conn: Connection, token: str, job_id: str, on_key: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """``authenticate`` then ``jobs.get`` (same errors, same tenant scoping) in one round trip, on a bare connection:
     the job's columns by name. For the status poll, the API's hottest path, where the ORM's bookkeeping and a
-    second query cost more than the lookups themselves."""
+    second query cost more than the lookups themselves. ``on_key(tenant id)`` runs once the key is valid, before
+    the job is looked at (the key's rate limit)."""
     row = conn.execute(
         _AUTHENTICATED_JOB, {"prefix": key_prefix(token), "job_id": job_id if is_id(job_id) else ""}
     ).one_or_none()
     _check_key(token, row and row[0], row and row[1])
     assert row is not None
-    job = dict(zip(_JOB_KEYS, row[2:]))
+    if on_key is not None:
+        on_key(row[2])
+    job = dict(zip(_JOB_KEYS, row[3:]))
     if job["id"] is None:
         raise NotFound(f"Job {job_id!r} not found")
     return job
+
+
+def tenant_name(*, conn: Connection, tenant_id: str) -> str:
+    """A tenant's name by id, on a bare connection."""
+    return str(conn.execute(select(Tenant.name).where(Tenant.id == tenant_id)).scalar_one())
