@@ -60,7 +60,9 @@ class Pattern:
             if not (1 <= r <= MAX_GROUP and 1 <= c <= MAX_GROUP) or r * c < 2:
                 raise ValueError(f"pattern {text!r}: block tiles need 1 ≤ R, C ≤ {MAX_GROUP} and R·C ≥ 2")
             return cls("block", rows=r, cols=c)
-        raise ValueError(f"pattern {text!r} is not 'unstructured', 'N:M' (like '2:4') or 'block:RxC' (like 'block:4x4')")
+        raise ValueError(
+            f"pattern {text!r} is not 'unstructured', 'N:M' (like '2:4') or 'block:RxC' (like 'block:4x4')"
+        )
 
     def __str__(self) -> str:
         if self.kind == "nm":
@@ -128,7 +130,7 @@ def prune_rows(scores: Tensor, sparsity: float, pattern: Pattern, pruned: Tensor
     already ``pruned`` stay pruned. N:M prunes exactly M − N per group (the pattern's sparsity)."""
     if pruned is not None:
         scores = scores.masked_fill(pruned, float("-inf"))
-    rows, cols = scores.shape
+    cols = scores.shape[1]
     if pattern.kind == "nm":
         return nm_candidates(scores, pattern.n, pattern.m)
     if pattern.kind == "block":

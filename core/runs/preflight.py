@@ -29,6 +29,7 @@ from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
 from core.runs.budget import memory_plan
+from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
 
@@ -84,7 +85,9 @@ def _check_fit(model: nn.Module, spec: PruneSpec, input_shape: Sequence[int], nu
 
 def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> None:
     params = dict(model.named_parameters())
-    memory_plan(spec, {n: tuple(params[n].shape) for n in pruned_names(model, spec)}, server_budget_mb)
+    shapes = {n: tuple(params[n].shape) for n in pruned_names(model, spec)}
+    check_pattern(spec, shapes)
+    memory_plan(spec, shapes, server_budget_mb)
 
 
 def check_job(

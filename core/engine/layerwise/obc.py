@@ -34,7 +34,12 @@ def _fixed_mask_update(W: Tensor, hinv: Tensor, mask: Tensor) -> Tensor:
 
 
 def obc(
-    w: Tensor, h: Tensor, sparsity: float, pattern: Pattern | None = None, *, damp: float = 0.01,
+    w: Tensor,
+    h: Tensor,
+    sparsity: float,
+    pattern: Pattern | None = None,
+    *,
+    damp: float = 0.01,
     pruned: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Prune the (rows, cols) matrix ``w`` with input Hessian ``h``: (the new weights, the prune-mask, the OBS
@@ -82,4 +87,3 @@ def obc(
         W[r0:r1] = wb
         mask[r0:r1] = done
     return W.to(w.dtype), mask, total
-
