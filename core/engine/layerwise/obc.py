@@ -46,7 +46,7 @@ def obc(
     loss ½·Σ_rows δwᵀHδw of the greedy steps)."""
     pattern = pattern or Pattern()
     hinv = inverse(h, damp)
-    W = w.detach().to(torch.float64)
+    W = w.detach().to(torch.float64).clone()
     rows, cols = W.shape
     old = pruned if pruned is not None else torch.zeros_like(W, dtype=torch.bool)
     if pattern.kind == "block":

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.layerwise.hessian import Hessian, input_columns
+from core.engine.obs import Scope
 from core.engine.patterns import Pattern, as_matrix
 
 #: a layer solver: (weights (rows, cols), H, sparsity, pattern, pruned=…, **options) → (weights, prune-mask, loss)
@@ -96,6 +97,7 @@ class LayerwisePruner:
     config: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     options: dict = field(default_factory=dict)  # the solver's own (SparseGPT: blocksize, damp; OBC: damp)
     log: list[LayerStep] = field(default_factory=list)
+    scope: Scope = Scope.LAYER  # every layer to the target: the solvers are per layer
 
     def prune(
         self,
