@@ -169,8 +169,8 @@ def llama_child(args: argparse.Namespace) -> None:
 
 
 def llama(args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "llama-child", "--calibration", str(args.calibration), "--length", str(args.length)]
-    cmd += ["--batch", str(args.batch)]
+    cmd = [sys.executable, __file__, "llama-child", "--calibration", str(args.calibration)]
+    cmd += ["--length", str(args.length), "--batch", str(args.batch)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["fits_model_plus_2gb"] = result["peak_over_model_gb"] <= 2.0

@@ -517,8 +517,9 @@ class Run:
         zeros = sum(m.numel() - int(m.sum()) for m in masks.values())
         dense_macs, sparse_macs = count_macs(model, example, masks)
         fid = self.state.fidelity
-        num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in fid)
-        den = sum(f["predicted_loss_change"] ** 2 for f in fid)
+        modelled = [f for f in fid if f["predicted_loss_change"] is not None]  # layer-wise methods predict none
+        num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in modelled)
+        den = sum(f["predicted_loss_change"] ** 2 for f in modelled)
         return {
             "version": 1,
             "spec": self.spec.model_dump(mode="json", by_alias=True),

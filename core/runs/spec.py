@@ -230,7 +230,11 @@ class PruneSpec(_Strict):
         if "sparsity" not in data:
             return {**data, "sparsity": fixed}
         given = data["sparsity"]
-        if _is_number(given) and not math.isclose(float(given), fixed, abs_tol=1e-9):
+        try:
+            differs = _is_number(given) and not math.isclose(float(given), fixed, abs_tol=1e-9)
+        except OverflowError:  # an integer beyond any float: the field's own bounds refuse it
+            differs = False
+        if differs:
             raise ValueError(
                 f"pattern {data['pattern']} fixes sparsity at {fixed:g}; leave sparsity out or set it to {fixed:g}"
             )

@@ -56,8 +56,17 @@ def block_list(model: nn.Module) -> str | None:
     return best
 
 
+class _Stop(Exception):
+    """Ends a calibration pass early: the rest of the forward pass is not needed."""
+
+
 def layer_groups(model: nn.Module, names: list[str], probe: Tensor) -> list[list[str]]:
     """The selected weights' layers (module names) in groups, ordered by their first call on ``probe``."""
+    return _probe(model, names, probe)[0]
+
+
+def _probe(model: nn.Module, names: list[str], probe: Tensor) -> tuple[list[list[str]], dict[str, int]]:
+    """(the groups, how often the forward pass on ``probe`` calls each layer)."""
     modules = dict(model.named_modules())
     layers = []
     for n in names:
@@ -68,9 +77,11 @@ def layer_groups(model: nn.Module, names: list[str], probe: Tensor) -> list[list
             raise ValueError(f"layer-wise methods prune the weights of Linear and Conv layers; {n} is not one")
         layers.append(mod_name)
     order: dict[str, int] = {}
+    calls: dict[str, int] = {}
 
     def seen(m: str) -> None:
         order.setdefault(m, len(order))
+        calls[m] = calls.get(m, 0) + 1
 
     handles = [modules[m].register_forward_pre_hook(lambda mod, args, m=m: seen(m)) for m in layers]
     try:
@@ -85,7 +96,11 @@ def layer_groups(model: nn.Module, names: list[str], probe: Tensor) -> list[list
     for m in sorted(layers, key=lambda m: order.get(m, len(order))):
         key = ".".join(m.split(".")[: len(prefix.split("."))]) if prefix and m.startswith(prefix) else m
         groups.setdefault(key, []).append(m)
-    return list(groups.values())
+    return list(groups.values()), calls
+
+
+def _raise_stop() -> None:
+    raise _Stop
 
 
 @dataclass
@@ -123,9 +138,11 @@ class LayerwisePruner:
         was_training = model.training
         model.eval()
         try:
-            groups = layer_groups(model, names, x[:1])
+            groups, calls = _probe(model, names, x[:1])
             for gi, group in enumerate(groups):
-                hessians = self._calibrate(model, [modules[m] for m in group], x)
+                # the pass stops after the group's last layer when each of its layers is called once per pass
+                last = modules[group[-1]] if all(calls.get(m) == 1 for m in group) else None
+                hessians = self._calibrate(model, [modules[m] for m in group], x, last)
                 for m, hs in zip(group, hessians, strict=True):
                     name = f"{m}.weight" if m else "weight"
                     old = masks.get(name) if masks else None
@@ -137,8 +154,11 @@ class LayerwisePruner:
         self.log.append(step)
         return {n: out[n] for n in names}
 
-    def _calibrate(self, model: nn.Module, layers: list[nn.Module], x: Tensor) -> list[list[Hessian]]:
-        """Every layer's input Hessians (one per conv group) over one pass of the model over ``x``."""
+    def _calibrate(
+        self, model: nn.Module, layers: list[nn.Module], x: Tensor, last: nn.Module | None = None
+    ) -> list[list[Hessian]]:
+        """Every layer's input Hessians (one per conv group) over one pass of the model over ``x``, stopped once
+        ``last`` has been called (the rest of the pass is not needed)."""
         hessians: list[list[Hessian]] = []
         for mod in layers:
             w = mod.weight
@@ -154,10 +174,15 @@ class LayerwisePruner:
             mod.register_forward_pre_hook(lambda mod, args, hs=hs: hook(mod, args, hs))
             for mod, hs in zip(layers, hessians, strict=True)
         ]
+        if last is not None:
+            handles.append(last.register_forward_hook(lambda mod, args, out: _raise_stop()))
         try:
             with torch.no_grad():
                 for chunk in x.split(self.config.batch):
-                    model(chunk)
+                    try:
+                        model(chunk)
+                    except _Stop:
+                        pass
         finally:
             for h in handles:
                 h.remove()
