@@ -170,7 +170,7 @@ def llama_child(args: argparse.Namespace) -> None:
 
 def llama(args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "llama-child", "--calibration", str(args.calibration)]
-    cmd += ["--length", str(args.length), "--batch", str(args.batch)]
+    cmd += ["--length", str(args.length), "--batch", str(args.batch), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["fits_model_plus_2gb"] = result["peak_over_model_gb"] <= 2.0
@@ -186,14 +186,16 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=256)
     p.add_argument("--length", type=int, default=None, help="tokens per sentence / sequence")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores are busy)")
     p.add_argument("--obc", action="store_true", help="also obc vs sparsegpt on one 384 × 384 layer")
     args = p.parse_args()
     args.methods = args.methods.split(",")
+    torch.set_num_threads(args.threads)
     if args.what == "llama-child":
         args.calibration, args.length = args.calibration or 16, args.length or 128
         llama_child(args)
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     if args.what == "minilm":
         args.calibration, args.length = args.calibration or 256, args.length or 64
         save("layerwise_minilm", minilm(args))

@@ -16,7 +16,7 @@ from test_serve_e2e import ServeFactory, _client, start_serve  # noqa: F401 (the
 JOBS = {
     "sparsegpt": {"pattern": "2:4"},
     "obc": {"sparsity": 0.5},
-    "wanda": {"sparsity": 0.5, "pattern": "block:2x4"},
+    "wanda": {"sparsity": 0.5, "pattern": "4:8"},
 }
 
 
@@ -57,8 +57,9 @@ def test_one_job_per_layerwise_method_through_the_api(
             assert report["method"] == method and report["lambda"] is None
             assert report["pattern"] == {"pattern": pattern, "holds": True, "layers_checked": 2}
             blob = api.download(job["id"], "pruned.safetensors")
-            check_pruned_model(blob, digits_files, sparsity=0.5, min_accuracy=0.85)
-            if pattern == "2:4":
+            check_pruned_model(blob, digits_files, sparsity=0.5, min_accuracy=0.8)
+            if pattern != "unstructured":  # N:M in the downloaded weights themselves
+                n, m = map(int, pattern.split(":"))
                 for name, w in load(blob).items():
                     if name.endswith("weight"):
-                        assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
+                        assert torch.all((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n)
