@@ -183,7 +183,7 @@ def main() -> None:
     p.add_argument("what", choices=["minilm", "llama", "llama-child"])
     p.add_argument("--methods", default="sparsegpt,wanda,magnitude")
     p.add_argument("--calibration", type=int, default=None, help="calibration sentences / sequences")
-    p.add_argument("--held-out", type=int, default=256)
+    p.add_argument("--held-out", type=int, default=128)
     p.add_argument("--length", type=int, default=None, help="tokens per sentence / sequence")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores are busy)")
@@ -195,9 +195,8 @@ def main() -> None:
         args.calibration, args.length = args.calibration or 16, args.length or 128
         llama_child(args)
         return
-    torch.set_num_threads(args.threads)
     if args.what == "minilm":
-        args.calibration, args.length = args.calibration or 256, args.length or 64
+        args.calibration, args.length = args.calibration or 64, args.length or 32
         save("layerwise_minilm", minilm(args))
     else:
         args.calibration, args.length = args.calibration or 16, args.length or 128
