@@ -80,7 +80,7 @@ def obc(
             coef = active * wb[idx, q] / dq
             total += float((active * wb[idx, q].square() / dq).sum()) / 2
             wb -= coef.unsqueeze(1) * col
-            hb -= (active / dq).view(-1, 1, 1) * col.unsqueeze(2) * col.unsqueeze(1)
+            hb.baddbmm_((col * (active / dq).unsqueeze(1)).unsqueeze(2), col.unsqueeze(1), alpha=-1)  # in place
             done[idx, q] |= active.bool()
             wb.masked_fill_(done, 0.0)
             hb.diagonal(dim1=1, dim2=2).masked_fill_(done, 1.0)  # removed coordinates: no 0/0 in later scores
