@@ -96,8 +96,8 @@ class FisherSpec(_Strict):
         None,
         ge=1,
         le=1_000_000,
-        description="m: number of Fisher samples (gradients); default: as many as the training split allows, "
-        f"up to {DEFAULT_SAMPLES} (training examples // batch_size)",
+        description="m: number of Fisher samples (gradients; for sparsegpt, obc and wanda: calibration inputs); "
+        f"default: as many as the training split allows, up to {DEFAULT_SAMPLES} (training examples // batch_size)",
     )
     batch_size: int = Field(1, ge=1, le=4096, description="Fisher mini-batch size: examples averaged per sample")
     block_size: Annotated[int, Field(ge=1, le=BLOCK_SIZE_MAX)] | Literal["layer"] = Field(
