@@ -95,8 +95,16 @@ EXPECTED = {
         Method.EXACT_OBS: (0, 3 * 36 * 36 * 4),
     },
 }
+# Layer-wise methods: no gradients; the input Hessians of the layers (4 × 4 and 6 × 6), whatever the blocks and m.
+LAYERWISE = {m: (0, (4 * 4 + 6 * 6) * 4) for m in (Method.SPARSEGPT, Method.OBC, Method.WANDA)}
 EXPECTED = {
-    k: {**v, Method.WOODTAYLOR: v[Method.WOODFISHER], Method.MAGNITUDE: (0, 0), Method.GLOBAL_MAGNITUDE: (0, 0)}
+    k: {
+        **v,
+        Method.WOODTAYLOR: v[Method.WOODFISHER],
+        Method.MAGNITUDE: (0, 0),
+        Method.GLOBAL_MAGNITUDE: (0, 0),
+        **LAYERWISE,
+    }
     for k, v in EXPECTED.items()
 }
 

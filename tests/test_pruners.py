@@ -40,6 +40,9 @@ def test_every_method_reaches_the_sparsity_exactly(tiny_task, method):
         assert torch.equal(params[n] == 0, masks[n] == 0)
     if method is Method.MAGNITUDE:
         assert all(zeros[n] == round(0.6 * sizes[n]) for n in names)
+    elif method_info(method).layerwise:  # per row of every layer (SparseGPT: per row of each column block)
+        shapes = {n: params[n].flatten(1).shape for n in names}
+        assert all(zeros[n] == shapes[n][0] * round(0.6 * shapes[n][1]) for n in names)
     else:
         assert sum(zeros.values()) == round(0.6 * sum(sizes.values()))
 

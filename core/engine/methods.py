@@ -24,6 +24,9 @@ from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
 from core.engine.curvature.hessian import MAX_WEIGHTS, ExactHessian
 from core.engine.curvature.hessian import peak_bytes as hessian_peak_bytes
 from core.engine.curvature.kfac import KFAC
+from core.engine.layerwise.obc import ROW_BYTES, obc
+from core.engine.layerwise.sparsegpt import sparsegpt
+from core.engine.layerwise.wanda import wanda
 from core.engine.layout import BlockLayout
 from core.engine.obs import Scope
 
@@ -36,6 +39,9 @@ class Method(str, Enum):
     DIAG_FISHER = "diag_fisher"
     KFAC = "kfac"
     EXACT_OBS = "exact_obs"
+    SPARSEGPT = "sparsegpt"
+    OBC = "obc"
+    WANDA = "wanda"
 
 
 #: a method's estimator from the Fisher sampling settings and the block size (None: one block per layer)
@@ -82,6 +88,8 @@ class MethodInfo:
     taylor: bool = False  # uses the first-order term (the mean gradient) in the OBS step
     uses_blocks: bool = False  # block-diagonal in fisher.block_size blocks, which a memory budget may shrink
     max_weights: int | None = None  # the most weights it takes (exact OBS: the Hessian is D × D)
+    #: layer-wise from calibration inputs (core.engine.layerwise): the layer solver; the estimator is unused
+    layerwise: Callable | None = None
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
         """Raise ValueError for a scope (None: the default) or an update this method does not support."""
@@ -203,6 +211,36 @@ def _hessian_peak(layout: BlockLayout, z: Sizing) -> int:
     return max(estimate, d2 + _step(layout, z) + (4 * d2 if z.joint else 0))
 
 
+def _layerwise_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
+    """No gradients; the input Hessians H (d_in × d_in) of the layers, at most all of them (one group's are held)."""
+    return 0, sum(math.prod(layer.shape[1:]) ** 2 for layer in layout.layers) * itemsize
+
+
+def _layerwise_peak(layout: BlockLayout, z: Sizing, rows_inverse: bool = False) -> int:
+    """The Hessians, and for the largest layer its float64 factorisation (damped copy, Cholesky, inverse, U) and
+    three copies of its weights; OBC also the rows' copies of H⁻¹ (at most ``ROW_BYTES``)."""
+    hessians = _layerwise_memory(layout, z.m, z.itemsize)[1]
+    d = max(math.prod(layer.shape[1:]) for layer in layout.layers)
+    numel = max(layer.numel for layer in layout.layers)
+    rows = min(ROW_BYTES, max(layer.shape[0] for layer in layout.layers) * d * d * 8) if rows_inverse else 0
+    return hessians + 4 * d * d * 8 + 3 * numel * 8 + rows
+
+
+def _layerwise(name: Method, solver: Callable, rows_inverse: bool = False) -> MethodInfo:
+    return MethodInfo(
+        name,
+        _identity,
+        _layerwise_memory,
+        lambda layout, z: _layerwise_peak(layout, z, rows_inverse),
+        needs_gradients=False,
+        needs_labels=False,
+        default_scope=Scope.LAYER,
+        scopes=frozenset({Scope.LAYER}),
+        supports_joint=False,
+        layerwise=solver,
+    )
+
+
 _NO_DATA = {"needs_data": False, "needs_gradients": False, "needs_labels": False}
 
 METHODS: dict[Method, MethodInfo] = {
@@ -236,6 +274,9 @@ METHODS: dict[Method, MethodInfo] = {
             _hessian_peak,
             max_weights=MAX_WEIGHTS,
         ),
+        _layerwise(Method.SPARSEGPT, sparsegpt),
+        _layerwise(Method.OBC, obc, rows_inverse=True),
+        _layerwise(Method.WANDA, wanda),
     )
 }
 

