@@ -101,8 +101,13 @@ class _Builder:
         """``Range`` reads its length from values: checked against the limit before anything is built, when the
         graph is converted (constant operands) and on every run (operands computed from the input)."""
 
+        limit, name = self.limits.max_constant_elements, node.name or node.op_type  # not the builder: it holds
+        # every initializer, and the module keeps this closure
+
         def bounded(m: Any, *args: Any) -> Any:
-            self._check_size(node, (range_count(*args),), "would build a")
+            n = range_count(*args)
+            check_limit(n, limit, setting=_CONSTANTS_SETTING, what=f"Range node {node.name!r} would build a [{n}] "
+                        "tensor of", loc=["model", "nodes", name])  # fmt: skip
             return fn(m, *args)
 
         return bounded

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from core.errors import ArboristError, InvalidInput, out_of_memory_error
+
 from core.io.onnx.ops import HOST_OPS, SHAPE_ARGS, Fn
 from core.io.onnx.values import host, to_device
 
@@ -61,6 +63,19 @@ class Step:
         return self.fn(m, *args)
 
 
+def _run(s: Step, m: nn.Module, env: dict[str, Any]) -> Any:
+    """One step; a graph that cannot run on this input (ranks, broadcasting, indices out of range: things only
+    the data shows) is the user's problem, ``InvalidInput`` naming the node, not a server fault."""
+    try:
+        return s(m, env)
+    except ArboristError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        if out_of_memory_error(e) is not None:
+            raise
+        raise InvalidInput(f"the ONNX graph fails at its {s.op} node (output {s.outputs[0]!r}): {e}") from e
+
+
 class OnnxModule(nn.Module):
     """Runs a converted ONNX graph; ``layers`` holds its Linear/Conv/BatchNorm modules.
 
@@ -91,7 +106,7 @@ class OnnxModule(nn.Module):
         env.update({n: getattr(self, a) for n, a in self._const_attrs.items()})
         env.update(zip(self.input_names, args))
         for s in self.steps:
-            out = s(self, env)
+            out = _run(s, self, env)
             if len(s.outputs) == 1:
                 env[s.outputs[0]] = out
             else:  # an op whose outputs are all used (Split)
