@@ -106,7 +106,7 @@ class _Builder:
 
         def bounded(m: Any, *args: Any) -> Any:
             n = range_count(*args)
-            check_limit(n, limit, setting=_CONSTANTS_SETTING, what=f"Range node {node.name!r} would build a [{n}] "
+            check_limit(n or 0, limit, setting=_CONSTANTS_SETTING, what=f"Range node {node.name!r} would build a [{n}] "
                         "tensor of", loc=["model", "nodes", name])  # fmt: skip
             return fn(m, *args)
 

@@ -99,10 +99,13 @@ def _layer_norm(a: dict, opset: int, k: list) -> Fn:
     return fn
 
 
-def range_count(start: Any, limit: Any, delta: Any) -> int:
-    """``Range``'s length: ``max(ceil((limit - start) / delta), 0)``, exact for integers."""
+def range_count(start: Any, limit: Any, delta: Any) -> int | None:
+    """``Range``'s length: ``max(ceil((limit - start) / delta), 0)``, exact for integers; ``None`` for symbolic
+    operands (while ``torch.export`` traces: the length is the traced input's, known to be real)."""
     start, limit, delta = (v.reshape(-1)[0] if isinstance(v, np.ndarray) else v for v in (start, limit, delta))
     start, limit, delta = (v.item() if isinstance(v, Tensor) else v for v in (start, limit, delta))
+    if any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in (start, limit, delta)):
+        return None
     if delta == 0:
         raise InvalidInput("Range: delta must not be 0")
     if all(isinstance(v, (int, np.integer)) for v in (start, limit, delta)):
@@ -111,19 +114,21 @@ def range_count(start: Any, limit: Any, delta: Any) -> int:
 
 
 def _range(a: dict, opset: int, k: list) -> Fn:
-    """``Range(start, limit, delta)`` on scalars: host values when all three are (a sequence position, a mask
-    axis), else a tensor of their type. Its length is bounded by :mod:`core.io.onnx.build` before it is built."""
+    """``Range(start, limit, delta)`` on scalars: ``start + i·delta`` for i < :func:`range_count`, a tensor of the
+    operands' type (beside the module's weights when the operands are host values: the positions and mask axes
+    that exports build from ``Shape``; ``torch.arange`` takes them symbolic, so a traced batch stays dynamic).
+    Its length is bounded by :mod:`core.io.onnx.build` before it is built."""
 
-    def fn(m: Any, start: Any, limit: Any, delta: Any) -> Any:
-        n = range_count(start, limit, delta)
+    def fn(m: Any, start: Any, limit: Any, delta: Any) -> Tensor:
         if all(isinstance(v, np.ndarray) for v in (start, limit, delta)):
-            s, d = start.reshape(-1)[0], delta.reshape(-1)[0]
-            return np.asarray([s + i * d for i in range(n)], dtype=object)
+            device = next((t.device for t in (*m.buffers(), *m.parameters())), None) if m is not None else None
+            s, e, d = (v.reshape(-1)[0] for v in (start, limit, delta))
+            return torch.arange(s, e, d, dtype=torch.int64, device=device)
         like = next(v for v in (start, limit, delta) if isinstance(v, Tensor))
+        n = range_count(start, limit, delta)
         s, d = (v.reshape(-1)[0].item() if isinstance(v, (Tensor, np.ndarray)) else v for v in (start, delta))
-        return (s + d * torch.arange(n, device=like.device, dtype=torch.float64)).to(like.dtype) if n else (
-            torch.zeros(0, dtype=like.dtype, device=like.device)
-        )
+        steps = torch.arange(n, device=like.device, dtype=torch.float64 if like.is_floating_point() else torch.int64)
+        return (s + d * steps).to(like.dtype)
 
     return fn
 
