@@ -43,7 +43,8 @@ def bert_classifier() -> nn.Module:
 
     torch.manual_seed(0)
     config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
-                        vocab_size=VOCAB, num_labels=3, max_position_embeddings=64, attn_implementation="eager")  # fmt: skip
+                        vocab_size=VOCAB, num_labels=3, max_position_embeddings=64,
+                        attn_implementation="eager")  # fmt: skip
     return BertForSequenceClassification(config).eval()
 
 

@@ -124,7 +124,8 @@ def generators_graph() -> onnx.ModelProto:
         helper.make_node("OneHot", ["idx", "depth", "vals"], ["o"]),
         helper.make_node("Identity", ["x"], ["y"]),
     ]
-    inits = {"reps": i64(BIG, BIG), "scales": f32(1.0, 1e6), "idx": i64(1), "depth": i64(10**9), "vals": f32(0.0, 1.0)}  # fmt: skip
+    inits = {"reps": i64(BIG, BIG), "scales": f32(1.0, 1e6), "idx": i64(1), "depth": i64(10**9),
+             "vals": f32(0.0, 1.0)}  # fmt: skip
     return onnx_graph(nodes, inits)
 
 

@@ -29,8 +29,8 @@ from core.io.limits import DEFAULT_LIMITS, LoadLimits, check_limit, elements
 from core.io.onnx.bounds import floor_shape, fold_shape
 from core.io.onnx.module import OnnxModule, Step, layer_key
 from core.io.onnx.ops import LAYERS, SIMPLE, Fn, attrs, check_supported, host, same_pads, to_tensor, torch_pads, window
-from core.io.onnx.transformer_ops import CHECKS, MULTI_OUTPUT, range_count
 from core.io.onnx.safety import load_self_contained
+from core.io.onnx.transformer_ops import CHECKS, MULTI_OUTPUT, range_count
 
 _CONSTANTS_SETTING = "ARBORIST_MAX_CONSTANT_ELEMENTS"
 

@@ -15,9 +15,8 @@ import numpy as np
 from torch import Tensor, nn
 
 from core.errors import ArboristError, InvalidInput, out_of_memory_error
-
 from core.io.onnx.ops import HOST_OPS, SHAPE_ARGS, Fn
-from core.io.onnx.values import host, to_device
+from core.io.onnx.values import to_device
 
 
 def layer_key(name: str, taken: dict) -> str:
