@@ -256,3 +256,11 @@ def test_range_from_the_input_is_bounded_when_it_runs():
     assert converted(torch.tensor(3.0)).tolist() == [0, 1, 2]
     with pytest.raises(LimitExceeded, match=r"Range node 'r' would build a \[1000000000\] tensor"):
         converted(torch.tensor(1e9))
+
+
+def test_a_two_input_graph_fed_one_tensor_is_invalid_input():
+    """A job feeds one tensor of features; a graph of (input_ids, attention_mask) says what it takes."""
+    converted = onnx_to_torch(graph([node("Add", ["input_ids", "attention_mask"])],
+                                    {"input_ids": f32(2, 3), "attention_mask": f32(2, 3)}))  # fmt: skip
+    with pytest.raises(InvalidInput, match=r"takes 2 input\(s\) \['input_ids', 'attention_mask'\], it was given 1"):
+        converted(torch.zeros(2, 3))

@@ -99,8 +99,9 @@ class OnnxModule(nn.Module):
         self._ints = ints
 
     def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
-        if len(args) != len(self.input_names):
-            raise TypeError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(args)}")
+        if len(args) != len(self.input_names):  # e.g. (input_ids, attention_mask) fed one tensor of features
+            raise InvalidInput(f"the ONNX model takes {len(self.input_names)} input(s) {self.input_names}, "
+                               f"it was given {len(args)}")  # fmt: skip
         env: dict[str, Any] = dict(self._ints)
         env.update({n: getattr(self, a) for n, a in self._const_attrs.items()})
         env.update(zip(self.input_names, args))
