@@ -91,6 +91,12 @@ BOMBS = {
     "expand-of-input": (  # not folded: x is the graph input, but the shape asks for 3.6e9 elements at least
         [helper.make_node("Expand", ["x", "s"], ["y"], name="big")], {"s": i64(BIG, BIG)}, "big", [BIG, BIG],
     ),
+    "range": (  # its length comes from the operands' values: 10**12 elements from three scalars
+        [helper.make_node("Range", ["start", "limit", "delta"], ["big"], name="big"),
+         helper.make_node("Cast", ["big"], ["f"], to=TensorProto.FLOAT), add_to_x("f")],
+        {"start": np.array(0, np.int64), "limit": np.array(10**12, np.int64), "delta": np.array(1, np.int64)},
+        "big", [10**12],
+    ),
     "pad-of-input": (
         [helper.make_node("Pad", ["x", "p"], ["y"], name="big")], {"p": i64(0, 0, 10**5, 10**5)}, "big",
         [10**5 + 1, 10**5 + 1],
@@ -104,14 +110,13 @@ def bomb(name: str) -> onnx.ModelProto:
 
 
 #: ops that build tensors from shapes or counts in ways the importer does not bound: not converted at all
-GENERATORS = ("EyeLike", "OneHot", "RandomNormal", "RandomUniformLike", "Range", "Resize", "Tile")
+GENERATORS = ("EyeLike", "OneHot", "RandomNormal", "RandomUniformLike", "Resize", "Tile")
 
 
 def generators_graph() -> onnx.ModelProto:
     """Every op of :data:`GENERATORS`, each asking for gigabytes."""
     nodes = [
         helper.make_node("Tile", ["x", "reps"], ["t"]),
-        helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
         helper.make_node("Resize", ["x", "", "scales"], ["z"]),
         helper.make_node("RandomNormal", [], ["n"], shape=[BIG, BIG]),
         helper.make_node("RandomUniformLike", ["x"], ["u"]),
@@ -119,8 +124,8 @@ def generators_graph() -> onnx.ModelProto:
         helper.make_node("OneHot", ["idx", "depth", "vals"], ["o"]),
         helper.make_node("Identity", ["x"], ["y"]),
     ]
-    inits = {"reps": i64(BIG, BIG), "start": f32(0.0), "limit": f32(1e12), "delta": f32(1.0),
-             "scales": f32(1.0, 1e6), "idx": i64(1), "depth": i64(10**9), "vals": f32(0.0, 1.0)}  # fmt: skip
+    inits = {"reps": i64(BIG, BIG), "scales": f32(1.0, 1e6), "idx": i64(1), "depth": i64(10**9),
+             "vals": f32(0.0, 1.0)}  # fmt: skip
     return onnx_graph(nodes, inits)
 
 

@@ -7,7 +7,8 @@ folded node's output shape is worked out first, by running the same op on the ``
 data: every op of :data:`~core.io.onnx.ops.SIMPLE` gets this for free, whatever ops are added later); the inputs
 an op reads as values (shapes, axes, pads) stay real. A node that is not folded but builds a tensor from a
 constant shape (``Expand`` to it, ``Pad`` by it) gets a lower bound on its output instead, assuming every unknown
-dimension is 1. Ops that would build tensors from shapes we cannot bound (``Tile``, ``Range``, ``Resize``,
+dimension is 1; ``Range`` is bounded by the length its operands give, at conversion and at run time. Ops that
+would build tensors from shapes we cannot bound (``Tile``, ``Resize``,
 ``RandomNormal``…) are not converted at all (:func:`~core.io.onnx.ops.check_supported`).
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from core.io.onnx.ops import SHAPE_ARGS, Fn, ints
+from core.io.onnx.transformer_ops import range_count
 
 __all__ = ["floor_shape", "fold_shape"]
 
@@ -28,6 +30,8 @@ def fold_shape(op: str, fn: Fn, known: list[Tensor | None]) -> tuple[int, ...]:
     without allocating the output."""
     if op == "ConstantOfShape":  # the fill value is an attribute: the output is built from the shape alone
         return tuple(ints(known[0]) or ())
+    if op == "Range":  # the length comes from the operands' values
+        return (range_count(*known),)
     keep = SHAPE_ARGS.get(op, set())
     args = [v if v is None or i in keep else v.to("meta") for i, v in enumerate(known)]
     out = fn(None, *args)

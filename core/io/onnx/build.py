@@ -30,6 +30,7 @@ from core.io.onnx.bounds import floor_shape, fold_shape
 from core.io.onnx.module import OnnxModule, Step, layer_key
 from core.io.onnx.ops import LAYERS, SIMPLE, Fn, attrs, check_supported, host, same_pads, to_tensor, torch_pads, window
 from core.io.onnx.safety import load_self_contained
+from core.io.onnx.transformer_ops import CHECKS, MULTI_OUTPUT, range_count
 
 _CONSTANTS_SETTING = "ARBORIST_MAX_CONSTANT_ELEMENTS"
 
@@ -73,35 +74,58 @@ class _Builder:
 
     def _node(self, i: int, node: onnx.NodeProto) -> None:
         a = attrs(node)
-        if any((o and self.consumers.get(o)) or o in self.graph_outputs for o in node.output[1:]):
+        multi = node.op_type in MULTI_OUTPUT
+        if not multi and any((o and self.consumers.get(o)) or o in self.graph_outputs for o in node.output[1:]):
             raise InvalidInput(f"{node.op_type} node {node.name!r}: only its first output is supported")
+        if node.op_type in CHECKS:
+            CHECKS[node.op_type](a, [self.rank.get(n) if n else None for n in node.input])
+        outputs = tuple(node.output) if multi else tuple(node.output[:1])
         if node.op_type == "Constant":
             self.known[node.output[0]] = self._constant(a)
         elif node.op_type in LAYERS:
             getattr(self, f"_{node.op_type.lower()}")(i, node, a)
         else:
             k = [self.known.get(n) if n else None for n in node.input]
-            fn = SIMPLE[node.op_type](a, self.opset, k)
+            fn = SIMPLE[node.op_type]({**a, "#outputs": len(outputs)}, self.opset, k)
+            if node.op_type == "Range":
+                fn = self._bounded_range(node, fn)
             if all(v is not None or not n for v, n in zip(k, node.input)):
                 self._fold(node, fn, k)
             else:
                 floor = floor_shape(node.op_type, a, self.opset, k)
                 if floor is not None:
                     self._check_size(node, floor, "would build at least a")
-                self._add(node.op_type, fn, node.input, node.output[:1])
+                self._add(node.op_type, fn, node.input, outputs)
+
+    def _bounded_range(self, node: onnx.NodeProto, fn: Fn) -> Fn:
+        """``Range`` reads its length from values: checked against the limit before anything is built, when the
+        graph is converted (constant operands) and on every run (operands computed from the input)."""
+
+        limit, name = self.limits.max_constant_elements, node.name or node.op_type  # not the builder: it holds
+        # every initializer, and the module keeps this closure
+
+        def bounded(m: Any, *args: Any) -> Any:
+            n = range_count(*args)
+            check_limit(n or 0, limit, setting=_CONSTANTS_SETTING, what=f"Range node {node.name!r} would build a [{n}] "
+                        "tensor of", loc=["model", "nodes", name])  # fmt: skip
+            return fn(m, *args)
+
+        return bounded
 
     def _fold(self, node: onnx.NodeProto, fn: Fn, k: list[Tensor | None]) -> None:
         """Computes a node whose inputs are all constants once, now, after bounding what it builds."""
-        shape = fold_shape(node.op_type, fn, k)
+        multi = node.op_type in MULTI_OUTPUT  # its outputs together are the size of its input
+        shape = tuple(k[0].shape) if multi else fold_shape(node.op_type, fn, k)
         self._check_size(node, shape, "would build a")
         self.folded += elements(shape)
         check_limit(self.folded, self.limits.max_constant_elements, setting=_CONSTANTS_SETTING,
                     what=f"with {node.op_type} node {node.name!r}, the constants folded from the graph would hold",
                     loc=["model", "nodes", node.name or node.op_type])  # fmt: skip
         out = fn(None, *k)
-        self.known[node.output[0]] = torch.tensor(out.tolist()) if isinstance(out, np.ndarray) else out
-        if node.input and node.input[0]:
-            self.origin[node.output[0]] = self.origin.get(node.input[0], node.input[0])
+        for name, value in zip(node.output, out) if multi else [(node.output[0], out)]:
+            self.known[name] = torch.tensor(value.tolist()) if isinstance(value, np.ndarray) else value
+            if node.input and node.input[0]:
+                self.origin[name] = self.origin.get(node.input[0], node.input[0])
 
     def _check_size(self, node: onnx.NodeProto, shape: tuple[int, ...], verb: str) -> None:
         check_limit(elements(shape), self.limits.max_constant_elements, setting=_CONSTANTS_SETTING,

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from core.io.onnx.ops import HOST_OPS, SHAPE_ARGS, Fn, host, to_device
+from core.errors import ArboristError, InvalidInput, out_of_memory_error
+from core.io.onnx.ops import HOST_OPS, SHAPE_ARGS, Fn
+from core.io.onnx.values import to_device
 
 
 def layer_key(name: str, taken: dict) -> str:
@@ -44,19 +46,33 @@ class Step:
     free: tuple[str, ...] = ()  # values dead after this step (keeps peak memory at one graph cut)
 
     def __call__(self, m: nn.Module, env: dict[str, Any]) -> Any:
-        """Run on host values when the inputs are all integers and one is already a host value
-        (shape arithmetic); otherwise on tensors, host values turned into tensors unless the op
-        reads that input as a shape."""
+        """Run on host values when every input is one (shape arithmetic); otherwise on tensors, host
+        values turned into tensors (on the device of the other inputs, else of the module) unless the
+        op reads that input as a shape. Integer tensors (token ids, masks) stay tensors: they are data."""
         vals = [env[n] if n else None for n in self.inputs]
         if not any(isinstance(v, np.ndarray) for v in vals):
             return self.fn(m, *vals)
         tensors = [v for v in vals if isinstance(v, Tensor)]
-        if self.op in HOST_OPS and not any(t.is_floating_point() for t in tensors):
-            return np.asarray(self.fn(m, *[v if v is None else host(v) for v in vals]), dtype=object)
+        if self.op in HOST_OPS and not tensors:
+            out = self.fn(m, *vals)
+            return np.asarray(out, dtype=object) if not isinstance(out, Tensor) else out
         keep = SHAPE_ARGS.get(self.op, set())
-        like = tensors[0] if tensors else None
+        like = tensors[0] if tensors else next(m.buffers(), next(m.parameters(), None))
         args = [to_device(v, like) if isinstance(v, np.ndarray) and i not in keep else v for i, v in enumerate(vals)]
         return self.fn(m, *args)
+
+
+def _run(s: Step, m: nn.Module, env: dict[str, Any]) -> Any:
+    """One step; a graph that cannot run on this input (ranks, broadcasting, indices out of range: things only
+    the data shows) is the user's problem, ``InvalidInput`` naming the node, not a server fault."""
+    try:
+        return s(m, env)
+    except ArboristError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        if out_of_memory_error(e) is not None:
+            raise
+        raise InvalidInput(f"the ONNX graph fails at its {s.op} node (output {s.outputs[0]!r}): {e}") from e
 
 
 class OnnxModule(nn.Module):
@@ -83,13 +99,18 @@ class OnnxModule(nn.Module):
         self._ints = ints
 
     def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
-        if len(args) != len(self.input_names):
-            raise TypeError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(args)}")
+        if len(args) != len(self.input_names):  # e.g. (input_ids, attention_mask) fed one tensor of features
+            raise InvalidInput(f"the ONNX model takes {len(self.input_names)} input(s) {self.input_names}, "
+                               f"it was given {len(args)}")  # fmt: skip
         env: dict[str, Any] = dict(self._ints)
         env.update({n: getattr(self, a) for n, a in self._const_attrs.items()})
         env.update(zip(self.input_names, args))
         for s in self.steps:
-            env[s.outputs[0]] = s(self, env)
+            out = _run(s, self, env)
+            if len(s.outputs) == 1:
+                env[s.outputs[0]] = out
+            else:  # an op whose outputs are all used (Split)
+                env.update((n, v) for n, v in zip(s.outputs, out) if n)
             for n in s.free:
                 del env[n]
         outs = tuple(env[n] for n in self.output_names)

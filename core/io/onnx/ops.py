@@ -20,6 +20,8 @@ from onnx import helper, numpy_helper
 from torch import Tensor
 
 from core.errors import InvalidInput
+from core.io.onnx.transformer_ops import HOST, OPS
+from core.io.onnx.values import host, ints
 
 Fn = Callable[..., Any]  # fn(module, *inputs) -> Tensor
 
@@ -33,27 +35,6 @@ def attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def to_tensor(t: onnx.TensorProto) -> Tensor:
     return torch.from_numpy(numpy_helper.to_array(t).copy())
-
-
-def ints(v: Tensor | np.ndarray | list | None) -> list[int] | None:
-    """A shape/axes operand as a list. Host values keep their elements as they are: under
-    ``torch.export`` they are SymInts, and ``int()`` would specialise them."""
-    if v is None:
-        return None
-    if isinstance(v, np.ndarray):
-        return v.reshape(-1).tolist()
-    return [int(i) for i in (v.tolist() if isinstance(v, Tensor) else v)]
-
-
-def host(v: Any) -> np.ndarray:
-    """An integer value as a host (object) array: what shape arithmetic runs on."""
-    return v if isinstance(v, np.ndarray) else np.asarray(v.tolist() if isinstance(v, Tensor) else v, dtype=object)
-
-
-def to_device(v: np.ndarray, like: Tensor | None) -> Tensor:
-    """A host value used as tensor data (e.g. Gather indices) → a tensor beside ``like``."""
-    device = like.device if like is not None else None
-    return torch.tensor(v.tolist(), dtype=torch.int64 if v.size == 0 else None, device=device)
 
 
 def torch_pads(begins: list[int], ends: list[int]) -> list[int]:
@@ -340,10 +321,11 @@ SIMPLE: dict[str, Callable[[dict, int, list], Fn]] = {
     "ReduceMean": _axes_op("axes", 18, _reduce(torch.mean)),
     "ReduceSum": _axes_op("axes", 13, _reduce(torch.sum)),
     "ReduceMax": _axes_op("axes", 18, _reduce(torch.amax)),
+    **OPS,
 }
 # Ops that also run on host (shape) values, and the inputs of other ops that are read as shapes
 HOST_OPS = {"Identity", "Cast", "Add", "Sub", "Mul", "Div", "Concat", "Gather", "Unsqueeze", "Squeeze", "Slice",
-            "Reshape", "Transpose"}  # fmt: skip
+            "Reshape", "Transpose"} | HOST  # fmt: skip
 SHAPE_ARGS = {"Reshape": {1}, "ConstantOfShape": {0}, "Expand": {1}, "Pad": {1, 3}, "Slice": {1, 2, 3, 4},
               "Unsqueeze": {1}, "Squeeze": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}}  # fmt: skip
 LAYERS = {"Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization"}
