@@ -82,7 +82,7 @@ class DatasetRegister(_Body):
 
     uri: str = Field(..., min_length=1, max_length=2048, examples=["file:///data/datasets/mnist.npz"])
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
-    format: Literal["npz", "safetensors", "parquet"] | None = None
+    format: Literal["npz", "safetensors", "parquet", "jsonl", "txt", "text_parquet"] | None = None
 
 
 class DatasetPublic(Public):
