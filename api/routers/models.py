@@ -16,8 +16,9 @@ from api.routers._inputs import add_input_routes
 from api.routing import JSONBodyRoute
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import UploadedFile
+from core.io.hf.validate import HFModelInfo, validate_model_upload
 from core.io.limits import LoadLimits
-from core.io.model_files import ModelInfo, validate_model_file
+from core.io.model_files import ModelInfo
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
 from core.service.names import NAME_FIELD
@@ -35,7 +36,10 @@ FORM_FIELDS: dict[str, Any] = {
     },
     "arch_kwargs": {"type": "string", "description": "JSON object of architecture arguments"},
 }
-UPLOAD_BODY = upload_openapi("safetensors state dict or ONNX model (pickles are refused)", FORM_FIELDS)
+UPLOAD_BODY = upload_openapi(
+    "safetensors state dict, ONNX model, or a .zip / .tar.gz of a Hugging Face model folder (pickles are refused)",
+    FORM_FIELDS,
+)
 
 
 def load_limits(settings: Settings) -> LoadLimits:
@@ -47,7 +51,7 @@ def load_limits(settings: Settings) -> LoadLimits:
 
 def _registration(
     session: Session, tenant: Tenant, limits: LoadLimits, fields: dict[str, str], file: UploadedFile
-) -> Registration[ModelInfo, Model]:
+) -> Registration[ModelInfo | HFModelInfo, Model]:
     """The model the form fields describe: its file loaded as a run would (``validate_model_file``, within
     ``limits``), its row."""
     name = input_name(fields, file.filename, "model")
@@ -55,7 +59,8 @@ def _registration(
     arch_kwargs = form_json_object(fields, "arch_kwargs")
     model_id = new_id("mdl")
 
-    def insert(info: ModelInfo, path: str) -> Model:
+    def insert(info: ModelInfo | HFModelInfo, path: str) -> Model:
+        detected = info.details if isinstance(info, HFModelInfo) else None  # what the archive was found to hold
         return inputs.create_model(
             session=session,
             tenant=tenant,
@@ -63,7 +68,7 @@ def _registration(
             name=name,
             format=info.format,
             arch=info.arch,
-            arch_kwargs=arch_kwargs if info.arch else None,
+            arch_kwargs=detected if detected is not None else (arch_kwargs if info.arch else None),
             size=file.size,
             sha256=file.sha256,
             path=path,
@@ -71,7 +76,7 @@ def _registration(
         )
 
     return Registration(
-        partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs, limits=limits),
+        partial(validate_model_upload, arch=arch, arch_kwargs=arch_kwargs, limits=limits),
         f"models/{tenant.id}/{model_id}",
         insert,
     )

@@ -24,6 +24,7 @@ from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
 from core.engine.methods import Method, method_info
 from core.engine.obs import Scope
+from core.runs.text_spec import TextSpec
 
 
 class _Strict(BaseModel):
@@ -196,6 +197,7 @@ class PruneSpec(_Strict):
         "ARBORIST_MEMORY_BUDGET_MB, if set, applies too (the lower of the two)",
     )
     allow_block_shrink: bool = False
+    text: TextSpec = Field(default_factory=TextSpec, description="Hugging Face models: tokenization and objective")
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:

@@ -1,0 +1,45 @@
+"""A job on a Hugging Face model: its archive loaded, its text dataset tokenized, its objective chosen.
+
+The spec's ``loss`` and ``metric`` are replaced by the objective's (``core.io.hf.prepare``): cross_entropy and
+accuracy for classification, MSE and loss otherwise (the report adds the embedding cosine or the perplexity).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from core.errors import InvalidInput
+from core.io.data import Dataset
+from core.io.data.text import TEXT_FORMATS, read_text_dataset
+from core.io.hf.load import load_hf_archive
+from core.io.hf.prepare import prepare_text_job
+from core.runs.spec import FisherKind, PruneSpec
+
+__all__ = ["load_hf_job"]
+
+
+def load_hf_job(
+    spec: PruneSpec, model_path: str | os.PathLike, data_path: str | os.PathLike, data_format: str
+) -> tuple[PruneSpec, nn.Module, Dataset]:
+    """The spec as the run executes it, the adapter and the tensors, from the stored archive and dataset file."""
+    if data_format not in TEXT_FORMATS:
+        raise InvalidInput(
+            f"a Hugging Face model runs on a text dataset (jsonl, txt or parquet with a text column), "
+            f"this one is {data_format}",
+            errors=[{"loc": ["dataset_id"], "msg": "not a text dataset", "type": "value_error"}],
+        )
+    text = read_text_dataset(data_path, data_format)
+    loaded = load_hf_archive(model_path, need_tokenizer=text.input_ids is None)
+    t = spec.text
+    prepared = prepare_text_job(loaded, text, max_length=t.max_length, packing=t.packing, objective=t.objective,
+                                mask_fraction=t.mask_fraction, seed=spec.seed)  # fmt: skip
+    if prepared.loss == "mse" and spec.fisher.kind is FisherKind.TRUE:
+        raise InvalidInput(
+            f"fisher.kind 'true' samples labels from a classifier's outputs; the {prepared.objective} objective has "
+            "none: use fisher.kind 'empirical'",
+            errors=[{"loc": ["spec", "fisher", "kind"], "msg": "empirical only here", "type": "value_error"}],
+        )
+    spec = spec.model_copy(update={"loss": prepared.loss, "metric": prepared.metric})
+    return spec, prepared.model, prepared.data
