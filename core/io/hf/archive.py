@@ -132,7 +132,7 @@ def _extract_zip(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
             if stat.S_ISLNK(mode):
                 raise _refuse(f"archive entry {info.filename!r} is a symbolic link: links are refused",
                               info.filename, UnsafeFormat)  # fmt: skip
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no Unix type recorded (a plain file)
                 raise _refuse(f"archive entry {info.filename!r} is not a regular file", info.filename, UnsafeFormat)
             if info.flag_bits & 0x1:
                 raise _refuse(f"archive entry {info.filename!r} is encrypted", info.filename)
