@@ -117,7 +117,9 @@ class Client:
         }
         with packed(path) as upload, open(upload, "rb") as fh:
             filename = Path(path).name + (".zip" if Path(path).is_dir() else "")
-            return self._json("POST", "/v1/models", data=fields, files={"file": (filename, fh, "application/octet-stream")})
+            return self._json(
+                "POST", "/v1/models", data=fields, files={"file": (filename, fh, "application/octet-stream")}
+            )
 
     def upload_dataset(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> dict[str, Any]:
         fields = {k: v for k, v in {"name": name, "format": format}.items() if v}

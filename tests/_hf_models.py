@@ -16,10 +16,45 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees near the old river "
-    "bank and children play with red balls under bright summer skies every morning before school starts"
-).split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "small",
+    "birds",
+    "sing",
+    "in",
+    "green",
+    "trees",
+    "near",
+    "the",
+    "old",
+    "river",
+    "bank",
+    "and",
+    "children",
+    "play",
+    "with",
+    "red",
+    "balls",
+    "under",
+    "bright",
+    "summer",
+    "skies",
+    "every",
+    "morning",
+    "before",
+    "school",
+    "starts",
+]
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -48,7 +83,8 @@ def write_tokenizer(folder: Path, *, causal: bool = False) -> int:
     tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
     if not causal:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))]
+            single="[CLS] $A [SEP]",
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
         )
     tok.save(str(folder / "tokenizer.json"))
     return tok.get_vocab_size()
@@ -56,19 +92,40 @@ def write_tokenizer(folder: Path, *, causal: bool = False) -> int:
 
 def write_model(folder: Path, kind: str, seed: int = 0) -> Path:
     """A tiny model folder: ``kind`` in bert (base), bert_cls (3 labels), bert_mlm, gpt2 (causal LM)."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
-    from transformers import BertForMaskedLM
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(folder, causal=kind == "gpt2")
     torch.manual_seed(seed)
     if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
-                            eos_token_id=0, pad_token_id=0)  # fmt: skip
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=64,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = GPT2LMHeadModel(config)
     else:
-        config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=64, num_labels=3)  # fmt: skip
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
         cls = {"bert": AutoModel, "bert_cls": AutoModelForSequenceClassification}.get(kind)
         model = BertForMaskedLM(config) if kind == "bert_mlm" else cls.from_config(config)
     model.save_pretrained(folder)

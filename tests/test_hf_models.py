@@ -119,7 +119,9 @@ def test_default_layers_are_the_block_linears(tiny: dict[str, Path]) -> None:
     assert not any("classifier" in n or "pooler" in n or "embeddings" in n for n in names)
     _, gpt = _prepare(tiny["gpt2"], sentences(4), packing=True)
     assert set(block_linear_names(gpt.model)) == {
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
 
 
@@ -172,7 +174,7 @@ def test_text_formats(tmp_path: Path) -> None:
 def test_hf_model_zip_round_trip(tiny: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    loaded, prep = _prepare(tiny["gpt2"], sentences(8), packing=True)
+    _, prep = _prepare(tiny["gpt2"], sentences(8), packing=True)
     names = prep.model.default_prunable_names()
     params = dict(prep.model.named_parameters())
     masks = {n: (torch.rand(params[n].shape, generator=torch.Generator().manual_seed(1)) > 0.5).float() for n in names}
@@ -226,8 +228,11 @@ def test_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     bin_only = {k: v for k, v in good.items() if k != "model.safetensors"} | {"pytorch_model.bin": pickle.dumps({})}
     _refused(_archive(tmp_path, bin_only), UnsafeFormat, r"pytorch_model.bin")
     _refused(_archive(tmp_path, good | {"config.json": cfg(auto_map={"AutoModel": "x.Y"})}), UnsafeFormat, "auto_map")
-    _refused(_archive(tmp_path, good | {"config.json": cfg(model_type="no-such-model")}), InvalidInput,
-             "transformers does not know")  # fmt: skip
+    _refused(
+        _archive(tmp_path, good | {"config.json": cfg(model_type="no-such-model")}),
+        InvalidInput,
+        "transformers does not know",
+    )
     _refused(_archive(tmp_path, good | {"tokenizer.json": pickle.dumps(_Marker())}), UnsafeFormat, "pickle")
     _refused(_archive(tmp_path, good | {"../evil.json": b"{}"}), UnsafeFormat, r"'\.\.'")
     _refused(_archive(tmp_path, good | {"/etc/evil.json": b"{}"}), UnsafeFormat, "absolute")
@@ -235,8 +240,11 @@ def test_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     sharded = {k: v for k, v in good.items() if k != "model.safetensors"}
     sharded |= {"model.safetensors.index.json": json.dumps(index).encode()}
     _refused(_archive(tmp_path, sharded), UnsafeFormat, "shard must be a .safetensors file in the model folder")
-    _refused(_archive(tmp_path, good | {"config.json": cfg(hidden_size=32, intermediate_size=64)}), InvalidInput,
-             "do not match the architecture")  # fmt: skip
+    _refused(
+        _archive(tmp_path, good | {"config.json": cfg(hidden_size=32, intermediate_size=64)}),
+        InvalidInput,
+        "do not match the architecture",
+    )
     _refused(_archive(tmp_path, good | {"inner.zip": zip_bytes({"a": b"b"})}), UnsafeFormat, "nested")
     _refused(_archive(tmp_path, good | {"modeling_evil.py": b"import os"}), UnsafeFormat, "Python code")
 
@@ -275,8 +283,11 @@ def test_bombs_are_refused_before_extraction(tiny: dict[str, Path], tmp_path: Pa
 
 
 def test_zip_and_tar_and_wrapped_folder_load(tiny: dict[str, Path], tmp_path: Path) -> None:
-    for path in (zip_folder(tiny["bert_cls"], tmp_path / "a.zip"), tar_folder(tiny["bert_cls"], tmp_path / "a.tgz"),
-                 zip_folder(tiny["bert_cls"], tmp_path / "b.zip", prefix="my-model/")):  # fmt: skip
+    for path in (
+        zip_folder(tiny["bert_cls"], tmp_path / "a.zip"),
+        tar_folder(tiny["bert_cls"], tmp_path / "a.tgz"),
+        zip_folder(tiny["bert_cls"], tmp_path / "b.zip", prefix="my-model/"),
+    ):
         loaded = load_hf_archive(path)
         assert loaded.source.details["head"] == "sequence_classification"
         assert loaded.source.details["num_labels"] == 3

@@ -52,7 +52,9 @@ def load_inputs(db: Database, store: ArtifactStore, settings: Settings, job: Job
     return spec, model, data
 
 
-def _hf_inputs(store: ArtifactStore, settings: Settings, spec: PruneSpec, model_row, ds_row) -> tuple[PruneSpec, Any, Dataset]:
+def _hf_inputs(
+    store: ArtifactStore, settings: Settings, spec: PruneSpec, model_row, ds_row
+) -> tuple[PruneSpec, Any, Dataset]:
     """A Hugging Face model's job: the archive and the text dataset (``core.runs.hf_job``)."""
     try:
         with store.materialize(model_row.path) as model_path:

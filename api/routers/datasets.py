@@ -42,7 +42,11 @@ FORM_FIELDS: dict[str, Any] = {
     "name": NAME_FIELD,
     "format": {"type": "string", "enum": list(FORMATS)},
 }
-CREATE_BODY = upload_openapi("npz, safetensors or parquet; text: jsonl, txt or parquet with a text column", FORM_FIELDS, DatasetRegister.model_json_schema())
+CREATE_BODY = upload_openapi(
+    "npz, safetensors or parquet; text: jsonl, txt or parquet with a text column",
+    FORM_FIELDS,
+    DatasetRegister.model_json_schema(),
+)
 
 
 def _format_field(fields: dict[str, str]) -> str | None:

@@ -33,8 +33,15 @@ def load_hf_job(
     text = read_text_dataset(data_path, data_format)
     loaded = load_hf_archive(model_path, need_tokenizer=text.input_ids is None)
     t = spec.text
-    prepared = prepare_text_job(loaded, text, max_length=t.max_length, packing=t.packing, objective=t.objective,
-                                mask_fraction=t.mask_fraction, seed=spec.seed)  # fmt: skip
+    prepared = prepare_text_job(
+        loaded,
+        text,
+        max_length=t.max_length,
+        packing=t.packing,
+        objective=t.objective,
+        mask_fraction=t.mask_fraction,
+        seed=spec.seed,
+    )
     if prepared.loss == "mse" and spec.fisher.kind is FisherKind.TRUE:
         raise InvalidInput(
             f"fisher.kind 'true' samples labels from a classifier's outputs; the {prepared.objective} objective has "

@@ -30,7 +30,9 @@ def _read(local: str, target: str, fmt: str | None, max_bytes: int) -> tuple[Dat
     """The dataset in the local file ``local`` (``target`` names it in errors), once it is known to be a regular
     file of at most ``max_bytes``."""
     if fmt in TEXT_FORMATS:
-        raise InvalidInput(f"a {fmt} text dataset needs a Hugging Face model (it is tokenized with the model's tokenizer)")
+        raise InvalidInput(
+            f"a {fmt} text dataset needs a Hugging Face model (it is tokenized with the model's tokenizer)"
+        )
     try:
         size = os.path.getsize(local)
     except FileNotFoundError as e:

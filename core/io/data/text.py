@@ -106,8 +106,12 @@ def _read_jsonl(path: str | os.PathLike) -> TextData:
                 raise TooLarge(f"the dataset holds more than {MAX_EXAMPLES:,} examples")
     if texts and ids:
         raise _bad("the lines mix 'text' and 'input_ids': use one or the other", ["file"])
-    return TextData(texts=texts or None if ids else texts, labels=_labels(labels),
-                    input_ids=ids or None, attention_mask=masks or None)  # fmt: skip
+    return TextData(
+        texts=texts or None if ids else texts,
+        labels=_labels(labels),
+        input_ids=ids or None,
+        attention_mask=masks or None,
+    )
 
 
 def _labels(labels: list[int | None]) -> list[int] | None:

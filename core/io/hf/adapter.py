@@ -22,31 +22,19 @@ adapter swaps the very parameters the model uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.io.hf.export import write_hf_zip
+from core.io.hf.source import HFSource
+
 __all__ = ["OBJECTIVES", "HFAdapter", "HFSource", "block_linear_names"]
 
 OBJECTIVES = ("classification", "distillation", "tokens")
 _NLL_FLOOR = 1e-12
-
-
-@dataclass
-class HFSource:
-    """What the pruned model's folder is rebuilt from: the upload's small files (config, tokenizer, sentence-
-    transformers files) as bytes, and which tensor names each weight file held."""
-
-    files: dict[str, bytes]
-    shards: dict[str, list[str]]
-    index: str | None = None
-    model_type: str = ""
-    head: str = "base"
-    pooling: str | None = None
-    details: dict = field(default_factory=dict)
 
 
 def _is_weight_module(module: nn.Module) -> bool:
@@ -123,8 +111,6 @@ class HFAdapter(nn.Module):
 
     def export_artifacts(self, out_dir, masks: dict[str, Tensor]) -> dict:
         """``hf_model.zip`` (:mod:`core.io.hf.export`), called by the run once the masks are applied."""
-        from core.io.hf.export import write_hf_zip
-
         path = write_hf_zip(Path(out_dir) / "hf_model.zip", self.source, self.state_dict(), masks)
         return {"hf_model": path}
 

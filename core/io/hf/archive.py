@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from core.errors import InvalidInput, TooLarge, UnsafeFormat
 
-__all__ = ["ArchiveLimits", "archive_kind", "extract_archive"]
+__all__ = ["DEFAULT_ARCHIVE_LIMITS", "ArchiveLimits", "archive_kind", "extract_archive"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -46,6 +46,10 @@ class ArchiveLimits:
 
     max_files: int = 1000
     max_total_bytes: int = 8 * 1024**3
+
+
+#: the limits of an uploaded archive when the caller names none
+DEFAULT_ARCHIVE_LIMITS = ArchiveLimits()
 
 
 def archive_kind(path: str | os.PathLike) -> str | None:
@@ -98,8 +102,9 @@ def _copy(src: BinaryIO, dest: Path, declared: int, name: str) -> None:
         first = True
         while chunk := src.read(_CHUNK):
             if first and chunk.startswith(_ARCHIVE_MAGICS) and not name.endswith(".safetensors"):
-                raise _refuse(f"archive entry {name!r} is itself an archive: nested archives are refused", name,
-                              UnsafeFormat)  # fmt: skip
+                raise _refuse(
+                    f"archive entry {name!r} is itself an archive: nested archives are refused", name, UnsafeFormat
+                )
             first = False
             written += len(chunk)
             if written > declared:
@@ -112,8 +117,9 @@ def _copy(src: BinaryIO, dest: Path, declared: int, name: str) -> None:
 def _target(root: Path, parts: tuple[str, ...]) -> Path:
     target = root.joinpath(*parts)
     if not os.path.realpath(target).startswith(os.path.realpath(root) + os.sep):  # belt and braces
-        raise _refuse(f"archive entry {'/'.join(parts)!r} resolves outside the model folder", "/".join(parts),
-                      UnsafeFormat)  # fmt: skip
+        raise _refuse(
+            f"archive entry {'/'.join(parts)!r} resolves outside the model folder", "/".join(parts), UnsafeFormat
+        )
     return target
 
 
@@ -130,18 +136,18 @@ def _extract_zip(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
             parts = _check_name(info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise _refuse(f"archive entry {info.filename!r} is a symbolic link: links are refused",
-                              info.filename, UnsafeFormat)  # fmt: skip
+                raise _refuse(
+                    f"archive entry {info.filename!r} is a symbolic link: links are refused",
+                    info.filename,
+                    UnsafeFormat,
+                )
             if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no Unix type recorded (a plain file)
                 raise _refuse(f"archive entry {info.filename!r} is not a regular file", info.filename, UnsafeFormat)
             if info.flag_bits & 0x1:
                 raise _refuse(f"archive entry {info.filename!r} is encrypted", info.filename)
             if not info.is_dir():
                 _check_not_archive_name(info.filename)
-                if (
-                    info.file_size > _RATIO_FLOOR_BYTES
-                    and info.file_size > _MAX_RATIO * max(info.compress_size, 1)
-                ):
+                if info.file_size > _RATIO_FLOOR_BYTES and info.file_size > _MAX_RATIO * max(info.compress_size, 1):
                     raise _refuse(
                         f"archive entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):,.0f}"
                         f" times: refused as a zip bomb",
@@ -165,7 +171,7 @@ def _extract_zip(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
 
 def _extract_tar(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> None:
     try:
-        tf = tarfile.open(path, mode="r:gz")
+        tf = tarfile.open(path, mode="r:gz")  # noqa: SIM115 (closed by the with below, once opening is known to work)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise InvalidInput(f"a damaged .tar.gz archive ({e})") from e
     with tf:
@@ -214,8 +220,9 @@ def _single_folder(root: Path) -> Path:
     return root
 
 
-def extract_archive(path: str | os.PathLike, parent: str | os.PathLike | None = None,
-                    limits: ArchiveLimits = ArchiveLimits()) -> tuple[Path, Path]:  # fmt: skip
+def extract_archive(
+    path: str | os.PathLike, parent: str | os.PathLike | None = None, limits: ArchiveLimits = DEFAULT_ARCHIVE_LIMITS
+) -> tuple[Path, Path]:
     """Extract the archive at ``path`` into a new directory under ``parent`` (the system's temporary folder by
     default); returns ``(staging, model_folder)``: the caller removes ``staging`` when done. Refusals raise
     :class:`InvalidInput`, :class:`UnsafeFormat` or :class:`TooLarge` and leave nothing behind."""

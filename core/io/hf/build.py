@@ -45,9 +45,10 @@ def head_of(config: dict) -> tuple[str, str]:
     """``(head, architecture)`` from ``config.architectures`` (a base model when it names none)."""
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise InvalidInput("config.json: architectures must be a list of names",
-                           errors=[{"loc": ["config.json", "architectures"], "msg": "not a list of names",
-                                    "type": "value_error"}])  # fmt: skip
+        raise InvalidInput(
+            "config.json: architectures must be a list of names",
+            errors=[{"loc": ["config.json", "architectures"], "msg": "not a list of names", "type": "value_error"}],
+        )
     if not archs:
         return "base", "AutoModel"
     arch = archs[0]
@@ -112,8 +113,14 @@ def build_model(folder: HFFolder, limits: LoadLimits) -> BuiltModel:
     with torch.device("meta"):
         shapes = _from_config(head, config)
     count = sum(p.numel() for p in shapes.parameters())
-    check_limit(count, limits.max_parameters, what=f"the {config.model_type} model of config.json has",
-                unit="parameters", setting="ARBORIST_MAX_MODEL_PARAMETERS", loc=["config.json"])  # fmt: skip
+    check_limit(
+        count,
+        limits.max_parameters,
+        what=f"the {config.model_type} model of config.json has",
+        unit="parameters",
+        setting="ARBORIST_MAX_MODEL_PARAMETERS",
+        loc=["config.json"],
+    )
     found: dict[str, tuple[int, ...]] = {}
     owner: dict[str, str] = {}
     for shard in folder.shards:
@@ -141,5 +148,10 @@ def build_model(folder: HFFolder, limits: LoadLimits) -> BuiltModel:
     except RuntimeError as e:
         raise InvalidInput(f"the weights cannot be loaded into {arch}: {e}") from e
     model.eval()
-    return BuiltModel(model=model, head=head, architecture=type(model).__name__ if arch == "AutoModel" else arch,
-                      model_type=config.model_type, num_parameters=count)  # fmt: skip
+    return BuiltModel(
+        model=model,
+        head=head,
+        architecture=type(model).__name__ if arch == "AutoModel" else arch,
+        model_type=config.model_type,
+        num_parameters=count,
+    )

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from core.io.files import atomic_path
-from core.io.hf.adapter import HFSource
+from core.io.hf.source import HFSource
 
 __all__ = ["sparsity_config", "write_hf_zip"]
 
@@ -55,8 +55,9 @@ def _config_bytes(raw: bytes, sparsity: dict) -> bytes:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_hf_zip(path: str | os.PathLike, source: HFSource, state: Mapping[str, Tensor],
-                 masks: Mapping[str, Tensor]) -> Path:  # fmt: skip
+def write_hf_zip(
+    path: str | os.PathLike, source: HFSource, state: Mapping[str, Tensor], masks: Mapping[str, Tensor]
+) -> Path:
     """Write ``hf_model.zip`` at ``path`` from the upload's ``source`` and the pruned ``state`` (the model's names)."""
     sparsity = sparsity_config(state, masks)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:

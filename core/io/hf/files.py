@@ -83,8 +83,10 @@ def _check_files(root: Path, files: list[str]) -> None:
     for rel in files:
         low = rel.lower()
         if low.endswith(_UNSAFE_SUFFIXES):
-            kind = "Python code (remote code is never run)" if low.endswith((".py", ".pyc", ".so")) else (
-                "pickle-based or non-safetensors weights (unpickling runs code)"
+            kind = (
+                "Python code (remote code is never run)"
+                if low.endswith((".py", ".pyc", ".so"))
+                else ("pickle-based or non-safetensors weights (unpickling runs code)")
             )
             raise _unsafe(f"{rel}: {kind} are refused; save the weights with safetensors", rel)
         if low.endswith(".safetensors"):
@@ -108,8 +110,10 @@ def _check_model_type(cfg: dict) -> str:
     if not isinstance(model_type, str) or not model_type:
         raise _invalid("config.json has no model_type", ["config.json", "model_type"])
     if model_type not in CONFIG_MAPPING:
-        raise _invalid(f"config.json names model_type {model_type!r}, which transformers does not know",
-                       ["config.json", "model_type"])  # fmt: skip
+        raise _invalid(
+            f"config.json names model_type {model_type!r}, which transformers does not know",
+            ["config.json", "model_type"],
+        )
     return model_type
 
 
@@ -124,8 +128,9 @@ def _shards(root: Path, files: list[str]) -> list[str]:
             raise _invalid(f"{INDEX}: weight_map values must be file names", ["file", INDEX])
         for shard in shards:
             if not _SHARD.match(shard) or shard in (".", "..") or ".." in shard.split("/"):
-                raise _unsafe(f"{INDEX} names {shard!r}: a shard must be a .safetensors file in the model folder",
-                              INDEX)  # fmt: skip
+                raise _unsafe(
+                    f"{INDEX} names {shard!r}: a shard must be a .safetensors file in the model folder", INDEX
+                )
             if shard not in files:
                 raise _invalid(f"{INDEX} names {shard!r}, which the model folder does not hold", ["file", INDEX])
         return shards
@@ -154,8 +159,11 @@ def _pooling(root: Path, files: list[str]) -> tuple[bool, str | None]:
             name = f"{module.get('path') or '.'}/config.json".lstrip("./")
             if name in files:
                 pool = read_json(root, name)
-                for key, value in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
-                                   ("pooling_mode_max_tokens", "max")):  # fmt: skip
+                for key, value in (
+                    ("pooling_mode_mean_tokens", "mean"),
+                    ("pooling_mode_cls_token", "cls"),
+                    ("pooling_mode_max_tokens", "max"),
+                ):
                     if pool.get(key):
                         mode = value
                         break
@@ -179,5 +187,12 @@ def read_folder(root: str | os.PathLike) -> HFFolder:
     shards = _shards(root, files)
     tokenizer = next((t for t in _TOKENIZER_FILES if t in files), None)
     st, pooling = _pooling(root, files)
-    return HFFolder(root=root, config=config, shards=shards, files=files, tokenizer=tokenizer, pooling=pooling,
-                    sentence_transformers=st)  # fmt: skip
+    return HFFolder(
+        root=root,
+        config=config,
+        shards=shards,
+        files=files,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        sentence_transformers=st,
+    )

@@ -47,11 +47,15 @@ def _bad(msg: str, loc: list) -> InvalidInput:
 def choose_objective(head: str, has_labels: bool, asked: str) -> str:
     if asked != "auto":
         if asked == "classification" and (head != "sequence_classification" or not has_labels):
-            raise _bad("objective 'classification' needs a sequence-classification model and labelled data",
-                       ["spec", "text", "objective"])  # fmt: skip
+            raise _bad(
+                "objective 'classification' needs a sequence-classification model and labelled data",
+                ["spec", "text", "objective"],
+            )
         if asked in ("causal_lm", "masked_lm") and head != asked:
-            raise _bad(f"objective {asked!r} needs a {asked.replace('_', ' ')} head, the model's is {head!r}",
-                       ["spec", "text", "objective"])  # fmt: skip
+            raise _bad(
+                f"objective {asked!r} needs a {asked.replace('_', ' ')} head, the model's is {head!r}",
+                ["spec", "text", "objective"],
+            )
         return asked
     if head == "sequence_classification":
         if not has_labels:
@@ -71,8 +75,9 @@ def _tokens(loaded: LoadedHF, data: TextData, max_length: int, packing: bool) ->
         pad = loaded.tokenizer.pad_id if loaded.tokenizer else 0
     else:
         if loaded.tokenizer is None:
-            raise _bad("the model has no tokenizer: upload tokenizer.json with it, or pre-tokenized input_ids",
-                       ["dataset_id"])  # fmt: skip
+            raise _bad(
+                "the model has no tokenizer: upload tokenizer.json with it, or pre-tokenized input_ids", ["dataset_id"]
+            )
         tok = loaded.tokenizer
         encs = tok.encode(data.texts or [], max_length if not packing else 1_000_000)
         rows = [list(e.ids) for e in encs]
@@ -86,8 +91,10 @@ def _tokens(loaded: LoadedHF, data: TextData, max_length: int, packing: bool) ->
             stream += r + ([eos] if eos is not None else [])
         n = len(stream) // max_length
         if n == 0:
-            raise _bad(f"packing needs at least max_length = {max_length} tokens, the texts hold {len(stream)}",
-                       ["spec", "text", "max_length"])  # fmt: skip
+            raise _bad(
+                f"packing needs at least max_length = {max_length} tokens, the texts hold {len(stream)}",
+                ["spec", "text", "max_length"],
+            )
         ids = torch.tensor(stream[: n * max_length]).view(n, max_length)
         return ids, torch.ones_like(ids), torch.zeros_like(ids)
     width = max(len(r) for r in rows)
@@ -145,9 +152,15 @@ def prepare_text_job(
     if chosen == "classification":
         adapter = HFAdapter(hf, "classification", causal=False, source=loaded.source)
         x = torch.stack([ids, att], 1).float()
-        return Prepared(adapter, Dataset(x_train=x, y_train=torch.tensor(data.labels, dtype=torch.long),
-                                         num_classes=int(hf.config.num_labels)), chosen, "cross_entropy",
-                        "accuracy")  # fmt: skip
+        return Prepared(
+            adapter,
+            Dataset(
+                x_train=x, y_train=torch.tensor(data.labels, dtype=torch.long), num_classes=int(hf.config.num_labels)
+            ),
+            chosen,
+            "cross_entropy",
+            "accuracy",
+        )
     if chosen == "distillation":
         adapter = HFAdapter(hf, "distillation", causal=False, source=loaded.source)
         x = torch.stack([ids, att], 1).float()
@@ -156,8 +169,9 @@ def prepare_text_job(
         labels = torch.where(att == 1, ids, torch.full_like(ids, -100))
         inputs = ids
     else:
-        inputs, labels = _masked(ids, att, special, loaded.tokenizer.mask_id if loaded.tokenizer else None,
-                                 mask_fraction, seed)  # fmt: skip
+        inputs, labels = _masked(
+            ids, att, special, loaded.tokenizer.mask_id if loaded.tokenizer else None, mask_fraction, seed
+        )
     adapter = HFAdapter(hf, "tokens", causal=chosen == "causal_lm", source=loaded.source)
     x = torch.stack([inputs, att, labels], 1).float()
     return Prepared(adapter, Dataset(x_train=x, y_train=torch.zeros(len(x), 1)), chosen, "mse", "loss")

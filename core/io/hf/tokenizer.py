@@ -56,8 +56,10 @@ def load_tokenizer(folder: HFFolder) -> TextTokenizer:
     from tokenizers.implementations import BertWordPieceTokenizer
 
     if folder.tokenizer is None:
-        raise InvalidInput("the model folder has no tokenizer (tokenizer.json or vocab.txt): text cannot be tokenized",
-                           errors=[{"loc": ["file", "tokenizer.json"], "msg": "missing", "type": "missing"}])  # fmt: skip
+        raise InvalidInput(
+            "the model folder has no tokenizer (tokenizer.json or vocab.txt): text cannot be tokenized",
+            errors=[{"loc": ["file", "tokenizer.json"], "msg": "missing", "type": "missing"}],
+        )
     path = str(folder.root / folder.tokenizer)
     try:
         if folder.tokenizer == "tokenizer.json":
@@ -70,8 +72,10 @@ def load_tokenizer(folder: HFFolder) -> TextTokenizer:
     except InvalidInput:
         raise
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-        raise InvalidInput(f"{folder.tokenizer} cannot be read by tokenizers: {e}",
-                           errors=[{"loc": ["file", folder.tokenizer], "msg": str(e)[:300], "type": "value_error"}]) from e  # fmt: skip
+        raise InvalidInput(
+            f"{folder.tokenizer} cannot be read by tokenizers: {e}",
+            errors=[{"loc": ["file", folder.tokenizer], "msg": str(e)[:300], "type": "value_error"}],
+        ) from e
     pad_name = _from_config(folder, "pad_token")
     eos_name = _from_config(folder, "eos_token")
     pad = _special(tok, [n for n in (pad_name, "[PAD]", "<pad>") if n])

@@ -7,7 +7,7 @@ import zipfile
 from dataclasses import dataclass
 
 from core.errors import InvalidInput
-from core.io.hf.archive import ArchiveLimits, archive_kind
+from core.io.hf.archive import DEFAULT_ARCHIVE_LIMITS, ArchiveLimits, archive_kind
 from core.io.hf.load import load_hf_archive
 from core.io.limits import DEFAULT_LIMITS, LoadLimits
 from core.io.model_files import ModelInfo, validate_model_file
@@ -47,7 +47,7 @@ def validate_model_upload(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     limits: LoadLimits = DEFAULT_LIMITS,
-    archive_limits: ArchiveLimits = ArchiveLimits(),
+    archive_limits: ArchiveLimits = DEFAULT_ARCHIVE_LIMITS,
 ) -> ModelInfo | HFModelInfo:
     """A Hugging Face archive loaded as a run would (every check, within the limits), else
     :func:`core.io.model_files.validate_model_file`."""
@@ -55,6 +55,10 @@ def validate_model_upload(
         if archive_kind(path) is None:
             raise InvalidInput("a huggingface model is uploaded as a .zip or .tar.gz of its folder")
         loaded = load_hf_archive(path, limits, archive_limits)
-        return HFModelInfo(format=HF_FORMAT, num_parameters=loaded.built.num_parameters,
-                           arch=loaded.built.architecture, details=loaded.source.details)  # fmt: skip
+        return HFModelInfo(
+            format=HF_FORMAT,
+            num_parameters=loaded.built.num_parameters,
+            arch=loaded.built.architecture,
+            details=loaded.source.details,
+        )
     return validate_model_file(path, fmt, arch, arch_kwargs, limits)  # type: ignore[arg-type]
