@@ -76,6 +76,8 @@ def stdlib_sentences() -> list[str]:
         mod = importlib.import_module(name)
         docs = [mod.__doc__ or ""] + [getattr(getattr(mod, a), "__doc__", "") or "" for a in dir(mod)[:200]]
         for doc in docs:
+            if not isinstance(doc, str):
+                continue
             for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
                 if 40 <= len(s) <= 300 and s not in seen and not s.startswith((">>>", "-")):
                     seen.add(s)

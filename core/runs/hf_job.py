@@ -17,19 +17,28 @@ from core.io.hf.load import load_hf_archive
 from core.io.hf.prepare import prepare_text_job
 from core.runs.spec import FisherKind, PruneSpec
 
-__all__ = ["load_hf_job"]
+__all__ = ["check_pairing", "load_hf_job"]
+
+
+def check_pairing(model_format: str, data_format: str) -> None:
+    """Text datasets go with Hugging Face models, and Hugging Face models with text datasets (at job creation)."""
+    hf, text = model_format == "huggingface", data_format in TEXT_FORMATS
+    if hf != text:
+        detail = (
+            f"a Hugging Face model runs on a text dataset (jsonl, txt or parquet with a text column), this one is "
+            f"{data_format}"
+            if hf
+            else f"a {data_format} text dataset needs a Hugging Face model (its tokenizer reads it), this one is "
+            f"{model_format}"
+        )
+        raise InvalidInput(detail, errors=[{"loc": ["dataset_id"], "msg": detail, "type": "value_error"}])
 
 
 def load_hf_job(
     spec: PruneSpec, model_path: str | os.PathLike, data_path: str | os.PathLike, data_format: str
 ) -> tuple[PruneSpec, nn.Module, Dataset]:
     """The spec as the run executes it, the adapter and the tensors, from the stored archive and dataset file."""
-    if data_format not in TEXT_FORMATS:
-        raise InvalidInput(
-            f"a Hugging Face model runs on a text dataset (jsonl, txt or parquet with a text column), "
-            f"this one is {data_format}",
-            errors=[{"loc": ["dataset_id"], "msg": "not a text dataset", "type": "value_error"}],
-        )
+    check_pairing("huggingface", data_format)
     text = read_text_dataset(data_path, data_format)
     loaded = load_hf_archive(model_path, need_tokenizer=text.input_ids is None)
     t = spec.text

@@ -94,3 +94,17 @@ def test_refused_archives_are_problems_and_leave_nothing(client: httpx.Client, s
         body = assert_problem(_upload(client, f"{name}.zip", blob), status)
         assert re.search(detail, body["detail"]), (name, body)
         assert _state(server) == before, f"{name}: something was left behind"
+
+
+def test_jobs_pair_text_datasets_with_hf_models_only(client: httpx.Client, seed, tiny: Path, tmp_path: Path) -> None:
+    """A Hugging Face model with a numeric dataset, or a zoo model with a text dataset: 422 at job creation."""
+    mlp, npz = seed()
+    hf = _upload(client, "m.zip", zip_folder(tiny, tmp_path / "m.zip").read_bytes()).json()["id"]
+    text = client.post("/v1/datasets", files={"file": ("t.txt", b"one line\nanother line\n", "text/plain")}).json()
+    assert text["format"] == "txt"
+    for model_id, dataset_id, detail in ((hf, npz, "runs on a text dataset"), (mlp, text["id"], "needs a Hugging")):
+        r = client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": {"sparsity": 0.5}})
+        body = assert_problem(r, 422)
+        assert detail in body["detail"] and ["body", "dataset_id"] in [e["loc"] for e in body["errors"]], body
+    r = client.post("/v1/jobs", json={"model_id": hf, "dataset_id": text["id"], "spec": {"sparsity": 0.5}})
+    assert r.status_code == 202, r.text
