@@ -10,6 +10,7 @@ import os
 
 from torch import nn
 
+from core.engine.grads import Loss
 from core.errors import InvalidInput
 from core.io.data import Dataset
 from core.io.data.text import TEXT_FORMATS, read_text_dataset
@@ -57,5 +58,5 @@ def load_hf_job(
             "none: use fisher.kind 'empirical'",
             errors=[{"loc": ["spec", "fisher", "kind"], "msg": "empirical only here", "type": "value_error"}],
         )
-    spec = spec.model_copy(update={"loss": prepared.loss, "metric": prepared.metric})
+    spec = spec.model_copy(update={"loss": Loss(prepared.loss), "metric": prepared.metric})
     return spec, prepared.model, prepared.data
