@@ -31,7 +31,7 @@ def test_true_fisher_is_refused_for_mse_objectives(tmp_path: Path) -> None:
     data = tmp_path / "d.txt"
     data.write_text("\n".join(sentences(10)))
     spec = PruneSpec(sparsity=0.5, fisher={"kind": "true"})
-    with pytest.raises(InvalidInput, match="fisher.kind 'true'"):
+    with pytest.raises(InvalidInput, match=r"fisher\.kind 'true'"):
         load_hf_job(spec, archive, data, "txt")
     run_spec, _, _ = load_hf_job(PruneSpec(sparsity=0.5), archive, data, "txt")
     assert run_spec.loss is Loss.MSE and run_spec.metric == "loss"

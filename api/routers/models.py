@@ -6,15 +6,19 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
 from api.forms import form_json_object, form_text, input_name
+from api.model_uris import register_model_uri
 from api.registration import Registration, register_upload, upload_openapi
 from api.routers._common import CREATED
 from api.routers._inputs import add_input_routes
-from api.routing import JSONBodyRoute
-from api.schemas import ModelPublic, ModelsPublic
+from api.routing import JSONBodyRoute, is_json_media_type, read_json_body
+from api.schemas import ModelPublic, ModelRegister, ModelsPublic
 from api.uploads import UploadedFile
 from core.io.hf.validate import HFModelInfo, validate_model_upload
 from core.io.limits import LoadLimits
@@ -39,6 +43,7 @@ FORM_FIELDS: dict[str, Any] = {
 UPLOAD_BODY = upload_openapi(
     "safetensors state dict, ONNX model, or a .zip / .tar.gz of a Hugging Face model folder (pickles are refused)",
     FORM_FIELDS,
+    ModelRegister.model_json_schema(),
 )
 
 
@@ -88,7 +93,7 @@ def _registration(
     response_model=ModelPublic,
     openapi_extra=UPLOAD_BODY,
     responses=CREATED,
-    summary="Upload a model (multipart: file, name, arch, arch_kwargs)",
+    summary="Upload a model (multipart: file, name, arch, arch_kwargs) or register a Hugging Face folder (JSON {uri})",
 )
 async def upload_model(
     request: Request,
@@ -99,6 +104,17 @@ async def upload_model(
     settings: SettingsDep,
 ) -> ModelPublic:
     await release_connection(session)  # the body may take minutes to arrive
+    if is_json_media_type(request.headers.get("content-type")):  # a Hugging Face folder under the allowed roots
+        raw = await read_json_body(request, settings.max_json_bytes)
+        try:
+            body = ModelRegister.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+        row = await run_in_threadpool(register_model_uri, session, store, tenant, settings, body, load_limits(settings))
+        response.headers["Location"] = f"/v1/models/{row.id}"
+        return ModelPublic.of(row)
     row = await register_upload(
         request,
         session=session,

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _upload(client: httpx.Client, name: str, blob: bytes) -> httpx.Response:
-    return client.post("/v1/models", files={"file": (name, blob, "application/octet-stream")})
+    return client.post("/v1/models", files={"file": (name, blob, "application/octet-stream")}, timeout=300)
 
 
 def _state(server) -> tuple[dict, set[str], set[str]]:
@@ -108,3 +109,20 @@ def test_jobs_pair_text_datasets_with_hf_models_only(client: httpx.Client, seed,
         assert detail in body["detail"] and ["body", "dataset_id"] in [e["loc"] for e in body["errors"]], body
     r = client.post("/v1/jobs", json={"model_id": hf, "dataset_id": text["id"], "spec": {"sparsity": 0.5}})
     assert r.status_code == 202, r.text
+
+
+def test_hf_folder_registered_by_uri_under_the_allowed_roots(client: httpx.Client, server, tiny: Path) -> None:
+    """A folder under the data roots is registered like an upload; one with a symbolic link, or outside the roots,
+    is refused and leaves nothing."""
+    root = Path(server.settings.data_allowed_roots[0])
+    folder = root / f"model-{os.urandom(4).hex()}"
+    shutil.copytree(tiny, folder)
+    r = client.post("/v1/models", json={"uri": folder.as_uri()}, timeout=300)
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "huggingface" and r.json()["arch_kwargs"]["head"] == "sequence_classification"
+    (folder / "vocab.txt").symlink_to("/etc/passwd")
+    before = _state(server)
+    body = assert_problem(client.post("/v1/models", json={"uri": str(folder)}, timeout=300), 415)
+    assert "symbolic link" in body["detail"]
+    assert_problem(client.post("/v1/models", json={"uri": str(tiny)}), 403)
+    assert _state(server) == before

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from core.errors import InvalidInput, TooLarge, UnsafeFormat
 
-__all__ = ["DEFAULT_ARCHIVE_LIMITS", "ArchiveLimits", "archive_kind", "extract_archive"]
+__all__ = ["DEFAULT_ARCHIVE_LIMITS", "ArchiveLimits", "archive_kind", "extract_archive", "pack_folder"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -236,3 +236,29 @@ def extract_archive(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def pack_folder(
+    root: str | os.PathLike, dest: str | os.PathLike, limits: ArchiveLimits = DEFAULT_ARCHIVE_LIMITS
+) -> Path:
+    """Zip the model folder ``root`` (a registered location) into ``dest``: regular files only (a symbolic link,
+    which could point anywhere, is refused), within ``limits``. The zip is then checked like any upload."""
+    root = Path(root)
+    files: list[Path] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                raise _refuse(f"{rel} is a symbolic link: links are refused in a model folder", rel, UnsafeFormat)
+            if name in filenames:
+                if not path.is_file():
+                    raise _refuse(f"{rel} is not a regular file", rel, UnsafeFormat)
+                files.append(path)
+                total += path.stat().st_size
+        _check_totals(len(files), total, limits)
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(files):
+            zf.write(path, path.relative_to(root).as_posix())
+    return Path(dest)
