@@ -3,7 +3,9 @@
 Text: sentences of the standard library's docstrings (no download), seeded shuffle; the Fisher samples come from a
 calibration set, the metric from held-out sentences: the mean cosine between the pruned and the dense model's
 sentence embeddings (mean pooling, as sentence-transformers). Layers: the Linear weights of the six transformer
-blocks (10.6M), no fine-tuning.
+blocks (10.6M), no fine-tuning. The Fisher is the *true* one (targets sampled around the dense output): at the dense
+model the distillation residuals are zero, and so is every empirical-Fisher gradient (measured: mean g² 2.6e-21,
+against 1e-8 for the true Fisher's diagonal), which would leave WoodFisher with λI, i.e. magnitude.
 Usage: python bench/hf_quality.py [--samples 32] [--recompute 4] [--block 32]
 """
 
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--test", type=int, default=256)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--lam", type=float, default=1e-10, help="about 1 %% of the Fisher's mean diagonal on MiniLM")
     args = ap.parse_args()
     texts = stdlib_sentences()
     train, test = texts[: args.train], texts[args.train : args.train + args.test]
@@ -111,7 +114,13 @@ def main() -> None:
             kw = {"max_length": args.max_length, "packing": None, "objective": "auto", "mask_fraction": 0.15, "seed": 0}
             held = prepare_text_job(loaded, TextData(texts=test, labels=None), **kw)  # dense targets, held out
             prep = prepare_text_job(loaded, TextData(texts=train, labels=None), **kw)
-            fisher = {"samples": args.samples, "block_size": args.block, "recompute": args.recompute}
+            fisher = {
+                "samples": args.samples,
+                "block_size": args.block,
+                "recompute": args.recompute,
+                "kind": "true",
+                "lambda": args.lam,
+            }
             spec = PruneSpec(
                 method=method,
                 sparsity=sparsity,

@@ -2,6 +2,7 @@
 
 The spec's ``loss`` and ``metric`` are replaced by the objective's (``core.io.hf.prepare``): cross_entropy and
 accuracy for classification, MSE and loss otherwise (the report adds the embedding cosine or the perplexity).
+Distillation always uses the true Fisher (``fisher.kind: true``): its empirical Fisher is zero at the dense model.
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ def load_hf_job(
         mask_fraction=t.mask_fraction,
         seed=spec.seed,
     )
-    if prepared.loss == "mse" and spec.fisher.kind is FisherKind.TRUE:
+    fisher = spec.fisher
+    if prepared.objective == "distillation":
+        # the residuals to the dense outputs are zero at the dense model, and so is every empirical-Fisher gradient:
+        # the Fisher of distillation is the true one (targets sampled around the outputs), the Gauss-Newton matrix
+        fisher = fisher.model_copy(update={"kind": FisherKind.TRUE})
+    elif prepared.loss == "mse" and fisher.kind is FisherKind.TRUE:
         raise InvalidInput(
-            f"fisher.kind 'true' samples labels from a classifier's outputs; the {prepared.objective} objective has "
-            "none: use fisher.kind 'empirical'",
+            f"fisher.kind 'true' samples targets from the model's outputs; the {prepared.objective} objective has "
+            "none here: use fisher.kind 'empirical'",
             errors=[{"loc": ["spec", "fisher", "kind"], "msg": "empirical only here", "type": "value_error"}],
         )
-    spec = spec.model_copy(update={"loss": Loss(prepared.loss), "metric": prepared.metric})
+    spec = spec.model_copy(update={"loss": Loss(prepared.loss), "metric": prepared.metric, "fisher": fisher})
     return spec, prepared.model, prepared.data
