@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--test", type=int, default=256)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--methods", default="woodfisher,magnitude,global_magnitude")
+    ap.add_argument("--name", default="hf_quality")
     ap.add_argument("--lam", type=float, default=1e-10, help="about 1 %% of the Fisher's mean diagonal on MiniLM")
     args = ap.parse_args()
     texts = stdlib_sentences()
@@ -109,7 +111,7 @@ def main() -> None:
     print(f"{len(texts)} sentences; calibration {len(train)}, held-out {len(test)}")
     rows = []
     for sparsity in (0.5, 0.7):
-        for method in ("woodfisher", "magnitude", "global_magnitude"):
+        for method in args.methods.split(","):
             loaded = load_hf_folder(minilm(), need_tokenizer=True)
             kw = {"max_length": args.max_length, "packing": None, "objective": "auto", "mask_fraction": 0.15, "seed": 0}
             held = prepare_text_job(loaded, TextData(texts=test, labels=None), **kw)  # dense targets, held out
@@ -142,14 +144,16 @@ def main() -> None:
             }
             print(row, flush=True)
             rows.append(row)
+    print(save(args.name, rows))
     by = {(r["sparsity"], r["method"]): r["cosine_held_out"] for r in rows}
+    if len({r["method"] for r in rows}) < 3:
+        return
     for s in (0.5, 0.7):
         print(
             f"sparsity {s:.0%}: woodfisher {by[s, 'woodfisher']:.4f}  magnitude {by[s, 'magnitude']:.4f}  "
             f"global magnitude {by[s, 'global_magnitude']:.4f}  "
             f"(1 - cos) ratio magnitude / woodfisher {(1 - by[s, 'magnitude']) / (1 - by[s, 'woodfisher']):.2f}"
         )
-    print(save("hf_quality", rows))
 
 
 if __name__ == "__main__":
