@@ -16,7 +16,6 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
@@ -73,7 +72,3 @@ def write_hf_zip(
         if source.index is not None:
             zf.writestr("model.safetensors.index.json", source.index)
     return Path(path)
-
-
-def pruned_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    return dict(model.state_dict())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -63,8 +62,6 @@ def load_hf_folder(
         pooling=folder.pooling,
         details=describe(folder, built, tokenizer),
     )
-    if index is not None:
-        json.loads(index)  # checked by read_folder
     return LoadedHF(built=built, tokenizer=tokenizer, source=source)
 
 
