@@ -6,7 +6,8 @@ sentence embeddings (mean pooling, as sentence-transformers). Layers: the Linear
 blocks (10.6M), no fine-tuning. The Fisher is the *true* one (targets sampled around the dense output): at the dense
 model the distillation residuals are zero, and so is every empirical-Fisher gradient (measured: mean g² 2.6e-21,
 against 1e-8 for the true Fisher's diagonal), which would leave WoodFisher with λI, i.e. magnitude.
-Usage: python bench/hf_quality.py [--samples 32] [--recompute 4] [--block 32]
+Usage: python bench/hf_quality.py [--samples 32] [--recompute 2] [--block 32] [--lam 1e-8] [--train 128] [--test 128]
+[--max-length 32] [--methods woodfisher,magnitude,global_magnitude] [--name hf_quality]
 """
 
 from __future__ import annotations
@@ -97,14 +98,14 @@ def minilm() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--recompute", type=int, default=4)
+    ap.add_argument("--recompute", type=int, default=2)
     ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--train", type=int, default=256)
-    ap.add_argument("--test", type=int, default=256)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--train", type=int, default=128)
+    ap.add_argument("--test", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--methods", default="woodfisher,magnitude,global_magnitude")
     ap.add_argument("--name", default="hf_quality")
-    ap.add_argument("--lam", type=float, default=1e-10, help="about 1 %% of the Fisher's mean diagonal on MiniLM")
+    ap.add_argument("--lam", type=float, default=1e-8, help="about the Fisher's mean diagonal on MiniLM")
     args = ap.parse_args()
     texts = stdlib_sentences()
     train, test = texts[: args.train], texts[args.train : args.train + args.test]
