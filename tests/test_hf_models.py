@@ -292,3 +292,17 @@ def test_zip_and_tar_and_wrapped_folder_load(tiny: dict[str, Path], tmp_path: Pa
         assert loaded.source.details["head"] == "sequence_classification"
         assert loaded.source.details["num_labels"] == 3
     shutil.rmtree(tmp_path)
+
+
+def test_cli_packs_a_folder_the_server_accepts(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from cli.pack import packed
+
+    with packed(tiny["bert"]) as archive:
+        assert archive.suffix == ".zip" and archive != tiny["bert"]
+        assert load_hf_archive(archive).source.details["head"] == "base"
+    assert not archive.exists()
+    link = tmp_path / "linked"
+    shutil.copytree(tiny["bert"], link)
+    (link / "extra.txt").symlink_to("/etc/passwd")
+    with pytest.raises(ValueError, match="symbolic link"), packed(link):
+        pass
