@@ -74,6 +74,13 @@ class ModelsPublic(Page[ModelPublic]):
     pass
 
 
+class ModelRegister(_Body):
+    """Registers a Hugging Face model folder (or its .zip / .tar.gz) under one of the server's allowed roots."""
+
+    uri: str = Field(..., min_length=1, max_length=2048, examples=["file:///data/models/all-MiniLM-L6-v2"])
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+
+
 # --- datasets -----------------------------------------------------------------------------------------------
 
 
@@ -82,7 +89,7 @@ class DatasetRegister(_Body):
 
     uri: str = Field(..., min_length=1, max_length=2048, examples=["file:///data/datasets/mnist.npz"])
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
-    format: Literal["npz", "safetensors", "parquet"] | None = None
+    format: Literal["npz", "safetensors", "parquet", "jsonl", "txt", "text_parquet"] | None = None
 
 
 class DatasetPublic(Public):

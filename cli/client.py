@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from cli.pack import packed
+
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 Event = tuple[str, dict[str, Any]]
 
@@ -102,7 +104,8 @@ class Client:
         arch_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> dict[str, Any]:
-        """Uploads a safetensors state dict (with a zoo ``arch``) or a single-file ONNX model."""
+        """Uploads a safetensors state dict (with a zoo ``arch``), a single-file ONNX model, or a Hugging Face model
+        (a folder, zipped here, or its .zip / .tar.gz)."""
         fields = {
             k: v
             for k, v in {
@@ -112,9 +115,10 @@ class Client:
             }.items()
             if v
         }
-        with open(path, "rb") as fh:
+        with packed(path) as upload, open(upload, "rb") as fh:
+            filename = Path(path).name + (".zip" if Path(path).is_dir() else "")
             return self._json(
-                "POST", "/v1/models", data=fields, files={"file": (Path(path).name, fh, "application/octet-stream")}
+                "POST", "/v1/models", data=fields, files={"file": (filename, fh, "application/octet-stream")}
             )
 
     def upload_dataset(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> dict[str, Any]:

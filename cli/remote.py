@@ -52,13 +52,14 @@ def models() -> None:
 
 
 @models.command("upload")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--arch", help="zoo architecture for a safetensors state dict (ONNX needs none)")
 @click.option("--kwargs", "arch_kwargs", help="the architecture's constructor arguments, as JSON")
 @click.option("--name")
 @_connection
 def models_upload(client: Client, path: str, arch: str | None, arch_kwargs: str | None, name: str | None) -> Any:
-    """Upload a safetensors state dict (with --arch) or an ONNX file."""
+    """Upload a safetensors state dict (with --arch), an ONNX file, or a Hugging Face model folder (zipped for you)
+    or its .zip / .tar.gz."""
     return client.upload_model(path, arch=arch, arch_kwargs=_json_arg(arch_kwargs), name=name)
 
 

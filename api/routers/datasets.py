@@ -36,13 +36,17 @@ from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=JSONBodyRoute)
 
-FORMATS = ("npz", "safetensors", "parquet")
+FORMATS = ("npz", "safetensors", "parquet", "jsonl", "txt", "text_parquet")
 #: the upload's text fields, as documented
 FORM_FIELDS: dict[str, Any] = {
     "name": NAME_FIELD,
     "format": {"type": "string", "enum": list(FORMATS)},
 }
-CREATE_BODY = upload_openapi("npz, safetensors or parquet", FORM_FIELDS, DatasetRegister.model_json_schema())
+CREATE_BODY = upload_openapi(
+    "npz, safetensors or parquet; text: jsonl, txt or parquet with a text column",
+    FORM_FIELDS,
+    DatasetRegister.model_json_schema(),
+)
 
 
 def _format_field(fields: dict[str, str]) -> str | None:

@@ -20,6 +20,7 @@ from api.routing import JSONBodyRoute
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from core.engine.memory import MemoryPlan
 from core.errors import ClientClosedRequest, DoesNotFit, InvalidInput, ServiceUnavailable, problem_from_error
+from core.runs.hf_job import check_pairing
 from core.runs.preflight import check_job
 from core.runs.spec import PruneSpec
 from core.service.db import jobs, tenants, usage
@@ -83,6 +84,7 @@ def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Mode
 
     def check(model: Model, dataset: Dataset) -> MemoryPlan | None:
         try:
+            check_pairing(model.format, dataset.format)
             return check_job(
                 spec,
                 arch=model.arch if model.format == "safetensors" else None,

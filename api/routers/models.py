@@ -6,18 +6,23 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep, release_connection
 from api.forms import form_json_object, form_text, input_name
+from api.model_uris import register_model_uri
 from api.registration import Registration, register_upload, upload_openapi
 from api.routers._common import CREATED
 from api.routers._inputs import add_input_routes
-from api.routing import JSONBodyRoute
-from api.schemas import ModelPublic, ModelsPublic
+from api.routing import JSONBodyRoute, is_json_media_type, read_json_body
+from api.schemas import ModelPublic, ModelRegister, ModelsPublic
 from api.uploads import UploadedFile
+from core.io.hf.validate import HFModelInfo, validate_model_upload
 from core.io.limits import LoadLimits
-from core.io.model_files import ModelInfo, validate_model_file
+from core.io.model_files import ModelInfo
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
 from core.service.names import NAME_FIELD
@@ -35,7 +40,11 @@ FORM_FIELDS: dict[str, Any] = {
     },
     "arch_kwargs": {"type": "string", "description": "JSON object of architecture arguments"},
 }
-UPLOAD_BODY = upload_openapi("safetensors state dict or ONNX model (pickles are refused)", FORM_FIELDS)
+UPLOAD_BODY = upload_openapi(
+    "safetensors state dict, ONNX model, or a .zip / .tar.gz of a Hugging Face model folder (pickles are refused)",
+    FORM_FIELDS,
+    ModelRegister.model_json_schema(),
+)
 
 
 def load_limits(settings: Settings) -> LoadLimits:
@@ -47,7 +56,7 @@ def load_limits(settings: Settings) -> LoadLimits:
 
 def _registration(
     session: Session, tenant: Tenant, limits: LoadLimits, fields: dict[str, str], file: UploadedFile
-) -> Registration[ModelInfo, Model]:
+) -> Registration[ModelInfo | HFModelInfo, Model]:
     """The model the form fields describe: its file loaded as a run would (``validate_model_file``, within
     ``limits``), its row."""
     name = input_name(fields, file.filename, "model")
@@ -55,7 +64,8 @@ def _registration(
     arch_kwargs = form_json_object(fields, "arch_kwargs")
     model_id = new_id("mdl")
 
-    def insert(info: ModelInfo, path: str) -> Model:
+    def insert(info: ModelInfo | HFModelInfo, path: str) -> Model:
+        detected = info.details if isinstance(info, HFModelInfo) else None  # what the archive was found to hold
         return inputs.create_model(
             session=session,
             tenant=tenant,
@@ -63,7 +73,7 @@ def _registration(
             name=name,
             format=info.format,
             arch=info.arch,
-            arch_kwargs=arch_kwargs if info.arch else None,
+            arch_kwargs=detected if detected is not None else (arch_kwargs if info.arch else None),
             size=file.size,
             sha256=file.sha256,
             path=path,
@@ -71,7 +81,7 @@ def _registration(
         )
 
     return Registration(
-        partial(validate_model_file, arch=arch, arch_kwargs=arch_kwargs, limits=limits),
+        partial(validate_model_upload, arch=arch, arch_kwargs=arch_kwargs, limits=limits),
         f"models/{tenant.id}/{model_id}",
         insert,
     )
@@ -83,7 +93,7 @@ def _registration(
     response_model=ModelPublic,
     openapi_extra=UPLOAD_BODY,
     responses=CREATED,
-    summary="Upload a model (multipart: file, name, arch, arch_kwargs)",
+    summary="Upload a model (multipart: file, name, arch, arch_kwargs) or register a Hugging Face folder (JSON {uri})",
 )
 async def upload_model(
     request: Request,
@@ -94,6 +104,17 @@ async def upload_model(
     settings: SettingsDep,
 ) -> ModelPublic:
     await release_connection(session)  # the body may take minutes to arrive
+    if is_json_media_type(request.headers.get("content-type")):  # a Hugging Face folder under the allowed roots
+        raw = await read_json_body(request, settings.max_json_bytes)
+        try:
+            body = ModelRegister.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+        row = await run_in_threadpool(register_model_uri, session, store, tenant, settings, body, load_limits(settings))
+        response.headers["Location"] = f"/v1/models/{row.id}"
+        return ModelPublic.of(row)
     row = await register_upload(
         request,
         session=session,

@@ -97,6 +97,8 @@ def select_parameters(
     """
     if include:
         names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    elif hasattr(model, "default_prunable_names"):  # a model that knows its own (core.io.hf: transformer blocks)
+        names = list(model.default_prunable_names())
     else:
         names = [
             f"{mod_name}.weight" if mod_name else "weight"

@@ -488,13 +488,17 @@ class Run:
         save_state_dict(model.state_dict(), out["pruned"])
         save_state_dict(masks, out["masks"])
         onnx_error = None
-        try:
-            from core.io.onnx.export import export_onnx
+        export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
+        if export is not None:
+            out = {k: v for k, v in out.items() if k != "onnx"} | export(self.out_dir, masks)
+        else:
+            try:
+                from core.io.onnx.export import export_onnx
 
-            export_onnx(model, example, out["onnx"])
-        except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
-            log.warning("ONNX export failed: %s", e)
-            onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
+                export_onnx(model, example, out["onnx"])
+            except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
+                log.warning("ONNX export failed: %s", e)
+                onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
         report = json_safe(self._report(model, masks, example, after, onnx_error))
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
         atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, f"{self.spec.method.value}"))

@@ -25,6 +25,7 @@ from core.engine.grads import Loss
 from core.engine.methods import Method, method_info
 from core.engine.obs import Scope
 from core.engine.patterns import Pattern
+from core.runs.text_spec import TextSpec
 
 
 class _Strict(BaseModel):
@@ -244,6 +245,7 @@ class PruneSpec(_Strict):
     @classmethod
     def _pattern(cls, value: str) -> str:
         return str(Pattern.parse(value))
+    text: TextSpec = Field(default_factory=TextSpec, description="Hugging Face models: tokenization and objective")
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:

@@ -18,15 +18,22 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss: Loss | str, batch: in
     """Mean loss and (for classification) top-1 accuracy, in eval mode."""
     criterion = loss_fn(loss)
     total, correct = 0.0, 0
+    extra = getattr(model, "metric_sums", None)  # a model's own metrics (core.io.hf: embedding cosine, perplexity)
+    sums: dict[str, float] = {}
     with eval_mode(model):
         for i in range(0, len(x), batch):
             out = model(x[i : i + batch])
             total += float(criterion(out, y[i : i + batch])) * len(out)
             if Loss(loss) is Loss.CROSS_ENTROPY:
                 correct += int((out.argmax(-1) == y[i : i + batch]).sum())
+            for k, v in (extra(out, y[i : i + batch]) if extra else {}).items():
+                sums[k] = sums.get(k, 0.0) + v
     result = {"loss": total / len(x)}
     if Loss(loss) is Loss.CROSS_ENTROPY:
         result["accuracy"] = correct / len(x)
+    result |= {k: v / len(x) for k, v in sums.items()}
+    if hasattr(model, "finish_metrics"):
+        result |= model.finish_metrics(result)
     return result
 
 

@@ -65,6 +65,7 @@ ARTIFACT_MEDIA_TYPES = {
     ".json": "application/json",
     ".csv": "text/csv",
     ".png": "image/png",
+    ".zip": "application/zip",
 }
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
 

@@ -109,7 +109,10 @@ def test_model_upload_input_errors(server, account, mlp_bytes):
     assert_problem(c.post("/v1/models", files={"file": ("x.bin", b"garbage" * 10)}), 422, "invalid-input")
     body = assert_problem(c.post("/v1/models", data={"name": "nofile"}, files={"other": ("", b"")}), 422)
     assert body["detail"]
-    assert_problem(c.post("/v1/models", json={"name": "x"}), 415, "unsupported-media-type")
+    body = assert_problem(c.post("/v1/models", json={"name": "x"}), 422)  # JSON registers a folder by its uri
+    assert ["body", "uri"] in [e["loc"] for e in body["errors"]]
+    plain = {"Content-Type": "text/plain"}
+    assert_problem(c.post("/v1/models", content=b"x", headers=plain), 415, "unsupported-media-type")
     assert _count(server, Model, account.tenant) == 0
     assert _tenant_files(server, account.tenant) == []
 

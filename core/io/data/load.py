@@ -7,6 +7,7 @@ import os
 from core.errors import InvalidInput, TooLarge
 from core.io.data.dataset import Dataset, DatasetInfo
 from core.io.data.formats import DatasetFormat, read_dataset_file
+from core.io.data.text import TEXT_FORMATS, text_format, text_info
 from core.io.uris import local_path
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # a dataset file (compressed, as stored)
@@ -28,6 +29,10 @@ def _load(
 def _read(local: str, target: str, fmt: str | None, max_bytes: int) -> tuple[Dataset, DatasetFormat]:
     """The dataset in the local file ``local`` (``target`` names it in errors), once it is known to be a regular
     file of at most ``max_bytes``."""
+    if fmt in TEXT_FORMATS:
+        raise InvalidInput(
+            f"a {fmt} text dataset needs a Hugging Face model (it is tokenized with the model's tokenizer)"
+        )
     try:
         size = os.path.getsize(local)
     except FileNotFoundError as e:
@@ -56,7 +61,10 @@ def load_dataset(
 
 
 def validate_dataset_file(path: str | os.PathLike, fmt: DatasetFormat | None = None) -> DatasetInfo:
-    """Load the file with every check a run applies, and summarise it."""
+    """Load the file with every check a run applies, and summarise it (text datasets: see core.io.data.text)."""
+    text = fmt if fmt in TEXT_FORMATS else (text_format(path) if fmt is None and os.path.isfile(path) else None)
+    if text is not None:
+        return text_info(path, text)
     data, detected = _load(path, fmt, None, DEFAULT_MAX_BYTES)
     return DatasetInfo(
         format=detected,

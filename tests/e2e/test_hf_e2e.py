@@ -1,0 +1,109 @@
+"""Done-when of issue #14, through the real HTTP API and a real Celery worker: upload a Hugging Face model folder
+as a zip and a .jsonl of sentences, post a WoodFisher job, download ``hf_model.zip`` and load it with
+``from_pretrained`` (and ``SentenceTransformer`` for the pre-trained all-MiniLM-L6-v2); the same for a small GPT-2
+(causal LM, next-token objective) and a BERT classifier (cross-entropy) built from configs with random weights.
+
+The specs use few Fisher samples, small blocks and R = 2 so that each job runs in seconds on a shared CPU; MiniLM's
+job prunes one transformer block (``layers.include``) for the same reason: the defaults on all of MiniLM's 10.6M
+block weights buffer m × D × 4 bytes = 21.8 GB of gradients at m = 512 (README, "Hugging Face models").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from _e2e_kit import Api, Proc
+from _hf_models import jsonl, minilm_dir, sentences, write_model, zip_folder
+
+SMALL = {"samples": 8, "block_size": 32, "recompute": 2}
+
+
+def _upload(api: Api, model_zip: Path, rows: list[dict]) -> tuple[dict, dict]:
+    with open(model_zip, "rb") as fh:
+        r = api.client.post("/v1/models", files={"file": (model_zip.name, fh, "application/zip")}, timeout=300)
+    assert r.status_code == 201, r.text
+    d = api.client.post("/v1/datasets", files={"file": ("text.jsonl", jsonl(rows), "application/json")})
+    assert d.status_code == 201, d.text
+    return r.json(), d.json()
+
+
+def _run(api: Api, model: dict, data: dict, spec: dict, tmp_path: Path) -> tuple[dict, Path]:
+    job = api.submit(model["id"], data["id"], spec)
+    done = api.wait_state(job["id"], {"succeeded", "failed"}, timeout=900)
+    assert done["state"] == "succeeded", json.dumps(done)[:3000]
+    names = {a["name"] for a in api.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+    assert {"hf_model.zip", "pruned.safetensors", "report.json"} <= names, names
+    out = tmp_path / model["id"]
+    zipfile.ZipFile(io.BytesIO(api.download(job["id"], "hf_model.zip"))).extractall(out)
+    return done, out
+
+
+def _zeros(weights: list[torch.Tensor]) -> float:
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.timeout(1800)
+def test_minilm_gpt2_and_bert_classifier_in_and_out(
+    api: Api, start_worker: Callable[[str], Proc], tmp_path: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    start_worker("hf")
+    texts = sentences(40, seed=7)
+
+    # all-MiniLM-L6-v2: distillation to the dense embeddings, metric cosine
+    model, data = _upload(api, zip_folder(minilm_dir(), tmp_path / "minilm.zip"), [{"text": t} for t in texts])
+    assert model["format"] == "huggingface" and model["arch_kwargs"]["pooling"] == "mean"
+    spec = {
+        "method": "woodfisher",
+        "sparsity": 0.5,
+        "fisher": SMALL,
+        "text": {"max_length": 16},
+        "layers": {"include": ["encoder.layer.5.*.weight"]},
+    }
+    job, out = _run(api, model, data, spec, tmp_path)
+    after = job["result"]["metrics"]["after"]["val"]
+    assert 0.5 < after["cosine"] <= 1.0, after
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["targets"] and all(t.startswith("encoder.layer.5.") for t in sc["targets"])
+    loaded = AutoModel.from_pretrained(out)
+    layer = loaded.encoder.layer[5]
+    weights = [layer.attention.self.query.weight, layer.output.dense.weight, layer.intermediate.dense.weight]
+    assert _zeros(weights) == pytest.approx(0.5, abs=0.1)
+    assert _zeros([loaded.encoder.layer[0].attention.self.query.weight]) == 0.0
+    st = SentenceTransformer(str(out), device="cpu")
+    dense = SentenceTransformer(str(minilm_dir()), device="cpu")
+    cos = torch.nn.functional.cosine_similarity(
+        st.encode(texts[:4], convert_to_tensor=True), dense.encode(texts[:4], convert_to_tensor=True)
+    )
+    assert bool((cos > 0.5).all()) and bool((cos < 0.99999).any()), cos
+
+    # a small GPT-2: next-token objective, metric perplexity, packing
+    gpt = zip_folder(write_model(tmp_path / "gpt2", "gpt2"), tmp_path / "gpt2.zip")
+    model, data = _upload(api, gpt, [{"text": t} for t in texts])
+    spec = {"method": "woodfisher", "sparsity": 0.5, "fisher": SMALL, "text": {"max_length": 16, "packing": True}}
+    job, out = _run(api, model, data, spec, tmp_path)
+    assert job["result"]["metrics"]["after"]["val"]["perplexity"] > 1.0
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    assert _zeros(
+        [b.attn.c_attn.weight for b in lm.transformer.h] + [b.mlp.c_fc.weight for b in lm.transformer.h]
+    ) == pytest.approx(0.5, abs=0.1)
+    assert _zeros([lm.transformer.wte.weight]) == 0.0
+
+    # a BERT classifier: labels → cross-entropy, metric accuracy
+    cls = zip_folder(write_model(tmp_path / "bert_cls", "bert_cls"), tmp_path / "bert_cls.zip")
+    model, data = _upload(api, cls, [{"text": t, "label": i % 3} for i, t in enumerate(texts)])
+    spec = {"method": "woodfisher", "sparsity": 0.5, "fisher": SMALL, "text": {"max_length": 16}}
+    job, out = _run(api, model, data, spec, tmp_path)
+    assert 0.0 <= job["result"]["metrics"]["after"]["val"]["accuracy"] <= 1.0
+    clf = AutoModelForSequenceClassification.from_pretrained(out)
+    assert _zeros([layer.attention.self.query.weight for layer in clf.bert.encoder.layer]) > 0.2
+    assert _zeros([clf.classifier.weight]) == 0.0

@@ -1,0 +1,47 @@
+"""core.runs.hf_job: a stored archive and text dataset → the spec the run executes, the adapter and the tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _hf_models import jsonl, sentences, write_model, zip_folder
+from core.engine.grads import Loss
+from core.errors import InvalidInput
+from core.runs.hf_job import load_hf_job
+from core.runs.run import Run
+from core.runs.spec import PruneSpec
+
+
+def test_classifier_job_runs_and_exports(tmp_path: Path) -> None:
+    archive = zip_folder(write_model(tmp_path / "cls", "bert_cls"), tmp_path / "cls.zip")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl([{"text": t, "label": i % 3} for i, t in enumerate(sentences(20))]))
+    spec = PruneSpec(sparsity=0.5, fisher={"samples": 4, "block_size": 16, "recompute": 1})
+    run_spec, model, ds = load_hf_job(spec, archive, data, "jsonl")
+    assert run_spec.loss is Loss.CROSS_ENTROPY and run_spec.metric == "accuracy" and ds.num_classes == 3
+    result = Run(run_spec, model, ds, tmp_path / "out").execute()
+    assert "hf_model" in result.artifacts and "onnx" not in result.artifacts
+    assert result.report["sparsity"]["global"] > 0
+
+
+def test_fisher_kind_per_objective(tmp_path: Path) -> None:
+    """Token objectives refuse the true Fisher; distillation always uses it: its empirical gradients are all zero at
+    the dense model (the residuals to the dense outputs are), which the engine confirms."""
+    from core.engine.grads import fisher_gradients
+    from core.engine.layout import BlockLayout
+
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(sentences(10)))
+    lm = zip_folder(write_model(tmp_path / "g", "gpt2"), tmp_path / "g.zip")
+    with pytest.raises(InvalidInput, match=r"fisher\.kind 'true'"):
+        load_hf_job(PruneSpec(sparsity=0.5, fisher={"kind": "true"}), lm, data, "txt")
+    encoder = zip_folder(write_model(tmp_path / "b", "bert"), tmp_path / "b.zip")
+    run_spec, model, ds = load_hf_job(PruneSpec(sparsity=0.5), encoder, data, "txt")
+    assert run_spec.loss is Loss.MSE and run_spec.metric == "loss" and run_spec.fisher.kind.value == "true"
+    params = dict(model.named_parameters())
+    layout = BlockLayout({n: tuple(params[n].shape) for n in model.default_prunable_names()}, 16)
+    empirical = fisher_gradients(model, layout, ds.x_train, ds.y_train, m=4, loss="mse")
+    true = fisher_gradients(model, layout, ds.x_train, ds.y_train, m=4, loss="mse", true_fisher=True)
+    assert float(empirical.grads.abs().max()) < 1e-12 < float(true.grads.abs().max())
