@@ -215,6 +215,7 @@ class PruneSpec(_Strict):
         "sparsity at 1 − N/M, so sparsity may be left out) or 'block:RxC' (whole R × C tiles, e.g. 'block:4x4')",
     )
     layerwise: LayerwiseSpec = Field(default_factory=LayerwiseSpec)
+    text: TextSpec = Field(default_factory=TextSpec, description="Hugging Face models: tokenization and objective")
 
     @model_validator(mode="before")
     @classmethod
@@ -245,7 +246,6 @@ class PruneSpec(_Strict):
     @classmethod
     def _pattern(cls, value: str) -> str:
         return str(Pattern.parse(value))
-    text: TextSpec = Field(default_factory=TextSpec, description="Hugging Face models: tokenization and objective")
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:
