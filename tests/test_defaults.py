@@ -10,7 +10,8 @@ from core.engine.methods import METHODS, Method, method_info
 from core.errors import InvalidInput
 from core.runs.preflight import check_job
 from core.runs.run import Run, calibration_size, execute
-from core.runs.spec import DEFAULT_RECOMPUTE, DEFAULT_SAMPLES, PruneSpec, Update
+from core.runs.budget import memory_plan
+from core.runs.spec import DEFAULT_SAMPLES, PruneSpec, Update
 
 MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}}
 
@@ -20,8 +21,62 @@ def test_the_update_defaults_to_joint_where_the_method_has_it(method):
     spec = PruneSpec(method=method, sparsity=0.5)
     expected = Update.JOINT if method_info(method).supports_joint else Update.SUMMED
     assert spec.fisher.update is expected
-    assert spec.fisher.recompute == DEFAULT_RECOMPUTE == 16 and spec.fisher.damping == 1e-5
-    assert spec.fisher.samples is None and spec.fisher.block_size == 128
+    info = method_info(method)
+    assert spec.fisher.recompute == info.default_recompute and spec.fisher.damping == info.default_lambda
+    assert spec.fisher.samples is None and spec.fisher.block_size == "auto"
+
+
+@pytest.mark.parametrize(
+    "method,lam,recompute",
+    [("woodfisher", 1e-5, 16), ("kfac", 1e-3, 64), ("diag_fisher", 1e-4, 16), ("woodtaylor", 1e-1, 16)],
+)
+def test_each_curvature_method_gets_its_own_measured_lambda_and_r(method, lam, recompute):
+    spec = PruneSpec(method=method, sparsity=0.9)
+    assert (spec.fisher.damping, spec.fisher.recompute) == (lam, recompute)
+    # what the spec sets stays, and the stored spec validates back to the same values
+    mine = PruneSpec(method=method, sparsity=0.9, fisher={"lambda": 0.5, "recompute": 3})
+    assert (mine.fisher.damping, mine.fisher.recompute) == (0.5, 3)
+    again = PruneSpec.model_validate(spec.model_dump(mode="json", by_alias=True))
+    assert (again.fisher.damping, again.fisher.recompute) == (lam, recompute)
+
+
+LENET = {"c1.weight": (6, 1, 5, 5), "c3.weight": (16, 6, 5, 5), "f5.weight": (120, 400), "f6.weight": (84, 120)}
+
+
+def test_block_size_auto_takes_whole_layers_without_a_budget():
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    assert plan.block_size is None and plan.block_choice.startswith("auto: whole layers")
+    assert "no memory budget" in plan.block_choice
+    assert plan.as_dict()["block_choice"] == plan.block_choice  # in the report's memory_plan
+
+
+def test_block_size_auto_takes_whole_layers_within_a_budget_and_the_largest_block_that_fits_else():
+    spec = PruneSpec(sparsity=0.9, fisher={"samples": 512})
+    whole = memory_plan(spec, LENET)
+    roomy = memory_plan(spec, LENET, server_mb=whole.total_bytes / 2**20 + 1)
+    assert roomy.block_size is None and "within the budget" in roomy.block_choice
+    budget_mb = (whole.total_bytes - 1) / 2**20  # one byte short of whole layers: the server's budget applies
+    tight = memory_plan(spec, LENET, server_mb=budget_mb)
+    assert tight.block_size is not None and tight.total_bytes <= budget_mb * 2**20
+    assert "the largest that fits" in tight.block_choice and "ARBORIST_MEMORY_BUDGET_MB" in tight.block_choice
+    # the largest of the halving sequence from the largest layer (48000): twice it would not fit
+    c = tight.block_size
+    assert c == 48000 // 2 ** round(math.log2(48000 / c))
+    assert (
+        memory_plan(
+            spec.model_copy(update={"fisher": spec.fisher.model_copy(update={"block_size": 2 * c})}), LENET
+        ).total_bytes
+        > budget_mb * 2**20
+    )
+    # the spec's budget, when lower, is the one named
+    own = memory_plan(spec.model_copy(update={"memory_budget_mb": budget_mb}), LENET, server_mb=10_000)
+    assert own.block_size == c and "spec.memory_budget_mb" in own.block_choice
+
+
+def test_an_explicit_block_size_is_kept_and_said_so():
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512, "block_size": 64}), LENET)
+    assert plan.block_size == 64 and plan.block_choice == "fisher.block_size = 64"
+    assert memory_plan(PruneSpec(method="kfac", sparsity=0.9), LENET).block_choice is None
 
 
 def test_kfac_defaults_to_summed_and_an_explicit_update_stays():
