@@ -107,7 +107,7 @@ def gradual(seed: int = 0) -> list[dict]:
             seed=seed,
         )
         r = execute(spec, model, data, Path(f"bench/results/gradual-{method}")).report
-        rows.append({"method": method, "sparsity": 0.95, "accuracy": r["metrics"]["after"]["val"]["accuracy"]})
+        rows.append({"method": method, "sparsity": 0.95, "accuracy": r["metrics"]["after"]["validation"]["accuracy"]})
     return rows
 
 

@@ -188,7 +188,7 @@ def test_magnitude_reports_no_lambda_no_fisher_plan_and_names_its_splits(method,
     splits = report["metrics"]["splits"]
     assert splits == {
         "train": {"name": "train", "examples": len(digits.x_train)},
-        "val": {"name": "validation", "examples": len(digits.x_val)},
+        "validation": {"name": "validation", "examples": len(digits.x_val)},
     }
     assert set(report["metrics"]["after"]) == set(splits)
     assert {p["split"] for p in report["curve"]} == {"validation"}
@@ -201,4 +201,4 @@ def test_woodfisher_reports_its_lambda_and_plan(digits, digits_mlp, tmp_path):
     assert report["spec"]["fisher"]["samples"] == 32 and report["spec"]["fisher"]["update"] == "joint"
     from worker.runner import summarize  # the job result names the splits too
 
-    assert summarize(report, {})["metrics"]["splits"]["val"]["name"] == "validation"
+    assert summarize(report, {})["metrics"]["splits"]["validation"]["name"] == "validation"
