@@ -8,9 +8,9 @@ import torch
 
 from core.engine.methods import METHODS, Method, method_info
 from core.errors import InvalidInput
+from core.runs.budget import memory_plan
 from core.runs.preflight import check_job
 from core.runs.run import Run, calibration_size, execute
-from core.runs.budget import memory_plan
 from core.runs.spec import DEFAULT_SAMPLES, PruneSpec, Update
 
 MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}}

@@ -482,8 +482,9 @@ class Run:
         skip = set() if self.curvature else {"quadratic_png"}  # magnitude has no quadratic model to check
         skip |= set() if self.state.lambda_sweep else {"lambda_sweep_png"}
         out = {k: self.out_dir / v for k, v in ARTIFACTS.items() if k not in skip}
-        save_state_dict(model.state_dict(), out["pruned"])
-        save_state_dict(masks, out["masks"])
+        names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
+        save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
+        save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
         onnx_error = None
         try:
             from core.io.onnx.export import export_onnx
@@ -515,6 +516,7 @@ class Run:
         layers = [
             {
                 "name": n,
+                "saved_as": (getattr(model, "source_names", None) or {}).get(n, n),
                 "shape": list(params[n].shape),
                 "numel": m.numel(),
                 "sparsity": 1.0 - float(m.sum()) / m.numel(),
