@@ -17,7 +17,7 @@ from api.routing import JSONBodyRoute
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import UploadedFile
 from core.io.limits import LoadLimits
-from core.io.model_files import ModelInfo, validate_model_file
+from core.io.model_files import ModelInfo, tensor_renames, validate_model_file
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
 from core.service.names import NAME_FIELD
@@ -104,7 +104,9 @@ async def upload_model(
         plan=partial(_registration, session, tenant, load_limits(settings)),
     )
     response.headers["Location"] = f"/v1/models/{row.id}"
-    return ModelPublic.of(row)
+    with store.materialize(row.path) as path:  # a header and the architecture on meta: no weights read
+        renames = tensor_renames(path, row.arch, row.arch_kwargs)
+    return ModelPublic.of(row).model_copy(update={"tensor_names": renames})
 
 
 add_input_routes(router, Model, ModelPublic, ModelsPublic)
