@@ -161,8 +161,17 @@ class ScheduleSpec(_Strict):
         return self
 
 
+#: gradual mode without finetune.epochs: this many fine-tuning epochs after the schedule's last pruning step
+GRADUAL_EXTRA_EPOCHS = 2
+
+
 class FinetuneSpec(_Strict):
-    epochs: int = Field(0, ge=0, le=EPOCHS_MAX)
+    epochs: int | None = Field(
+        None,
+        ge=0,
+        le=EPOCHS_MAX,
+        description="default: 0 one-shot; gradual, schedule.end_epoch + 2 (two epochs after the last pruning step)",
+    )
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = finite_float(default=0.01, gt=0, le=10, description="learning rate, in (0, 10]")
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
@@ -207,6 +216,9 @@ class PruneSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:
+        if self.finetune.epochs is None:  # a copy: the caller's FinetuneSpec instance is never changed
+            epochs = self.schedule.end_epoch + GRADUAL_EXTRA_EPOCHS if self.mode == "gradual" else 0
+            self.finetune = self.finetune.model_copy(update={"epochs": epochs})
         if self.mode == "gradual":
             if self.finetune.epochs < 1:
                 raise ValueError("gradual mode needs finetune.epochs ≥ 1")
