@@ -202,3 +202,24 @@ def test_woodfisher_reports_its_lambda_and_plan(digits, digits_mlp, tmp_path):
     from worker.runner import summarize  # the job result names the splits too
 
     assert summarize(report, {})["metrics"]["splits"]["validation"]["name"] == "validation"
+
+
+def test_gradual_mode_without_epochs_fine_tunes_two_epochs_past_the_schedule():
+    spec = PruneSpec(sparsity=0.9, mode="gradual")  # method + sparsity + mode: a valid gradual run
+    assert spec.finetune.epochs == spec.schedule.end_epoch + 2 == 6
+    late = PruneSpec(sparsity=0.9, mode="gradual", schedule={"end_epoch": 10, "frequency": 2})
+    assert late.finetune.epochs == 12
+    assert PruneSpec(sparsity=0.9).finetune.epochs == 0  # one-shot: no fine-tuning unless asked
+    assert PruneSpec(sparsity=0.9, mode="gradual", finetune={"epochs": 9}).finetune.epochs == 9
+    with pytest.raises(ValueError, match=r"end_epoch must be < finetune\.epochs"):
+        PruneSpec(sparsity=0.9, mode="gradual", finetune={"epochs": 4})
+
+
+def test_gradual_mode_without_optimizer_settings_gets_the_measured_fine_tuning():
+    ft = PruneSpec(sparsity=0.95, mode="gradual").finetune
+    assert (ft.optimizer, ft.lr, ft.lr_schedule, ft.momentum) == ("sgd", 0.05, "cosine", 0.9)
+    mine = PruneSpec(sparsity=0.95, mode="gradual", finetune={"optimizer": "adam", "lr": 1e-3}).finetune
+    assert (mine.optimizer, mine.lr, mine.lr_schedule) == ("adam", 1e-3, "constant")  # what the spec sets stays
+    assert PruneSpec(sparsity=0.95, mode="gradual", finetune={"lr": 0.2}).finetune.lr_schedule == "constant"
+    one_shot = PruneSpec(sparsity=0.95, finetune={"epochs": 3}).finetune  # one-shot fine-tuning: unchanged
+    assert (one_shot.lr, one_shot.lr_schedule) == (0.01, "constant")

@@ -163,6 +163,10 @@ class ScheduleSpec(_Strict):
 
 #: gradual mode without finetune.epochs: this many fine-tuning epochs after the schedule's last pruning step
 GRADUAL_EXTRA_EPOCHS = 2
+#: gradual mode whose finetune sets no optimizer, lr, lr_schedule or momentum: SGD (momentum 0.9), lr 0.05, cosine
+#: (bench/gradual.py, MLP to 95 %: 0.969 against 0.944 with lr 0.01 constant and 0.958 with Adam 1e-3)
+GRADUAL_FINETUNE = {"lr": 0.05, "lr_schedule": "cosine"}
+_OPTIMIZER_FIELDS = {"optimizer", "lr", "lr_schedule", "momentum"}
 
 
 class FinetuneSpec(_Strict):
@@ -219,6 +223,8 @@ class PruneSpec(_Strict):
         if self.finetune.epochs is None:  # a copy: the caller's FinetuneSpec instance is never changed
             epochs = self.schedule.end_epoch + GRADUAL_EXTRA_EPOCHS if self.mode == "gradual" else 0
             self.finetune = self.finetune.model_copy(update={"epochs": epochs})
+        if self.mode == "gradual" and not self.finetune.model_fields_set & _OPTIMIZER_FIELDS:
+            self.finetune = self.finetune.model_copy(update=GRADUAL_FINETUNE)
         if self.mode == "gradual":
             if self.finetune.epochs < 1:
                 raise ValueError("gradual mode needs finetune.epochs ≥ 1")
