@@ -69,6 +69,7 @@ SWEEP = [
     {"lambda": 1e-2, "split": "calibration", "score": 0.80, "widened": False},
     {"lambda": 1e-4, "split": "calibration", "score": 0.95, "widened": True},
     {"lambda": 1e-5, "split": "calibration", "score": None, "widened": True, "error": "non-finite"},
+    {"lambda": None, "split": "calibration", "score": None, "widened": False, "error": "λ = inf: non-finite"},
 ]
 
 

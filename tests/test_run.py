@@ -130,7 +130,7 @@ def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_
         ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
         ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
         # Rules across fields are the model's: no field location, the message names the fields.
-        ({"sparsity": 0.5, "mode": "gradual"}, (), "gradual mode needs finetune.epochs ≥ 1"),
+        ({"sparsity": 0.5, "mode": "gradual", "finetune": {"epochs": 0}}, (), "gradual mode needs finetune.epochs ≥ 1"),
         ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, (), "kfac supports fisher.update"),
     ],
 )

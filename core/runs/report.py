@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
 import torch
 from torch import Tensor, nn
@@ -153,11 +154,13 @@ def quadratic_png(steps: list[dict], title: str, split: str | None = None) -> by
 def lambda_sweep_figure(sweep: list[dict], chosen: float | None, metric: str, title: str):
     """λ = 'auto': the score of each λ tried (log axis) on its split (the calibration split), the widened tries
     marked apart from the grid's, the chosen λ as a vertical line; λ values whose prune went non-finite sit on the
-    axis as crosses. ``sweep`` is the report's ``lambda_sweep``."""
+    axis as crosses. ``sweep`` is the report's ``lambda_sweep`` (a λ that is not a positive finite number, written as
+    null in strict JSON, has no place on a log axis and is left out)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     split = next((s["split"] for s in sweep if s.get("split")), None)
-    rows = sorted(sweep, key=lambda s: s["lambda"])
+    usable = [s for s in sweep if isinstance(s.get("lambda"), (int, float)) and 0 < s["lambda"] < math.inf]
+    rows = sorted(usable, key=lambda s: s["lambda"])
     scored = [s for s in rows if s.get("score") is not None]
     ax.plot([s["lambda"] for s in scored], [s["score"] for s in scored], "-", color="tab:blue", linewidth=1)
     for widened, marker, label in ((False, "o", "lambda_grid"), (True, "D", "widened past an edge")):
