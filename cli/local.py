@@ -115,7 +115,7 @@ def compare(run_file: Path, methods: str, sparsities: str, output: Path | None) 
                 model.load_state_dict(state)
                 run_spec = PruneSpec(
                     **{
-                        **spec.model_dump(by_alias=True),
+                        **(doc.get("spec") or {}),  # as written: λ, R and the update default by method
                         "method": method,
                         "sparsity": s,
                         "mode": "one_shot",

@@ -1,6 +1,7 @@
 """Defaults that work (#13): the update and m resolved from the method and the data, λ 'auto' on a calibration
 split with a grid that widens past a winning edge, and reports that name the split of every metric."""
 
+import json
 import math
 
 import pytest
@@ -223,3 +224,33 @@ def test_gradual_mode_without_optimizer_settings_gets_the_measured_fine_tuning()
     assert PruneSpec(sparsity=0.95, mode="gradual", finetune={"lr": 0.2}).finetune.lr_schedule == "constant"
     one_shot = PruneSpec(sparsity=0.95, finetune={"epochs": 3}).finetune  # one-shot fine-tuning: unchanged
     assert (one_shot.lr, one_shot.lr_schedule) == (0.01, "constant")
+
+
+def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
+    """``arborist compare`` re-runs the run file's spec per method: kfac must get summed, λ 1e-3 and R 64, not the
+    woodfisher values the first spec resolved to (with 'joint' it was refused)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from cli.local import compare
+    from core.io.model_files import save_state_dict
+
+    save_state_dict(digits_mlp.state_dict(), tmp_path / "m.safetensors")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"arch": "mlp", "kwargs": MLP["arch_kwargs"], "weights": "m.safetensors"},
+                "data": "digits",
+                "spec": {"method": "woodfisher", "sparsity": 0.5, "fisher": {"samples": 16}, "device": "cpu"},
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        compare, [str(run_file), "--methods", "kfac,woodfisher", "--sparsities", "0.5", "--output", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "kfac-0.5" / "report.json").read_text())
+    assert report["spec"]["fisher"]["update"] == "summed"
+    assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == (1e-3, 64)
+    assert json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())["lambda"] == 1e-5
