@@ -68,6 +68,11 @@ class ModelPublic(Public):
     sha256: str
     num_parameters: int | None
     created_at: datetime
+    tensor_names: dict[str, str] | None = Field(
+        None,
+        description="in the upload's response: how the file's tensor names (a plain nn.Sequential's, 0.weight …) "
+        "were matched by order and shape to the architecture's (layers.1.weight …); null when they were its own",
+    )
 
 
 class ModelsPublic(Page[ModelPublic]):

@@ -1,7 +1,8 @@
 """One-shot quality sweep on digits: every method × sparsity × seed, plus a short gradual run.
 
 Models: an MLP (64-64-10) and LeNet-5 on 8×8 digit images, each trained here per seed. Each cell
-is validation accuracy right after one-shot pruning (no fine-tuning), mean over seeds.
+is validation accuracy right after one-shot pruning (no fine-tuning), mean over seeds. Every method runs at its own
+service defaults (m = 512, λ and R from MethodInfo, whole-layer blocks as block_size "auto" takes them here).
 Usage: python bench/quality.py [--seeds 3] [--quick]
 """
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import save
 from core.engine.curvature.base import FisherConfig
 from core.engine.layout import select_parameters
+from core.engine.methods import method_info
 from core.engine.pruner import make_pruner
 from core.io.data import builtin_dataset
 from core.io.zoo import build_model
@@ -26,16 +28,15 @@ from core.runs.spec import FinetuneSpec, PruneSpec
 from core.runs.train import evaluate, make_optimizer, train_epoch
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
-FISHER = FisherConfig(m=512, lam=1e-3, chunk=128)
-R = 16  # recompute sub-steps: the inverse is rebuilt 16 times on the way to the target
-METHODS = {  # label: (method, joint, recompute)
-    "woodfisher (joint)": ("woodfisher", True, R),
-    "woodfisher (summed)": ("woodfisher", False, R),
-    "woodtaylor": ("woodtaylor", True, R),
-    "kfac": ("kfac", False, R),
-    "diag_fisher": ("diag_fisher", False, R),
-    "global_magnitude": ("global_magnitude", False, 1),
-    "magnitude": ("magnitude", False, 1),
+M = 512  # Fisher samples
+METHODS = {  # label: (method, joint); λ and R are each method's defaults (MethodInfo.default_lambda/_recompute)
+    "woodfisher (joint)": ("woodfisher", True),
+    "woodfisher (summed)": ("woodfisher", False),
+    "woodtaylor": ("woodtaylor", True),
+    "kfac": ("kfac", False),
+    "diag_fisher": ("diag_fisher", False),
+    "global_magnitude": ("global_magnitude", False),
+    "magnitude": ("magnitude", False),
 }
 MODELS = {
     "mlp": ("digits", "mlp", {"in_features": 64, "hidden": [64], "num_classes": 10}),
@@ -71,11 +72,14 @@ def one_shot(models: list[str], seeds: int, sparsities: list[float]) -> list[dic
             dense = evaluate(model, data.x_val, data.y_val, "cross_entropy")["accuracy"]
             state = copy.deepcopy(model.state_dict())
             names = select_parameters(model)
-            for label, (method, joint, recompute) in METHODS.items():
+            for label, (method, joint) in METHODS.items():
+                info = method_info(method)
+                recompute = info.default_recompute if info.needs_gradients else 1
                 for s in sparsities:
                     model.load_state_dict(state)
-                    cfg = FisherConfig(**{**FISHER.__dict__, "seed": seed})
-                    make_pruner(method, cfg, block_size=128, joint=joint, recompute=recompute).prune(
+                    cfg = FisherConfig(m=M, lam=info.default_lambda, chunk=128, seed=seed)
+                    # block_size None: whole layers, what block_size 'auto' takes for these models without a budget
+                    make_pruner(method, cfg, block_size=None, joint=joint, recompute=recompute).prune(
                         model, names, s, (data.x_train, data.y_train)
                     )
                     acc = evaluate(model, data.x_val, data.y_val, "cross_entropy")["accuracy"]
@@ -107,7 +111,7 @@ def gradual(seed: int = 0) -> list[dict]:
             seed=seed,
         )
         r = execute(spec, model, data, Path(f"bench/results/gradual-{method}")).report
-        rows.append({"method": method, "sparsity": 0.95, "accuracy": r["metrics"]["after"]["val"]["accuracy"]})
+        rows.append({"method": method, "sparsity": 0.95, "accuracy": r["metrics"]["after"]["validation"]["accuracy"]})
     return rows
 
 

@@ -87,7 +87,7 @@ def prune(run_file: Path, output: Path | None) -> None:
     except (ArboristError, ValidationError) as e:
         _fail(e)
     r = result.report
-    before, after = r["metrics"]["before"]["val"], r["metrics"]["after"]["val"]
+    before, after = r["metrics"]["before"]["validation"], r["metrics"]["after"]["validation"]
     click.echo(f"{'':18}{'before':>12}{'after':>12}")
     for key in before:
         click.echo(f"{'val ' + key:18}{before[key]:>12.4f}{after[key]:>12.4f}")
@@ -115,7 +115,7 @@ def compare(run_file: Path, methods: str, sparsities: str, output: Path | None) 
                 model.load_state_dict(state)
                 run_spec = PruneSpec(
                     **{
-                        **spec.model_dump(by_alias=True),
+                        **(doc.get("spec") or {}),  # as written: λ, R and the update default by method
                         "method": method,
                         "sparsity": s,
                         "mode": "one_shot",

@@ -1,6 +1,7 @@
 """Defaults that work (#13): the update and m resolved from the method and the data, λ 'auto' on a calibration
 split with a grid that widens past a winning edge, and reports that name the split of every metric."""
 
+import json
 import math
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 
 from core.engine.methods import METHODS, Method, method_info
 from core.errors import InvalidInput
+from core.runs.budget import memory_plan
 from core.runs.preflight import check_job
 from core.runs.run import Run, calibration_size, execute
-from core.runs.spec import DEFAULT_RECOMPUTE, DEFAULT_SAMPLES, PruneSpec, Update
+from core.runs.spec import DEFAULT_SAMPLES, PruneSpec, Update
 
 MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}}
 
@@ -20,8 +22,62 @@ def test_the_update_defaults_to_joint_where_the_method_has_it(method):
     spec = PruneSpec(method=method, sparsity=0.5)
     expected = Update.JOINT if method_info(method).supports_joint else Update.SUMMED
     assert spec.fisher.update is expected
-    assert spec.fisher.recompute == DEFAULT_RECOMPUTE == 16 and spec.fisher.damping == 1e-5
-    assert spec.fisher.samples is None and spec.fisher.block_size == 128
+    info = method_info(method)
+    assert spec.fisher.recompute == info.default_recompute and spec.fisher.damping == info.default_lambda
+    assert spec.fisher.samples is None and spec.fisher.block_size == "auto"
+
+
+@pytest.mark.parametrize(
+    "method,lam,recompute",
+    [("woodfisher", 1e-5, 16), ("kfac", 1e-3, 64), ("diag_fisher", 1e-4, 16), ("woodtaylor", 1e-1, 16)],
+)
+def test_each_curvature_method_gets_its_own_measured_lambda_and_r(method, lam, recompute):
+    spec = PruneSpec(method=method, sparsity=0.9)
+    assert (spec.fisher.damping, spec.fisher.recompute) == (lam, recompute)
+    # what the spec sets stays, and the stored spec validates back to the same values
+    mine = PruneSpec(method=method, sparsity=0.9, fisher={"lambda": 0.5, "recompute": 3})
+    assert (mine.fisher.damping, mine.fisher.recompute) == (0.5, 3)
+    again = PruneSpec.model_validate(spec.model_dump(mode="json", by_alias=True))
+    assert (again.fisher.damping, again.fisher.recompute) == (lam, recompute)
+
+
+LENET = {"c1.weight": (6, 1, 5, 5), "c3.weight": (16, 6, 5, 5), "f5.weight": (120, 400), "f6.weight": (84, 120)}
+
+
+def test_block_size_auto_takes_whole_layers_without_a_budget():
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    assert plan.block_size is None and plan.block_choice.startswith("auto: whole layers")
+    assert "no memory budget" in plan.block_choice
+    assert plan.as_dict()["block_choice"] == plan.block_choice  # in the report's memory_plan
+
+
+def test_block_size_auto_takes_whole_layers_within_a_budget_and_the_largest_block_that_fits_else():
+    spec = PruneSpec(sparsity=0.9, fisher={"samples": 512})
+    whole = memory_plan(spec, LENET)
+    roomy = memory_plan(spec, LENET, server_mb=whole.total_bytes / 2**20 + 1)
+    assert roomy.block_size is None and "within the budget" in roomy.block_choice
+    budget_mb = (whole.total_bytes - 1) / 2**20  # one byte short of whole layers: the server's budget applies
+    tight = memory_plan(spec, LENET, server_mb=budget_mb)
+    assert tight.block_size is not None and tight.total_bytes <= budget_mb * 2**20
+    assert "the largest that fits" in tight.block_choice and "ARBORIST_MEMORY_BUDGET_MB" in tight.block_choice
+    # the largest of the halving sequence from the largest layer (48000): twice it would not fit
+    c = tight.block_size
+    assert c == 48000 // 2 ** round(math.log2(48000 / c))
+    assert (
+        memory_plan(
+            spec.model_copy(update={"fisher": spec.fisher.model_copy(update={"block_size": 2 * c})}), LENET
+        ).total_bytes
+        > budget_mb * 2**20
+    )
+    # the spec's budget, when lower, is the one named
+    own = memory_plan(spec.model_copy(update={"memory_budget_mb": budget_mb}), LENET, server_mb=10_000)
+    assert own.block_size == c and "spec.memory_budget_mb" in own.block_choice
+
+
+def test_an_explicit_block_size_is_kept_and_said_so():
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512, "block_size": 64}), LENET)
+    assert plan.block_size == 64 and plan.block_choice == "fisher.block_size = 64"
+    assert memory_plan(PruneSpec(method="kfac", sparsity=0.9), LENET).block_choice is None
 
 
 def test_kfac_defaults_to_summed_and_an_explicit_update_stays():
@@ -133,7 +189,7 @@ def test_magnitude_reports_no_lambda_no_fisher_plan_and_names_its_splits(method,
     splits = report["metrics"]["splits"]
     assert splits == {
         "train": {"name": "train", "examples": len(digits.x_train)},
-        "val": {"name": "validation", "examples": len(digits.x_val)},
+        "validation": {"name": "validation", "examples": len(digits.x_val)},
     }
     assert set(report["metrics"]["after"]) == set(splits)
     assert {p["split"] for p in report["curve"]} == {"validation"}
@@ -146,4 +202,55 @@ def test_woodfisher_reports_its_lambda_and_plan(digits, digits_mlp, tmp_path):
     assert report["spec"]["fisher"]["samples"] == 32 and report["spec"]["fisher"]["update"] == "joint"
     from worker.runner import summarize  # the job result names the splits too
 
-    assert summarize(report, {})["metrics"]["splits"]["val"]["name"] == "validation"
+    assert summarize(report, {})["metrics"]["splits"]["validation"]["name"] == "validation"
+
+
+def test_gradual_mode_without_epochs_fine_tunes_two_epochs_past_the_schedule():
+    spec = PruneSpec(sparsity=0.9, mode="gradual")  # method + sparsity + mode: a valid gradual run
+    assert spec.finetune.epochs == spec.schedule.end_epoch + 2 == 6
+    late = PruneSpec(sparsity=0.9, mode="gradual", schedule={"end_epoch": 10, "frequency": 2})
+    assert late.finetune.epochs == 12
+    assert PruneSpec(sparsity=0.9).finetune.epochs == 0  # one-shot: no fine-tuning unless asked
+    assert PruneSpec(sparsity=0.9, mode="gradual", finetune={"epochs": 9}).finetune.epochs == 9
+    with pytest.raises(ValueError, match=r"end_epoch must be < finetune\.epochs"):
+        PruneSpec(sparsity=0.9, mode="gradual", finetune={"epochs": 4})
+
+
+def test_gradual_mode_without_optimizer_settings_gets_the_measured_fine_tuning():
+    ft = PruneSpec(sparsity=0.95, mode="gradual").finetune
+    assert (ft.optimizer, ft.lr, ft.lr_schedule, ft.momentum) == ("sgd", 0.05, "cosine", 0.9)
+    mine = PruneSpec(sparsity=0.95, mode="gradual", finetune={"optimizer": "adam", "lr": 1e-3}).finetune
+    assert (mine.optimizer, mine.lr, mine.lr_schedule) == ("adam", 1e-3, "constant")  # what the spec sets stays
+    assert PruneSpec(sparsity=0.95, mode="gradual", finetune={"lr": 0.2}).finetune.lr_schedule == "constant"
+    one_shot = PruneSpec(sparsity=0.95, finetune={"epochs": 3}).finetune  # one-shot fine-tuning: unchanged
+    assert (one_shot.lr, one_shot.lr_schedule) == (0.01, "constant")
+
+
+def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
+    """``arborist compare`` re-runs the run file's spec per method: kfac must get summed, λ 1e-3 and R 64, not the
+    woodfisher values the first spec resolved to (with 'joint' it was refused)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from cli.local import compare
+    from core.io.model_files import save_state_dict
+
+    save_state_dict(digits_mlp.state_dict(), tmp_path / "m.safetensors")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"arch": "mlp", "kwargs": MLP["arch_kwargs"], "weights": "m.safetensors"},
+                "data": "digits",
+                "spec": {"method": "woodfisher", "sparsity": 0.5, "fisher": {"samples": 16}, "device": "cpu"},
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        compare, [str(run_file), "--methods", "kfac,woodfisher", "--sparsities", "0.5", "--output", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "kfac-0.5" / "report.json").read_text())
+    assert report["spec"]["fisher"]["update"] == "summed"
+    assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == (1e-3, 64)
+    assert json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())["lambda"] == 1e-5

@@ -31,7 +31,11 @@ from core.runs.run import RunHooks, execute
 from core.runs.spec import PruneSpec
 
 # R = 1 and the summed update (the defaults before #13): fast, and what the numerical checks below were written for
-BASE = {"sparsity": 0.5, "fisher": {"samples": 64, "lambda": 1e-3, "recompute": 1, "update": "summed"}, "device": "cpu"}
+BASE = {
+    "sparsity": 0.5,
+    "fisher": {"samples": 64, "lambda": 1e-3, "recompute": 1, "update": "summed", "block_size": 128},
+    "device": "cpu",
+}
 
 
 def _strict(text: str | bytes) -> Any:

@@ -55,6 +55,7 @@ def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digi
         "report.json",
         "curve.csv",
         "curve.png",
+        "quadratic.png",
     }
     weights, masks = load_file(result.artifacts["pruned"]), load_file(result.artifacts["masks"])
     for name, mask in masks.items():  # exactly zero after three epochs of Adam with weight decay
@@ -65,7 +66,7 @@ def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digi
     assert report["sparsity"]["pruned_layers"] == pytest.approx(0.8, abs=1e-3)
     assert report["macs"]["sparse"] < 0.3 * report["macs"]["dense"]
     assert [s["sparsity"] for s in report["quadratic_model"]["steps"]] == pytest.approx([0.2, 0.725, 0.8])
-    assert report["metrics"]["after"]["val"]["accuracy"] > 0.8
+    assert report["metrics"]["after"]["validation"]["accuracy"] > 0.8
     kinds = [p["kind"] for p in hooks.points]
     assert kinds == ["dense", "prune", "epoch", "prune", "epoch", "prune", "epoch"]
     assert hooks.fractions[-1] == 1.0 and hooks.fractions == sorted(hooks.fractions)
@@ -110,7 +111,7 @@ def test_lambda_auto_sweeps_on_the_calibration_split(digits, digits_mlp, tmp_pat
     assert result.report["lambda"] == max(sweep, key=lambda s: s["score"])["lambda"]
     splits = result.report["metrics"]["splits"]
     assert splits["calibration"]["examples"] + splits["train"]["examples"] == len(digits.x_train)
-    assert splits["val"] == {"name": "validation", "examples": len(digits.x_val)}
+    assert splits["validation"] == {"name": "validation", "examples": len(digits.x_val)}
     assert "lambda_chosen" in hooks.events
 
 
@@ -129,7 +130,7 @@ def test_too_many_fisher_samples_is_refused_before_work(digits, digits_mlp, tmp_
         ({"sparsity": 0.5, "method": "nope"}, ("method",), "'woodfisher'"),
         ({"sparsity": 0.5, "unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
         # Rules across fields are the model's: no field location, the message names the fields.
-        ({"sparsity": 0.5, "mode": "gradual"}, (), "gradual mode needs finetune.epochs ≥ 1"),
+        ({"sparsity": 0.5, "mode": "gradual", "finetune": {"epochs": 0}}, (), "gradual mode needs finetune.epochs ≥ 1"),
         ({"sparsity": 0.5, "method": "kfac", "fisher": {"update": "joint"}}, (), "kfac supports fisher.update"),
     ],
 )

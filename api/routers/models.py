@@ -22,7 +22,7 @@ from api.schemas import ModelPublic, ModelRegister, ModelsPublic
 from api.uploads import UploadedFile
 from core.io.hf.validate import HFModelInfo, validate_model_upload
 from core.io.limits import LoadLimits
-from core.io.model_files import ModelInfo
+from core.io.model_files import ModelInfo, tensor_renames
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
 from core.service.names import NAME_FIELD
@@ -125,7 +125,11 @@ async def upload_model(
         plan=partial(_registration, session, tenant, load_limits(settings)),
     )
     response.headers["Location"] = f"/v1/models/{row.id}"
-    return ModelPublic.of(row)
+    renames = None
+    if row.format == "safetensors" and row.arch:  # a zoo architecture: were the tensors saved under other names?
+        with store.materialize(row.path) as path:  # a header and the architecture on meta: no weights read
+            renames = tensor_renames(path, row.arch, row.arch_kwargs)
+    return ModelPublic.of(row).model_copy(update={"tensor_names": renames})
 
 
 add_input_routes(router, Model, ModelPublic, ModelsPublic)

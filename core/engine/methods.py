@@ -90,6 +90,9 @@ class MethodInfo:
     max_weights: int | None = None  # the most weights it takes (exact OBS: the Hessian is D × D)
     #: layer-wise from calibration inputs (core.engine.layerwise): the layer solver; the estimator is unused
     layerwise: Callable | None = None
+    #: λ and R (recompute sub-steps) when the spec sets none, measured per method (bench/defaults.py)
+    default_lambda: float = 1e-5
+    default_recompute: int = 16
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
         """Raise ValueError for a scope (None: the default) or an update this method does not support."""
@@ -254,6 +257,7 @@ METHODS: dict[Method, MethodInfo] = {
             _block_peak,
             taylor=True,
             uses_blocks=True,
+            default_lambda=1e-1,  # its Newton step is long at small λ (README, Quality)
         ),
         MethodInfo(
             Method.MAGNITUDE,
@@ -265,8 +269,22 @@ METHODS: dict[Method, MethodInfo] = {
             scopes=frozenset({Scope.LAYER}),
         ),
         MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, _magnitude_peak, **_NO_DATA),
-        MethodInfo(Method.DIAG_FISHER, lambda f, c: DiagonalFisher(f), _diagonal_memory, _diagonal_peak),
-        MethodInfo(Method.KFAC, lambda f, c: KFAC(f), _kfac_memory, _kfac_peak, supports_joint=False),
+        MethodInfo(
+            Method.DIAG_FISHER,
+            lambda f, c: DiagonalFisher(f),
+            _diagonal_memory,
+            _diagonal_peak,
+            default_lambda=1e-4,
+        ),
+        MethodInfo(
+            Method.KFAC,
+            lambda f, c: KFAC(f),
+            _kfac_memory,
+            _kfac_peak,
+            supports_joint=False,
+            default_lambda=1e-3,
+            default_recompute=64,  # its estimate is cheap: more sub-steps pay
+        ),
         MethodInfo(
             Method.EXACT_OBS,
             lambda f, c: ExactHessian(lam=f.lam, loss=f.loss),

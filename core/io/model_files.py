@@ -33,6 +33,7 @@ from core.errors import ArboristError, InvalidInput, UnsafeFormat, out_of_memory
 from core.io.files import atomic_path
 from core.io.limits import DEFAULT_LIMITS, UNLIMITED, LoadLimits, check_limit
 from core.io.onnx import onnx_to_torch
+from core.io.renames import expected_names, match_by_order
 from core.io.zoo import build_model
 
 __all__ = [
@@ -415,17 +416,36 @@ def _load_safetensors(
     shapes = build_architecture(arch, arch_kwargs, device="meta")
     _check_parameters(shapes, f"architecture {arch!r} with {arch_kwargs or {}}", limits, ["arch_kwargs"])
     header = read_safetensors_header(path)
-    check_shapes_match(
-        {k: tuple(v.shape) for k, v in shapes.state_dict().items()},
-        {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"},
-    )
-    state = load_state_dict(path)
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
+    found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    renames = match_by_order(expected, found) or {}  # an nn.Sequential's own names (core.io.renames)
+    try:
+        check_shapes_match(expected, {renames.get(k, k): v for k, v in found.items()})
+    except InvalidInput as e:
+        raise InvalidInput(
+            f"{e.detail}. Architecture {arch!r} takes its own names ({expected_names(expected)}), or a plain "
+            "nn.Sequential's state dict with the same layers in the same order and shapes (0.weight, 0.bias, "
+            "2.weight, …), which is matched by order",
+            errors=e.errors,
+        ) from None
+    state = {renames.get(k, k): v for k, v in load_state_dict(path).items()}
     model = _build_arch(arch, arch_kwargs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
         raise InvalidInput(f"the weights cannot be loaded into {arch!r}: {e}") from e
+    model.source_names = {v: k for k, v in renames.items()}  # what a run saves its outputs under (as for ONNX)
     return model
+
+
+def tensor_renames(path: str | os.PathLike, arch: str | None, arch_kwargs: dict | None) -> dict[str, str] | None:
+    """{name in the file: the architecture's name} for a safetensors file saved under an ``nn.Sequential``'s own
+    names (:mod:`core.io.renames`), as loading maps them; None when the names are the architecture's (or ONNX)."""
+    if not arch or detect_format(path) != "safetensors":
+        return None
+    expected = {k: tuple(v.shape) for k, v in build_architecture(arch, arch_kwargs, device="meta").state_dict().items()}
+    header = read_safetensors_header(path)
+    return match_by_order(expected, {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
 
 
 def _load_onnx(path: str | os.PathLike, limits: LoadLimits) -> nn.Module:

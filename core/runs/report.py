@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
 import torch
 from torch import Tensor, nn
@@ -148,3 +149,41 @@ def quadratic_figure(steps: list[dict], title: str, split: str | None = None):
 def quadratic_png(steps: list[dict], title: str, split: str | None = None) -> bytes:
     """:func:`quadratic_figure` as PNG."""
     return _png(quadratic_figure(steps, title, split))
+
+
+def lambda_sweep_figure(sweep: list[dict], chosen: float | None, metric: str, title: str):
+    """λ = 'auto': the score of each λ tried (log axis) on its split (the calibration split), the widened tries
+    marked apart from the grid's, the chosen λ as a vertical line; λ values whose prune went non-finite sit on the
+    axis as crosses. ``sweep`` is the report's ``lambda_sweep`` (a λ that is not a positive finite number, written as
+    null in strict JSON, has no place on a log axis and is left out)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    split = next((s["split"] for s in sweep if s.get("split")), None)
+    usable = [s for s in sweep if isinstance(s.get("lambda"), (int, float)) and 0 < s["lambda"] < math.inf]
+    rows = sorted(usable, key=lambda s: s["lambda"])
+    scored = [s for s in rows if s.get("score") is not None]
+    ax.plot([s["lambda"] for s in scored], [s["score"] for s in scored], "-", color="tab:blue", linewidth=1)
+    for widened, marker, label in ((False, "o", "lambda_grid"), (True, "D", "widened past an edge")):
+        pts = [s for s in scored if bool(s.get("widened")) is widened]
+        if pts:
+            ax.scatter([s["lambda"] for s in pts], [s["score"] for s in pts], marker=marker, zorder=3, label=label)
+    failed = [s["lambda"] for s in rows if s.get("score") is None]
+    if failed:
+        ax.scatter(failed, [0.0] * len(failed), marker="x", color="tab:red", zorder=3, label="non-finite")
+    if chosen is not None:
+        ax.axvline(chosen, color="tab:green", linestyle="--", linewidth=1, label=f"chosen λ = {chosen:.0e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (dampening)")
+    ax.set_ylabel(f"{metric} ({split} split)" if split else metric)
+    values = [s["score"] for s in scored]
+    if metric == "accuracy" or (values and min(values) >= 0):
+        ax.set_ylim(0, 1.02 if not values or max(values) <= 1 else max(values) * 1.05)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def lambda_sweep_png(sweep: list[dict], chosen: float | None, metric: str, title: str) -> bytes:
+    """:func:`lambda_sweep_figure` as PNG."""
+    return _png(lambda_sweep_figure(sweep, chosen, metric, title))

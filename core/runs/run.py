@@ -38,7 +38,7 @@ from core.runs.budget import memory_plan
 from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe, prune_hint
 from core.runs.patterns import check_pattern, pattern_report
-from core.runs.report import count_macs, curve_csv, curve_png
+from core.runs.report import count_macs, curve_csv, curve_png, lambda_sweep_png, plot_title, quadratic_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
@@ -56,6 +56,8 @@ ARTIFACTS = {
     "report": "report.json",
     "curve_csv": "curve.csv",
     "curve_png": "curve.png",
+    "quadratic_png": "quadratic.png",  # predicted vs actual loss change per pruning step (methods with a curvature)
+    "lambda_sweep_png": "lambda_sweep.png",  # λ = 'auto' only
 }
 
 
@@ -145,10 +147,12 @@ class Run:
         checkpointer: Checkpointer | None = None,
         *,
         memory_budget_mb: float | None = None,
+        model_name: str | None = None,
     ):
         """``memory_budget_mb``: the server's budget (``Settings.memory_budget_mb``), if any; the lower of it and
-        the spec's applies."""
+        the spec's applies. ``model_name`` titles the plots (default: the module's class name)."""
         self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
+        self.model_name = model_name or type(model).__name__
         self.out_dir = Path(out_dir)
         self.device = resolve_device(spec.device)
         self.dtype = torch.float64 if spec.dtype == "float64" else torch.float32
@@ -222,7 +226,7 @@ class Run:
         """Every split a metric of the report is measured on: its name and size (keys as in ``metrics``)."""
         splits = {
             "train": {"name": "train", "examples": len(self.x)},
-            "val": {"name": "validation", "examples": len(self.xv)},
+            "validation": {"name": "validation", "examples": len(self.xv)},
         }
         if self.xc is not None:
             splits["calibration"] = {"name": "calibration", "examples": len(self.xc), "used_for": "lambda 'auto'"}
@@ -379,6 +383,8 @@ class Run:
             restore_optimizer(self.optimizer, tensors, meta["optimizer"])
         st = meta["state"]
         st["cursor"] = tuple(st["cursor"])
+        if "val" in st["before"]:  # a checkpoint written before the split was named in full
+            st["before"]["validation"] = st["before"].pop("val")
         self.state = _State(**st)
         self._event("resumed", {"epoch": st["cursor"][0], "phase": st["cursor"][1]})
         return True
@@ -387,7 +393,7 @@ class Run:
     def execute(self) -> RunResult:
         started = time.perf_counter()
         if not self._resume():
-            self.state.before = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+            self.state.before = {"validation": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
             for split, metrics in self.state.before.items():
                 check_metrics(
                     metrics,
@@ -400,7 +406,7 @@ class Run:
                 self.state.lam = self._choose_lambda()
             else:
                 self.state.lam = self.spec.fisher.damping
-            self._point(0, 0, "dense", self.state.before["val"], started)
+            self._point(0, 0, "dense", self.state.before["validation"], started)
         self._event("started", {"lambda": self.state.lam, "memory_plan": self._plan_dict()})
         fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
         fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
@@ -478,15 +484,18 @@ class Run:
     def _finish(self) -> RunResult:
         apply_masks(self.model, self.masks)
         check_weights(self.model, "the final masking", prune_hint(self._lam()))
-        after = {"val": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
+        after = {"validation": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
         for split, metrics in after.items():
             check_metrics(metrics, f"the pruned model, on the {split} split", prune_hint(self._lam()))
         model = self.model.to("cpu", torch.float32).eval()
         masks = {k: v.to("cpu", torch.float32) for k, v in self.masks.items()}
         example = self.xv[:1].to("cpu", torch.float32) if self.xv.is_floating_point() else self.xv[:1].cpu()
-        out = {k: self.out_dir / v for k, v in ARTIFACTS.items()}
-        save_state_dict(model.state_dict(), out["pruned"])
-        save_state_dict(masks, out["masks"])
+        skip = set() if self.curvature else {"quadratic_png"}  # magnitude has no quadratic model to check
+        skip |= set() if self.state.lambda_sweep else {"lambda_sweep_png"}
+        out = {k: self.out_dir / v for k, v in ARTIFACTS.items() if k not in skip}
+        names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
+        save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
+        save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
         onnx_error = None
         export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
         if export is not None:
@@ -501,16 +510,28 @@ class Run:
                 onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
         report = json_safe(self._report(model, masks, example, after, onnx_error))
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
-        atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, f"{self.spec.method.value}"))
+        self._plots(out)
         atomic_write(out["report"], json_bytes(report, indent=2))
         self.hooks.progress(1.0, "done")
         return RunResult(out, report)
+
+    def _plots(self, out: dict[str, Path]) -> None:
+        """curve.png, quadratic.png (the loss change the quadratic model predicted per pruning step against the one
+        measured on a training subset) and, for λ = 'auto', lambda_sweep.png; titled with model, method, target, λ."""
+        title = plot_title(self.model_name, self.spec.method.value, self.spec.sparsity, self.state.lam)
+        atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, title))
+        if "quadratic_png" in out:
+            atomic_write(out["quadratic_png"], quadratic_png(self.state.fidelity, title, split="train"))
+        if "lambda_sweep_png" in out:
+            png = lambda_sweep_png(self.state.lambda_sweep, self.state.lam, self.spec.metric, title)
+            atomic_write(out["lambda_sweep_png"], png)
 
     def _report(self, model: nn.Module, masks: dict, example: Tensor, after: dict, onnx_error: str | None) -> dict:
         params = dict(model.named_parameters())
         layers = [
             {
                 "name": n,
+                "saved_as": (getattr(model, "source_names", None) or {}).get(n, n),
                 "shape": list(params[n].shape),
                 "numel": m.numel(),
                 "sparsity": 1.0 - float(m.sum()) / m.numel(),
@@ -559,7 +580,10 @@ def execute(
     checkpointer: Checkpointer | None = None,
     *,
     memory_budget_mb: float | None = None,
+    model_name: str | None = None,
 ) -> RunResult:
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
-    ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies)."""
-    return Run(spec, model, data, out_dir, hooks, checkpointer, memory_budget_mb=memory_budget_mb).execute()
+    ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies); ``model_name``
+    titles the plots."""
+    run = Run(spec, model, data, out_dir, hooks, checkpointer, memory_budget_mb=memory_budget_mb, model_name=model_name)
+    return run.execute()

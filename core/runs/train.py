@@ -53,9 +53,9 @@ def make_optimizer(model: nn.Module, spec: FinetuneSpec) -> torch.optim.Optimize
 def learning_rate(spec: FinetuneSpec, epoch: int) -> float:
     """The learning rate of an epoch: a pure function, so resuming needs no scheduler state."""
     if spec.lr_schedule == "cosine":
-        return spec.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(spec.epochs, 1)))
+        return spec.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(spec.epochs or 0, 1)))
     if spec.lr_schedule == "step":
-        return spec.lr * 0.1 ** (epoch // max(spec.epochs // 3, 1))
+        return spec.lr * 0.1 ** (epoch // max((spec.epochs or 0) // 3, 1))
     return spec.lr
 
 

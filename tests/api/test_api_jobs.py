@@ -63,8 +63,8 @@ def test_invalid_spec_is_422_with_field_errors(client, inputs):
     locs = {tuple(e["loc"]) for e in body["errors"]}
     assert ("body", "spec", "sparsity") in locs and ("body", "spec", "method") in locs
     assert all({"loc", "msg", "type"} <= set(e) for e in body["errors"])
-    body = assert_problem(client.post("/v1/jobs", json=_body(inputs, mode="gradual")), 422)
-    assert any("finetune.epochs" in e["msg"] for e in body["errors"])
+    body = assert_problem(client.post("/v1/jobs", json=_body(inputs, mode="gradual", finetune={"epochs": 0})), 422)
+    assert any("finetune.epochs" in e["msg"] for e in body["errors"])  # no epochs given: end_epoch + 2 (#13)
     assert_problem(client.post("/v1/jobs", json={**_body(inputs), "extra": 1}), 422)
     assert_problem(client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 422)
 

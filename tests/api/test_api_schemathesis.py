@@ -39,7 +39,16 @@ MAX_TIME_S = 20  # per stack: fuzzing and stateful testing repeat until it is sp
 PHASES = ("examples", "coverage", "fuzzing", "stateful")
 HOOKS = Path(__file__).with_name("_schemathesis_hooks.py")
 MLP = {"in_features": 64, "hidden": [32], "num_classes": 10}
-ARTIFACTS = ["report.json", "curve.csv", "curve.png", "pruned.safetensors", "masks.safetensors", "model.onnx"]
+ARTIFACTS = [
+    "report.json",
+    "curve.csv",
+    "curve.png",
+    "quadratic.png",
+    "lambda_sweep.png",
+    "pruned.safetensors",
+    "masks.safetensors",
+    "model.onnx",
+]
 #: where validity depends on file contents or on stored rows: a 422 (invalid-input) is an answer, not a lie
 CONTENT_DEPENDENT = [("POST", "/v1/models"), ("POST", "/v1/datasets"), ("POST", "/v1/jobs"), ("POST", "/v1/jobs/plan")]
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "413", "415", "422", "429"]

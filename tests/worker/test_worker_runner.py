@@ -38,6 +38,7 @@ def test_success_records_artifacts_metrics_events_and_drops_the_checkpoint(world
         arts = {a.name: a for a in outputs.list_artifacts(session=s, job_id=job_id)}
         metrics = outputs.list_metrics(session=s, job_id=job_id)
     assert {"pruned.safetensors", "masks.safetensors", "report.json", "curve.csv", "curve.png"} <= set(arts)
+    assert arts["quadratic.png"].media_type == "image/png"  # the quadratic-model check, a file of its own
     for art in arts.values():
         assert world.store.size(art.path) == art.size and world.store.sha256(art.path) == art.sha256
     assert arts["report.json"].media_type == "application/json"

@@ -59,12 +59,16 @@ class _Builder:
         self.layers: dict[str, nn.Module] = {}
         self.steps: list[Step] = []
         self.skip: set[int] = set()
+        self.inits = {t.name for t in g.initializer}
+        self.node: onnx.NodeProto | None = None  # the node being converted
+        self.sources: dict[str, list[str]] = {}  # initializer → the state-dict names copied from it unchanged
 
     def build(self) -> OnnxModule:
         for i, node in enumerate(self.graph.node):
             if i in self.skip:
                 continue
             try:
+                self.node = node
                 self._node(i, node)
             except Exception as e:
                 if out_of_memory_error(e) is None:
@@ -145,7 +149,9 @@ class _Builder:
                 last[n] = i
         for i, s in enumerate(self.steps):
             s.free = tuple(sorted({n for n in s.inputs if n and last[n] == i and n not in outputs}))
-        return OnnxModule(self.layers, self.steps, inputs, outputs, floats, ints)
+        module = OnnxModule(self.layers, self.steps, inputs, outputs, floats, ints)
+        module.source_names = self._source_names(module)
+        return module
 
     def _add(self, op: str, fn: Fn, inputs: Any, outputs: Any) -> None:
         self.steps.append(Step(op, fn, tuple(inputs), tuple(outputs)))
@@ -153,7 +159,34 @@ class _Builder:
     def _layer(self, name: str, module: nn.Module) -> str:
         key = layer_key(self.origin.get(name, name), self.layers)
         self.layers[key] = module
+        self._note_sources(key, module)
         return key
+
+    def _note_sources(self, key: str, module: nn.Module) -> None:
+        """Which of the node's initializers each tensor of a new layer is an unchanged copy of, in order (Gemm's
+        B, C → weight, bias; Conv's W, B; BatchNorm's scale, B, mean, var): the names the user's own module has.
+        A transposed or scaled weight (MatMul, Gemm with transB = 0 or α ≠ 1) has no such name."""
+        candidates = [n for n in self.node.input if n in self.inits] if self.node is not None else []
+        used: set[str] = set()
+        state = module.state_dict()
+        for attr, t in state.items():
+            for n in candidates:
+                known = self.known[n]
+                if n not in used and known.shape == t.shape and known.dtype == t.dtype and torch.equal(known, t):
+                    used.add(n)
+                    self.sources.setdefault(n, []).append(f"layers.{key}.{attr}")
+                    break
+        mean = next((n for n in used if self.sources[n][-1] == f"layers.{key}.running_mean"), None)
+        if "num_batches_tracked" in state and mean and mean.endswith(".running_mean"):  # torch's BatchNorm has it
+            tracked = mean.removesuffix("running_mean") + "num_batches_tracked"
+            self.sources.setdefault(tracked, []).append(f"layers.{key}.num_batches_tracked")
+
+    def _source_names(self, module: OnnxModule) -> dict[str, str]:
+        """{state-dict name: the ONNX initializer's name} where that is one-to-one (a weight shared by two layers
+        keeps the module's names) and clashes with no other state-dict name."""
+        names = {dst[0]: src for src, dst in self.sources.items() if len(dst) == 1}
+        own = set(module.state_dict())
+        return {k: v for k, v in names.items() if k in own and (v == k or v not in own)}
 
     @staticmethod
     def _constant(a: dict) -> Tensor:

@@ -97,6 +97,9 @@ class OnnxModule(nn.Module):
             self.register_buffer(attr, t, persistent=False)
             self._const_attrs[name] = attr
         self._ints = ints
+        #: {state-dict name: the ONNX initializer it was copied from}: the names of the user's own module, which
+        #: the pruned weights and masks are saved under (set by :func:`core.io.onnx.build.onnx_to_torch`)
+        self.source_names: dict[str, str] = {}
 
     def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
         if len(args) != len(self.input_names):  # e.g. (input_ids, attention_mask) fed one tensor of features
