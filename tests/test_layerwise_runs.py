@@ -41,7 +41,7 @@ def test_layerwise_run_on_the_digits_mlp(digits, digits_mlp, tmp_path, method, p
         if pattern:
             keep = as_matrix(mask).reshape(mask.shape[0], -1, 4)
             assert torch.all((keep == 0).sum(-1) == 2)
-    assert report["metrics"]["after"]["val"]["accuracy"] > 0.8  # digits MLP keeps most of its accuracy
+    assert report["metrics"]["after"]["validation"]["accuracy"] > 0.8  # digits MLP keeps most of its accuracy
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "obc", "wanda"])

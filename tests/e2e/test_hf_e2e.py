@@ -70,7 +70,7 @@ def test_minilm_gpt2_and_bert_classifier_in_and_out(
         "layers": {"include": ["encoder.layer.5.*.weight"]},
     }
     job, out = _run(api, model, data, spec, tmp_path)
-    after = job["result"]["metrics"]["after"]["val"]
+    after = job["result"]["metrics"]["after"]["validation"]
     assert 0.5 < after["cosine"] <= 1.0, after
     sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert sc["targets"] and all(t.startswith("encoder.layer.5.") for t in sc["targets"])
@@ -91,7 +91,7 @@ def test_minilm_gpt2_and_bert_classifier_in_and_out(
     model, data = _upload(api, gpt, [{"text": t} for t in texts])
     spec = {"method": "woodfisher", "sparsity": 0.5, "fisher": SMALL, "text": {"max_length": 16, "packing": True}}
     job, out = _run(api, model, data, spec, tmp_path)
-    assert job["result"]["metrics"]["after"]["val"]["perplexity"] > 1.0
+    assert job["result"]["metrics"]["after"]["validation"]["perplexity"] > 1.0
     lm = AutoModelForCausalLM.from_pretrained(out)
     assert _zeros(
         [b.attn.c_attn.weight for b in lm.transformer.h] + [b.mlp.c_fc.weight for b in lm.transformer.h]
@@ -103,7 +103,7 @@ def test_minilm_gpt2_and_bert_classifier_in_and_out(
     model, data = _upload(api, cls, [{"text": t, "label": i % 3} for i, t in enumerate(texts)])
     spec = {"method": "woodfisher", "sparsity": 0.5, "fisher": SMALL, "text": {"max_length": 16}}
     job, out = _run(api, model, data, spec, tmp_path)
-    assert 0.0 <= job["result"]["metrics"]["after"]["val"]["accuracy"] <= 1.0
+    assert 0.0 <= job["result"]["metrics"]["after"]["validation"]["accuracy"] <= 1.0
     clf = AutoModelForSequenceClassification.from_pretrained(out)
     assert _zeros([layer.attention.self.query.weight for layer in clf.bert.encoder.layer]) > 0.2
     assert _zeros([clf.classifier.weight]) == 0.0

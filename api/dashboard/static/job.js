@@ -227,8 +227,9 @@ export function renderReport(root, r) {
   const after = r.metrics?.after;
   if (before || after) {
     const rows = [];
-    if (before) rows.push({ when: "before", ...(before.val ?? before) });
-    if (after?.val) rows.push({ when: "after (validation)", ...after.val });
+    const validation = (m) => m?.validation ?? m?.val;  // reports before wave 2 named the split 'val'
+    if (validation(before)) rows.push({ when: "before (validation)", ...validation(before) });
+    if (validation(after)) rows.push({ when: "after (validation)", ...validation(after) });
     if (after?.train) rows.push({ when: "after (train)", ...after.train });
     root.append(section("Result", kv({ method: r.method, lambda: r.lambda, "block size": r.block_size,
       target: pct(r.sparsity?.target), "pruned layers": pct(r.sparsity?.pruned_layers), global: pct(r.sparsity?.global),
