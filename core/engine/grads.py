@@ -155,7 +155,15 @@ def fisher_gradients(
     buffer's (default: the parameters'; bfloat16/float16 halve it).
     """
     chunks = GradientChunks(
-        model, x, y, m=m, fisher_batch=fisher_batch, loss=loss, true_fisher=true_fisher, generator=generator, chunk=chunk
+        model,
+        x,
+        y,
+        m=m,
+        fisher_batch=fisher_batch,
+        loss=loss,
+        true_fisher=true_fisher,
+        generator=generator,
+        chunk=chunk,
     )
     params = dict(model.named_parameters())
     dtype = dtype or params[layout.names[0]].dtype

@@ -46,4 +46,5 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
         chunk=spec.fisher.chunk,
         joint=spec.fisher.update is Update.JOINT,
         budget_name=source,
+        path=spec.fisher.path,
     )

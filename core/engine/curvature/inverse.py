@@ -216,4 +216,3 @@ def gram_block_inverse(gram: Tensor, m: int, lam: float) -> DenseInverse:
     if bad.numel():
         inv[bad] = (torch.cholesky_inverse(chol64) * m).to(inv.dtype)
     return DenseInverse(inv)
-
