@@ -55,10 +55,16 @@ def test_streamed_gives_the_buffered_masks_and_weights(tiny_task, method, chunk)
     assert sum(int((m == 0).sum()) for m in masks.values()) > 0
 
 
-def test_streamed_mixes_dense_and_woodbury_layers_and_layer_groups(tiny_task):
-    """Whole-layer blocks with m = 40: the 60-weight first layer is Woodbury (c > m, buffered rows), the 30-weight
-    second dense (streamed Gram); two layer groups (two passes over the same samples) change nothing."""
+@pytest.mark.parametrize("order", ["woodbury-first", "woodbury-last"])
+def test_streamed_mixes_dense_and_woodbury_layers_and_layer_groups(tiny_task, order):
+    """Whole-layer blocks with m = 40: a layer of more than 40 weights is Woodbury (c > m, buffered rows), one of
+    fewer dense (streamed Gram), in either order; two layer groups (two passes over the same samples) change
+    nothing."""
     model, x, y = tiny_task
+    if order == "woodbury-last":  # 18 weights dense, then 60 Woodbury
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 20)).double()
+        y = torch.randint(0, 20, (len(x),), generator=torch.Generator().manual_seed(1))
     names = select_parameters(model)
     layout = BlockLayout.for_model(model, names, None)
     mask = torch.ones(layout.width, dtype=torch.float64)
@@ -70,7 +76,8 @@ def test_streamed_mixes_dense_and_woodbury_layers_and_layer_groups(tiny_task):
     ref = est["buffered"].estimate(model, layout, mask, (x, y))
     got = est["streamed"].estimate(model, layout, mask, (x, y))
     assert got.info["path"] == "streamed" and ref.info["path"] == "buffered"
-    assert [type(s.inv) for s in got.segments] == [WoodburyInverse, DenseInverse]
+    kinds = [WoodburyInverse, DenseInverse] if order == "woodbury-first" else [DenseInverse, WoodburyInverse]
+    assert [type(s.inv) for s in got.segments] == kinds
     torch.testing.assert_close(got.grad, ref.grad, rtol=1e-10, atol=1e-14)
     v = torch.randn(layout.width, dtype=torch.float64)
     for a, b in zip(got.segments, ref.segments, strict=True):

@@ -116,7 +116,8 @@ class WoodFisher:
                 if layer.name in sf.grams:
                     inv = gram_block_inverse(sf.grams.pop(layer.name), cfg.m, cfg.lam)
                 else:
-                    inv = _woodbury_or_dense(layer.blocks(sf.buffers.pop(layer.name)), cfg, mask)
+                    rows = sf.buffers.pop(layer.name)  # (m, nb·c): this layer's own buffer
+                    inv = _woodbury_or_dense(rows.unflatten(-1, (layer.nb, layer.block)), cfg, mask)
                 segments.append(Segment(layer.offset, inv))
         return Curvature(segments, grad=sf.mean if self.taylor else None, info={"path": "streamed"})
 
