@@ -238,7 +238,7 @@ def test_report_and_job_result_have_phase_times_and_peak_memory(digits, digits_m
 
 def test_phase_timer_counts_each_second_once():
     """Nested phases are exclusive: the outer phase keeps only its own time (no clock: a fake one)."""
-    clock = iter([0.0, 1.0, 3.0, 3.5, 10.0])
+    clock = iter([0.0, 1.0, 3.0, 3.0, 3.5, 10.0])
     timer = PhaseTimer()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("core.runs.phases.time.perf_counter", lambda: next(clock))
@@ -254,9 +254,9 @@ def test_phase_timer_counts_each_second_once():
 
 
 def test_streamed_peak_is_far_below_the_buffered_plan():
-    """A WoodFisher step at m = 512, c = 64, k = 32 on a 505k-weight MLP, measured (VmHWM) in a fresh child by the
+    """A WoodFisher step at m = 512, c = 64, k = 32 on a 255k-weight MLP, measured (VmHWM) in a fresh child by the
     memory-plan probe of ``tests/test_memory_plans.py``: within ±50 % of its streamed plan and under a third of what
-    the buffered path plans (m × D gradients: 1 GB)."""
+    the buffered path plans (m × D gradients: 522 MB)."""
     case = ("woodfisher", [500, 500, 10], 600, 512, 64, 32, False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -269,7 +269,7 @@ def test_streamed_peak_is_far_below_the_buffered_plan():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    shapes = {"0.weight": (500, 500), "2.weight": (500, 500), "4.weight": (10, 500)}
+    shapes = {"0.weight": (500, 500), "2.weight": (10, 500)}
     buffered = plan(Method.WOODFISHER, shapes, 64, 512, 4, chunk=32, path="buffered")
     streamed = result["plan"]
     assert (
@@ -277,5 +277,6 @@ def test_streamed_peak_is_far_below_the_buffered_plan():
         and streamed["total_bytes"] == plan(Method.WOODFISHER, shapes, 64, 512, 4, chunk=32).total_bytes
     )
     measured = result["measured"]
+    print(f"measured {measured / 2**20:.0f} MiB, plan {streamed['total_bytes'] / 2**20:.0f} MiB")
     assert 0.5 <= measured / streamed["total_bytes"] <= 1.5, (measured, streamed)
     assert measured < buffered.total_bytes / 3, (measured, buffered.total_bytes)
