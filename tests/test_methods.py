@@ -114,7 +114,7 @@ EXPECTED = {
 def test_memory_plan_is_the_declared_formula(method, block_size, m):
     model = small_model()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in select_parameters(model)}
-    p = plan(method, shapes, block_size, m, 4)
+    p = plan(method, shapes, block_size, m, 4, path="buffered")  # the declared (buffered) formula; streamed: #15
     assert (p.gradient_bytes, p.inverse_bytes) == EXPECTED[block_size, m][method]
     assert (p.gradient_bytes, p.inverse_bytes) == method_info(method).memory(BlockLayout(shapes, block_size), m, 4)
     assert p.working_bytes == max(
@@ -124,8 +124,10 @@ def test_memory_plan_is_the_declared_formula(method, block_size, m):
     # Over budget: only block methods shrink their blocks (when smaller blocks do lower the peak: a step's vectors
     # or a vmap chunk may dominate it), the others are refused.
     if p.total_bytes:
-        if method_info(method).uses_blocks and plan(method, shapes, 1, m, 4).total_bytes < p.total_bytes:
-            assert fit(method, shapes, block_size, m, 4, p.total_bytes - 1, True).block_size < (block_size or 24)
+        small = plan(method, shapes, 1, m, 4, path="buffered").total_bytes
+        if method_info(method).uses_blocks and small < p.total_bytes:
+            shrunk = fit(method, shapes, block_size, m, 4, p.total_bytes - 1, True, path="buffered")
+            assert shrunk.block_size < (block_size or 24)
         else:
             with pytest.raises(DoesNotFit):
-                fit(method, shapes, block_size, m, 4, p.total_bytes - 1, True)
+                fit(method, shapes, block_size, m, 4, p.total_bytes - 1, True, path="buffered")

@@ -42,6 +42,7 @@ from core.errors import (
     no_space_error,
     problem_from_error,
 )
+from core.runs.phases import PhaseTimer
 from core.runs.run import execute
 from core.service.artifacts import ArtifactStore, artifact_key, artifact_media_type
 from core.service.checkpoints import checkpointer_for, delete_checkpoint
@@ -75,7 +76,8 @@ FINISH_DEADLINE_S = 300.0
 
 def summarize(report: dict, artifacts: dict[str, str]) -> dict[str, Any]:
     """What ``Job.result`` holds: the headline numbers (the full report is the ``report.json`` artifact)."""
-    keys = ("method", "lambda", "sparsity", "parameters", "macs", "metrics", "seconds", "device", "onnx_error")
+    keys = ("method", "lambda", "sparsity", "parameters", "macs", "metrics", "seconds", "phases", "memory", "device")
+    keys += ("onnx_error",)
     return {**{k: report.get(k) for k in keys}, "artifacts": artifacts}
 
 
@@ -175,7 +177,9 @@ class JobAttempt:
 
     def _execute(self, job: Job, hooks: DbHooks, scratch: Path) -> Outcome:
         try:
-            spec, model, data = load_inputs(self.db, self.store, self.settings, job)
+            phases = PhaseTimer()
+            with phases("load"):
+                spec, model, data = load_inputs(self.db, self.store, self.settings, job)
             if hooks.cancelled():
                 raise Canceled("the run was canceled before it started")
             checkpointer = checkpointer_for(self.store, self.job_id, scratch)
@@ -187,6 +191,7 @@ class JobAttempt:
                 hooks,
                 checkpointer,
                 memory_budget_mb=self.settings.memory_budget_mb,
+                phases=phases,
             )
             if self.control.lost:
                 return Outcome.LOST

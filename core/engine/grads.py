@@ -7,7 +7,8 @@ straight into row i of one preallocated (m × D) buffer laid out by a ``BlockLay
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -19,6 +20,8 @@ from torch.func import functional_call, grad, vmap
 from core.engine.buffers import large_empty
 from core.engine.layout import BlockLayout
 from core.engine.modes import eval_mode
+
+log = logging.getLogger(__name__)
 
 
 class Loss(str, Enum):
@@ -51,8 +54,83 @@ class FisherSamples:
 
     @property
     def mean(self) -> Tensor:
-        """(D,) mean gradient over all m·b examples: WoodTaylor's first-order term."""
-        return self.grads.mean(dim=0)
+        """(D,) mean gradient over all m·b examples: WoodTaylor's first-order term (in float32 at least)."""
+        g = self.grads
+        return g.mean(dim=0) if g.element_size() >= 4 else g.float().mean(dim=0)
+
+
+class GradientChunks:
+    """Per-sample gradients of m Fisher samples, computed ``chunk`` samples at a time.
+
+    The m·b examples are drawn without replacement (the same draw for every pass, so passes over layer groups see
+    the same samples); the model is evaluated in eval mode. Only the parameters of ``names`` (default: the
+    layout's) are differentiated; every other parameter and buffer is passed as a constant.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        m: int,
+        fisher_batch: int = 1,
+        loss: Loss | str = Loss.CROSS_ENTROPY,
+        true_fisher: bool = False,
+        generator: torch.Generator | None = None,
+        chunk: int = 128,
+    ):
+        need = m * fisher_batch
+        if need > len(x):
+            raise ValueError(f"m × Fisher batch = {need} examples requested, the data has {len(x)}")
+        generator = generator or torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(x), generator=generator)[:need].to(x.device)
+        xs, ys = x[idx], y[idx]
+        if true_fisher:
+            ys = sample_labels(model, xs, loss, generator)
+        self.model, self.m, self.chunk = model, m, max(1, chunk)
+        self.xs = xs.unflatten(0, (m, fisher_batch))
+        self.ys = ys.unflatten(0, (m, fisher_batch))
+        self.criterion = loss_fn(loss)
+
+    def __call__(self, names: list[str]) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
+        """(start, stop, {name: gradients shaped (stop − start, *param.shape)}) per chunk, for the parameters
+        ``names`` only."""
+        params = dict(self.model.named_parameters())
+        selected = {n: params[n].detach() for n in names}
+        fixed = {n: p.detach() for n, p in params.items() if n not in selected}
+        fixed.update(dict(self.model.named_buffers()))
+        model, criterion = self.model, self.criterion
+
+        def minibatch_loss(sel: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+            return criterion(functional_call(model, (sel, fixed), (xb,)), yb)
+
+        per_sample = per_sample_gradients(minibatch_loss)
+        with eval_mode(model):
+            for start in range(0, self.m, self.chunk):
+                stop = min(start + self.chunk, self.m)
+                yield start, stop, per_sample(selected, self.xs[start:stop], self.ys[start:stop])
+
+
+def per_sample_gradients(minibatch_loss: Callable[..., Tensor]) -> Callable[..., dict[str, Tensor]]:
+    """``vmap(grad(minibatch_loss))`` over the samples; where vmap cannot trace the model (data-dependent control
+    flow, in-place ops some Hugging Face models take), the same gradients one sample at a time."""
+    vmapped = vmap(grad(minibatch_loss), in_dims=(None, 0, 0))
+    single = grad(minibatch_loss)
+    use_loop = False
+
+    def run(sel: dict[str, Tensor], xs: Tensor, ys: Tensor) -> dict[str, Tensor]:
+        nonlocal use_loop
+        if not use_loop:
+            try:
+                return vmapped(sel, xs, ys)
+            except (RuntimeError, NotImplementedError, ValueError) as e:
+                log.info("vmap(grad) failed (%s); per-example gradients in a loop", str(e).split("\n")[0])
+                use_loop = True
+        rows = [single(sel, xs[i], ys[i]) for i in range(len(xs))]
+        return {n: torch.stack([r[n] for r in rows]) for n in sel}
+
+    return run
 
 
 def fisher_gradients(
@@ -71,44 +149,33 @@ def fisher_gradients(
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FisherSamples:
-    """Compute m Fisher samples of b = ``fisher_batch`` examples each from (x, y).
+    """Compute m Fisher samples of b = ``fisher_batch`` examples each from (x, y) into one (m × D) buffer.
 
-    The m·b examples are drawn without replacement; the model is evaluated in eval mode.
-    ``mask`` is a (D,) 0/1 vector in layout order; ``progress(done, m)`` is called per chunk.
+    ``mask`` is a (D,) 0/1 vector in layout order; ``progress(done, m)`` is called per chunk; ``dtype`` is the
+    buffer's (default: the parameters'; bfloat16/float16 halve it).
     """
-    need = m * fisher_batch
-    if need > len(x):
-        raise ValueError(f"m × Fisher batch = {need} examples requested, the data has {len(x)}")
-    generator = generator or torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(x), generator=generator)[:need].to(x.device)
-    xs, ys = x[idx], y[idx]
-    if true_fisher:
-        ys = sample_labels(model, xs, loss, generator)
-    xs = xs.unflatten(0, (m, fisher_batch))
-    ys = ys.unflatten(0, (m, fisher_batch))
-
+    chunks = GradientChunks(
+        model,
+        x,
+        y,
+        m=m,
+        fisher_batch=fisher_batch,
+        loss=loss,
+        true_fisher=true_fisher,
+        generator=generator,
+        chunk=chunk,
+    )
     params = dict(model.named_parameters())
-    selected = {n: params[n].detach() for n in layout.names}
-    fixed = {n: p.detach() for n, p in params.items() if n not in selected}
-    fixed.update(dict(model.named_buffers()))
-    criterion = loss_fn(loss)
-
-    def minibatch_loss(sel: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        return criterion(functional_call(model, (sel, fixed), (xb,)), yb)
-
-    per_sample = vmap(grad(minibatch_loss), in_dims=(None, 0, 0))
-    dtype = dtype or next(iter(selected.values())).dtype
-    out = large_empty(m, layout.width, dtype=dtype, device=xs.device)
+    dtype = dtype or params[layout.names[0]].dtype
+    out = large_empty(m, layout.width, dtype=dtype, device=x.device)
     for layer in layout.layers:  # block padding only; real columns are all written below
         out[:, layer.offset + layer.numel : layer.offset + layer.width] = 0
-    with eval_mode(model):
-        for start in range(0, m, chunk):
-            stop = min(start + chunk, m)
-            g = per_sample(selected, xs[start:stop], ys[start:stop])
-            for layer in layout.layers:
-                out[start:stop, layer.offset : layer.offset + layer.numel] = g[layer.name].flatten(1)
-            if progress:
-                progress(stop, m)
+    for start, stop, g in chunks(layout.names):
+        for layer in layout.layers:
+            out[start:stop, layer.offset : layer.offset + layer.numel] = g[layer.name].flatten(1)
+        del g
+        if progress:
+            progress(stop, m)
     if mask is not None and not bool(mask.all()):
         out.mul_(mask.to(dtype))
     return FisherSamples(out)

@@ -4,6 +4,12 @@
 ``working_bytes`` the rest of the step's peak (``MethodInfo.peak``): a vmap chunk of per-example gradients, the
 Gram matrices while blocks are factored, eigensolver workspace, the Hessian's batches, the OBS step's vectors.
 ``total_bytes`` is the peak, what a budget is compared with.
+
+For methods with a streamed path (WoodFisher, WoodTaylor) the plan also chooses the path, the chunk size k and,
+when one chunk of every layer is too large, the layer groups, and says why (``reason``): *streamed* whenever some
+block is dense (c ≤ m), its memory D·c + k·D instead of m·D; *buffered* when every block is a Woodbury one (c > m).
+Under a budget, k is lowered first, then the layers are split into groups (one pass over the data each), then,
+where allowed, the blocks shrink.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ class MemoryPlan:
     gradient_bytes: int
     inverse_bytes: int
     working_bytes: int = 0
+    path: str | None = None  # 'streamed' or 'buffered' for methods that have both; None otherwise
+    chunk: int | None = None  # k: samples per chunk of per-example gradients
+    groups: list[list[str]] | None = None  # layer groups, one pass over the data each (None: one pass)
+    reason: str = ""  # why this path, chunk and grouping
 
     @property
     def total_bytes(self) -> int:
@@ -31,6 +41,13 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def _streams(method: Method, layout: BlockLayout, m: int, path: str) -> bool:
+    info = method_info(method)
+    if info.streamed is None or path == "buffered":
+        return False
+    return path == "streamed" or any(layer.block <= m for layer in layout.layers)
 
 
 def plan(
@@ -42,13 +59,63 @@ def plan(
     *,
     chunk: int = 64,
     joint: bool = False,
+    path: str = "auto",
+    groups: list[list[str]] | None = None,
 ) -> MemoryPlan:
-    """The bytes a pruning step of the method takes for these weights, by the formulas of its table entry."""
+    """The bytes a pruning step of the method takes for these weights, by the formulas of its table entry; for a
+    method with a streamed path, ``path`` 'auto' streams when some block is dense (c ≤ m)."""
     info = method_info(method)
     layout = BlockLayout(shapes, block_size)
-    gradient, inverse = info.memory(layout, m, itemsize)
-    peak = info.peak(layout, Sizing(m=m, itemsize=itemsize, chunk=chunk, joint=joint))
-    return MemoryPlan(block_size, gradient, inverse, max(0, peak - gradient - inverse))
+    streamed = _streams(method, layout, m, path)
+    memory, peak = info.streamed if streamed else (info.memory, info.peak)
+    widths = {layer.name: layer.width for layer in layout.layers}
+    chunk_width = max(sum(widths[n] for n in g) for g in groups) if streamed and groups else None
+    gradient, inverse = memory(layout, m, itemsize)
+    total = peak(layout, Sizing(m=m, itemsize=itemsize, chunk=chunk, joint=joint, chunk_width=chunk_width))
+    p = MemoryPlan(block_size, gradient, inverse, max(0, total - gradient - inverse))
+    if info.streamed is None:
+        return p
+    p.path, p.chunk = ("streamed" if streamed else "buffered"), min(chunk, m)
+    p.groups = groups if streamed and groups and len(groups) > 1 else None
+    p.reason = _reason(layout, m, itemsize, p)
+    return p
+
+
+def _reason(layout: BlockLayout, m: int, itemsize: int, p: MemoryPlan) -> str:
+    dense = [layer for layer in layout.layers if layer.block <= m]
+    buffer = m * layout.width * itemsize
+    if p.path == "buffered":
+        if not dense:
+            return (
+                f"buffered: every block is larger than m = {m} (c > m), so the Woodbury form needs the m × D "
+                f"gradients ({buffer / MiB:.1f} MiB)"
+            )
+        return f"buffered: as asked (fisher.path); the m × D gradients take {buffer / MiB:.1f} MiB"
+    why = (
+        f"streamed: {len(dense)} of {len(layout.layers)} layers have dense blocks (c ≤ m = {m}), whose Gram matrices "
+        f"are accumulated over chunks of k = {p.chunk} samples; the m × D gradients ({buffer / MiB:.1f} MiB) are "
+        f"never held"
+    )
+    if len(dense) < len(layout.layers):
+        why += f"; {len(layout.layers) - len(dense)} layer(s) with c > m keep their m × c rows (Woodbury form)"
+    if p.groups:
+        why += f"; the layers are differentiated in {len(p.groups)} groups, one pass over the data each"
+    return why
+
+
+def layer_groups(shapes: dict[str, tuple[int, ...]], n: int) -> list[list[str]]:
+    """The layers, in order, cut into at most ``n`` contiguous groups of about equal numbers of weights."""
+    sizes = {k: math.prod(v) for k, v in shapes.items()}
+    target = sum(sizes.values()) / n
+    groups: list[list[str]] = [[]]
+    acc = 0
+    for name, size in sizes.items():
+        if groups[-1] and acc + size > target and len(groups) < n:
+            groups.append([])
+            acc = 0
+        groups[-1].append(name)
+        acc += size
+    return groups
 
 
 def fit(
@@ -63,18 +130,35 @@ def fit(
     chunk: int = 64,
     joint: bool = False,
     budget_name: str = "memory_budget_mb",
+    path: str = "auto",
 ) -> MemoryPlan:
-    """The plan for the spec; with a budget, shrink the block size (if allowed) or refuse with the numbers.
-    ``budget_name`` says where the budget comes from (the spec's field or the server's setting)."""
-    p = plan(method, shapes, block_size, m, itemsize, chunk=chunk, joint=joint)
+    """The plan for the spec; with a budget, a streamed plan lowers its chunk size and then splits the layers into
+    groups; then the block size shrinks (if allowed), or the job is refused with the numbers. ``budget_name`` says
+    where the budget comes from (the spec's field or the server's setting)."""
+    p = plan(method, shapes, block_size, m, itemsize, chunk=chunk, joint=joint, path=path)
     if budget_bytes is None or p.total_bytes <= budget_bytes:
         return p
+    if p.path == "streamed":
+        k = p.chunk or chunk
+        while k > 1:
+            k //= 2
+            q = plan(method, shapes, block_size, m, itemsize, chunk=k, joint=joint, path=path)
+            if q.total_bytes <= budget_bytes:
+                q.reason += f"; k lowered from {min(chunk, m)} to fit the budget ({budget_name})"
+                return q
+        for n in range(2, len(shapes) + 1):
+            groups = layer_groups(shapes, n)
+            q = plan(method, shapes, block_size, m, itemsize, chunk=1, joint=joint, path=path, groups=groups)
+            if q.total_bytes <= budget_bytes:
+                q.reason += f"; k = 1 and the layer groups to fit the budget ({budget_name})"
+                return q
     if allow_shrink and method_info(method).uses_blocks:
         c = block_size or max(math.prod(s) for s in shapes.values())
         while c > 1:
             c //= 2
-            p = plan(method, shapes, c, m, itemsize, chunk=chunk, joint=joint)
+            p = plan(method, shapes, c, m, itemsize, chunk=chunk, joint=joint, path=path)
             if p.total_bytes <= budget_bytes:
+                p.reason += f"; blocks shrunk from {block_size or 'whole layers'} to {c} to fit the budget"
                 return p
     hint = "lower fisher.samples or fisher.block_size, or set allow_block_shrink"
     if not method_info(method).uses_blocks:

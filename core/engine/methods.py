@@ -58,6 +58,7 @@ class Sizing:
     itemsize: int  # bytes per element of the run's dtype
     chunk: int = 64  # Fisher samples per vmap chunk (fisher.chunk)
     joint: bool = False  # the joint OBS update (its solve factors P F⁻¹ P per block)
+    chunk_width: int | None = None  # widest layer group differentiated in one pass (streamed; None: all layers)
 
 
 #: bytes a pruning step holds at its peak, on top of the model and the data
@@ -93,6 +94,9 @@ class MethodInfo:
     #: λ and R (recompute sub-steps) when the spec sets none, measured per method (bench/defaults.py)
     default_lambda: float = 1e-5
     default_recompute: int = 16
+    #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
+    #: the methods that have one; the memory plan chooses the path
+    streamed: tuple[MemoryFormula, PeakFormula] | None = None
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
         """Raise ValueError for a scope (None: the default) or an update this method does not support."""
@@ -160,11 +164,10 @@ def _magnitude_peak(layout: BlockLayout, z: Sizing) -> int:
     return layout.width * z.itemsize + _step(layout, z)
 
 
-def _block_peak(layout: BlockLayout, z: Sizing) -> int:
-    """Estimate: the flat mask, the gradients and, the larger of, a vmap chunk, or every block's inverse plus one
-    layer's Gram matrices while they are factored (c×c dense; m×m Woodbury). Step: the inverses, the step's vectors,
-    the mean gradient and, for the joint update, one layer's solve (dense: 4 c×c per block, for P F⁻¹ P, the
-    identity, their sum and its factor; Woodbury: W_P and 3 m×m)."""
+def _block_inverses(layout: BlockLayout, z: Sizing) -> tuple[int, int, int]:
+    """(every block's inverse, one layer's Gram matrices while they are factored (c×c dense; m×m Woodbury), one
+    layer's joint solve (dense: 4 c×c per block, for P F⁻¹ P, the identity, their sum and its factor; Woodbury: W_P
+    and 3 m×m))."""
     s, m = z.itemsize, z.m
     held = build = joint = 0
     for layer in layout.layers:
@@ -175,11 +178,45 @@ def _block_peak(layout: BlockLayout, z: Sizing) -> int:
         else:
             held += nb * m * c * s
             build, joint = max(build, nb * m * m * s), max(joint, nb * (m * c + 3 * m * m) * s)
+    return held, build, joint
+
+
+def _block_step(layout: BlockLayout, z: Sizing, held: int, joint: int) -> int:
+    """The OBS step: the inverses, the step's vectors, the mean gradient and, for the joint update, one layer's
+    solve."""
+    return held + _step(layout, z) + layout.width * z.itemsize + (joint if z.joint else 0)
+
+
+def _block_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Estimate: the flat mask, the gradients and, the larger of, a vmap chunk, or every block's inverse plus one
+    layer's Gram matrices while they are factored; then the OBS step (``_block_inverses``, ``_block_step``)."""
+    held, build, joint = _block_inverses(layout, z)
     gradients, chunk = _gradients(layout, z)
-    vector = layout.width * s
+    vector = layout.width * z.itemsize
     estimate = vector + gradients + max(chunk, held + build)
-    step = held + _step(layout, z) + vector + (joint if z.joint else 0)
-    return max(estimate, step)
+    return max(estimate, _block_step(layout, z, held, joint))
+
+
+def _woodbury_rows(layout: BlockLayout, m: int, itemsize: int) -> int:
+    """The gradient rows the streamed path keeps: m × width of every layer whose blocks are Woodbury (c > m)."""
+    return sum(m * layer.width for layer in layout.layers if not _dense(layer.block, m)) * itemsize
+
+
+def _streamed_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, int]:
+    """Streamed: gradient rows of the Woodbury layers only; the blocks as in ``_block_memory`` (the dense ones are
+    their accumulated Gram matrices while the gradients stream, then their inverses)."""
+    return _woodbury_rows(layout, m, itemsize), _block_memory(layout, m, itemsize)[1]
+
+
+def _streamed_peak(layout: BlockLayout, z: Sizing) -> int:
+    """Streamed estimate: the mask and the gradient sum, the Woodbury rows, every block (Gram matrices, then
+    inverses) and the larger of one chunk of per-example gradients (k × the widest group's width) or one layer's
+    factorization; then the OBS step as buffered."""
+    held, build, joint = _block_inverses(layout, z)
+    width = z.chunk_width or layout.width
+    chunk = math.ceil(VMAP_CHUNK_FACTOR * min(z.chunk, z.m) * width * z.itemsize)
+    estimate = 2 * layout.width * z.itemsize + _woodbury_rows(layout, z.m, z.itemsize) + held + max(chunk, build)
+    return max(estimate, _block_step(layout, z, held, joint))
 
 
 def _diagonal_peak(layout: BlockLayout, z: Sizing) -> int:
@@ -249,7 +286,14 @@ _NO_DATA = {"needs_data": False, "needs_gradients": False, "needs_labels": False
 METHODS: dict[Method, MethodInfo] = {
     info.name: info
     for info in (
-        MethodInfo(Method.WOODFISHER, lambda f, c: WoodFisher(f, c), _block_memory, _block_peak, uses_blocks=True),
+        MethodInfo(
+            Method.WOODFISHER,
+            lambda f, c: WoodFisher(f, c),
+            _block_memory,
+            _block_peak,
+            uses_blocks=True,
+            streamed=(_streamed_memory, _streamed_peak),
+        ),
         MethodInfo(
             Method.WOODTAYLOR,
             lambda f, c: WoodFisher(f, c, taylor=True),
@@ -258,6 +302,7 @@ METHODS: dict[Method, MethodInfo] = {
             taylor=True,
             uses_blocks=True,
             default_lambda=1e-1,  # its Newton step is long at small λ (README, Quality)
+            streamed=(_streamed_memory, _streamed_peak),
         ),
         MethodInfo(
             Method.MAGNITUDE,

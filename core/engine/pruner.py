@@ -14,6 +14,7 @@ from core.engine.layout import BlockLayout
 from core.engine.methods import Method, method_info
 from core.engine.obs import Scope, obs_step
 from core.engine.patterns import Pattern
+from core.engine.phases import phase
 
 
 @dataclass
@@ -71,19 +72,22 @@ class Pruner:
                 if progress:
                     progress((r - 1 + done / max(total, 1)) / self.recompute)
 
-            curvature = self.estimator.estimate(model, layout, mask, data, sub)
+            with phase("curvature"):  # the estimators' own sub-phases (gradients, inverse) take their share
+                curvature = self.estimator.estimate(model, layout, mask, data, sub)
             w = layout.flatten({n: params[n].detach() for n in names}, self.dtype)
-            result = obs_step(
-                w,
-                mask,
-                curvature.segments,
-                layout,
-                target,
-                scope=self.scope,
-                joint=self.joint,
-                grad=curvature.grad if self.taylor else None,
-                pattern=self.pattern,
-            )
+            with phase("obs"):
+                result = obs_step(
+                    w,
+                    mask,
+                    curvature.segments,
+                    layout,
+                    target,
+                    scope=self.scope,
+                    joint=self.joint,
+                    grad=curvature.grad if self.taylor else None,
+                    pattern=self.pattern,
+                )
+            del curvature
             with torch.no_grad():
                 for n, t in layout.unflatten(result.weights).items():
                     params[n].copy_(t)

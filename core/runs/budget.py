@@ -8,6 +8,7 @@ largest block size that fits (halving from the largest layer); the plan says whi
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +19,8 @@ from core.errors import InvalidInput
 from core.runs.spec import PruneSpec, Update
 
 SERVER_BUDGET = "the server's ARBORIST_MEMORY_BUDGET_MB"
+#: ``block_size = 'auto'`` with no budget set: whole layers only while their plan fits this share of the machine
+AUTO_MEMORY_FRACTION = 0.5
 SPEC_BUDGET = "spec.memory_budget_mb"
 
 
@@ -26,6 +29,11 @@ class FittedPlan(MemoryPlan):
     """A plan and how its block size was chosen (shown in the report's ``memory_plan``)."""
 
     block_choice: str | None = None
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory (bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def effective_budget_mb(spec: PruneSpec, server_mb: float | None) -> tuple[float | None, str]:
@@ -55,7 +63,7 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
         spec.fisher_samples(None),
         torch.finfo(torch.float64 if spec.dtype == "float64" else torch.float32).bits // 8,
     )
-    kw = {"chunk": spec.fisher.chunk, "joint": spec.fisher.update is Update.JOINT}
+    kw = {"chunk": spec.fisher.chunk, "joint": spec.fisher.update is Update.JOINT, "path": spec.fisher.path}
     if spec.fisher.block_size != "auto" or not info.uses_blocks:
         p = fit(*args, spec.block_size, *sizing, budget, spec.allow_block_shrink, **kw, budget_name=source)
         chosen = None
@@ -65,10 +73,14 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
                 chosen += f", shrunk to {p.block_size} to fit the budget of {budget_mb:g} MiB ({source})"
         return FittedPlan(**asdict(p), block_choice=chosen)
     whole = plan(*args, None, *sizing, **kw)
-    if budget is None or whole.total_bytes <= budget:
-        within = "no memory budget" if budget is None else f"within the budget of {budget_mb:g} MiB ({source})"
+    if budget is None:  # 'auto' never plans past this machine: half its memory stands in for the missing budget
+        budget = AUTO_MEMORY_FRACTION * machine_memory_bytes()
+        budget_mb, source = budget / MiB, f"{AUTO_MEMORY_FRACTION:g} of this machine's memory, no budget being set"
+    if whole.total_bytes <= budget:
         return FittedPlan(
-            **asdict(whole), block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, {within}"
+            **asdict(whole),
+            block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, within {budget_mb:.0f} MiB "
+            f"({source})",
         )
     p = fit(*args, None, *sizing, budget, True, **kw, budget_name=source)  # DoesNotFit when no block size fits
     return FittedPlan(

@@ -15,6 +15,7 @@ server's budget before any work (:mod:`core.runs.budget`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from core.engine.layerwise.sequential import LayerwiseConfig
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan
 from core.engine.methods import method_info
+from core.engine.phases import reporting
 from core.engine.pruner import make_pruner
 from core.errors import Canceled, InvalidInput, NumericalError
 from core.io.data import Dataset
@@ -38,6 +40,7 @@ from core.runs.budget import memory_plan
 from core.runs.checkpoint import Checkpointer, optimizer_state, restore_optimizer
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe, prune_hint
 from core.runs.patterns import check_pattern, pattern_report
+from core.runs.phases import PeakMemory, PhaseTimer
 from core.runs.report import count_macs, curve_csv, curve_png, lambda_sweep_png, plot_title, quadratic_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
@@ -91,6 +94,7 @@ class _State:
     before: dict = field(default_factory=dict)
     lambda_sweep: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds per phase (core.runs.phases), over every attempt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,9 +152,13 @@ class Run:
         *,
         memory_budget_mb: float | None = None,
         model_name: str | None = None,
+        phases: PhaseTimer | None = None,
     ):
         """``memory_budget_mb``: the server's budget (``Settings.memory_budget_mb``), if any; the lower of it and
-        the spec's applies. ``model_name`` titles the plots (default: the module's class name)."""
+        the spec's applies. ``model_name`` titles the plots (default: the module's class name). ``phases``: a timer
+        that already holds the caller's phases (the inputs' loading)."""
+        self.timer = phases or PhaseTimer()
+        self.peak = PeakMemory()
         self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
         self.model_name = model_name or type(model).__name__
         self.out_dir = Path(out_dir)
@@ -194,9 +202,12 @@ class Run:
     # -- pieces ---------------------------------------------------------------------------------
     def _pruner(self, lam: float, seed: int):
         spec = self.spec
+        fisher = spec.fisher_config(lam, seed)
+        if self.plan.path is not None:  # the plan's choice of path, chunk size and layer groups (core.engine.memory)
+            fisher = dataclasses.replace(fisher, path=self.plan.path, chunk=self.plan.chunk, groups=self.plan.groups)
         return make_pruner(
             spec.method,
-            spec.fisher_config(lam, seed),
+            fisher,
             block_size=self.plan.block_size,
             scope=spec.scope,
             joint=spec.fisher.update is Update.JOINT,
@@ -233,7 +244,8 @@ class Run:
         return splits
 
     def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        return evaluate(self.model, x, y, self.spec.loss)
+        with self.timer("evaluation"):
+            return evaluate(self.model, x, y, self.spec.loss)
 
     def _score(self, m: dict) -> float:
         return m["accuracy"] if self.spec.metric == "accuracy" else m["loss"]
@@ -362,6 +374,11 @@ class Run:
         self.state.cursor = cursor
         if self.ckpt is None:
             return
+        with self.timer("checkpoint"):
+            self._save_checkpoint(started)
+
+    def _save_checkpoint(self, started: float) -> None:
+        self.state.phases = dict(self.timer.seconds)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"mask.{k}": v for k, v in self.masks.items()})
         meta = {"state": {**self.state.__dict__, "seconds": self.state.seconds + time.perf_counter() - started}}
@@ -369,6 +386,7 @@ class Run:
             opt_tensors, meta["optimizer"] = optimizer_state(self.optimizer)
             tensors.update(opt_tensors)
         self.ckpt.save(tensors, json.loads(json_bytes(meta)))
+        cursor = self.state.cursor
         self._event("checkpoint", {"epoch": cursor[0], "phase": ["pruned", "trained"][cursor[1]]})
 
     def _resume(self) -> bool:
@@ -386,11 +404,17 @@ class Run:
         if "val" in st["before"]:  # a checkpoint written before the split was named in full
             st["before"]["validation"] = st["before"].pop("val")
         self.state = _State(**st)
+        self.timer.merge(self.state.phases)  # the earlier attempts' phases (the checkpoint's own time is not in them)
         self._event("resumed", {"epoch": st["cursor"][0], "phase": st["cursor"][1]})
         return True
 
     # -- the run --------------------------------------------------------------------------------
     def execute(self) -> RunResult:
+        self.peak.start()
+        with reporting(self.timer):  # the engine's sub-phases (core.engine.phases) go to the same timer
+            return self._execute()
+
+    def _execute(self) -> RunResult:
         started = time.perf_counter()
         if not self._resume():
             self.state.before = {"validation": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
@@ -403,7 +427,8 @@ class Run:
             if not self.curvature:
                 self.state.lam = None  # reported as null: the method uses no λ
             elif self.spec.fisher.damping == "auto":
-                self.state.lam = self._choose_lambda()
+                with self.timer("lambda_sweep"):
+                    self.state.lam = self._choose_lambda()
             else:
                 self.state.lam = self.spec.fisher.damping
             self._point(0, 0, "dense", self.state.before["validation"], started)
@@ -429,7 +454,8 @@ class Run:
         target = self.events[epoch]
         unit = sum(1 for e in self.events if e < epoch) + epoch
         self._progress(unit, f"pruning to {target:.1%}")
-        before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
+        with self.timer("evaluation"):
+            before = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
         lam = self._lam()
         where = f"pruning step {step} (epoch {epoch}, to sparsity {target:.4g}" + (
             f", λ = {lam:g})" if self.curvature else ")"
@@ -442,7 +468,8 @@ class Run:
             masks=self.masks,
             progress=lambda f: self._progress(unit + f, f"pruning to {target:.1%}"),
         )
-        after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
+        with self.timer("evaluation"):
+            after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
         check_metrics({"loss": after}, where, prune_hint(lam))
         predicted = sum(s.predicted_loss_change for s in pruner.log)
         self.state.fidelity.append(
@@ -464,6 +491,16 @@ class Run:
             self._check_cancel()
             self._progress(unit + b / n, f"fine-tuning epoch {epoch + 1}/{self.epochs}")
 
+        with self.timer("finetune"):
+            self._train_epoch(epoch, on_batch)
+        where = f"fine-tuning epoch {epoch + 1}/{self.epochs} (step {step}, lr {learning_rate(ft, epoch):g})"
+        check_weights(self.model, where, TRAIN_HINT)
+        metrics = self._metric(self.xv, self.yv)
+        check_metrics(metrics, where, TRAIN_HINT)
+        self._point(step, epoch, "epoch", metrics, started)
+
+    def _train_epoch(self, epoch: int, on_batch) -> None:
+        ft = self.spec.finetune
         train_epoch(
             self.model,
             self.x,
@@ -475,11 +512,6 @@ class Run:
             generator=torch.Generator().manual_seed(self.spec.seed * 7919 + epoch),
             on_batch=on_batch,
         )
-        where = f"fine-tuning epoch {epoch + 1}/{self.epochs} (step {step}, lr {learning_rate(ft, epoch):g})"
-        check_weights(self.model, where, TRAIN_HINT)
-        metrics = self._metric(self.xv, self.yv)
-        check_metrics(metrics, where, TRAIN_HINT)
-        self._point(step, epoch, "epoch", metrics, started)
 
     def _finish(self) -> RunResult:
         apply_masks(self.model, self.masks)
@@ -493,27 +525,33 @@ class Run:
         skip = set() if self.curvature else {"quadratic_png"}  # magnitude has no quadratic model to check
         skip |= set() if self.state.lambda_sweep else {"lambda_sweep_png"}
         out = {k: self.out_dir / v for k, v in ARTIFACTS.items() if k not in skip}
-        names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
-        save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
-        save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
-        onnx_error = None
-        export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
-        if export is not None:
-            out = {k: v for k, v in out.items() if k != "onnx"} | export(self.out_dir, masks)
-        else:
-            try:
-                from core.io.onnx.export import export_onnx
-
-                export_onnx(model, example, out["onnx"])
-            except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
-                log.warning("ONNX export failed: %s", e)
-                onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
+        with self.timer("export"):
+            out, onnx_error = self._export(model, masks, example, out)
         report = json_safe(self._report(model, masks, example, after, onnx_error))
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
         self._plots(out)
         atomic_write(out["report"], json_bytes(report, indent=2))
         self.hooks.progress(1.0, "done")
         return RunResult(out, report)
+
+    def _export(self, model: nn.Module, masks: dict, example: Tensor, out: dict) -> tuple[dict, str | None]:
+        """The pruned weights and the masks (under the upload's own names), and the model's own format
+        (``hf_model.zip``) or the ONNX graph; (the artifacts written, why ONNX failed or None)."""
+        names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
+        save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
+        save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
+        onnx_error = None
+        export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
+        if export is not None:
+            return {k: v for k, v in out.items() if k != "onnx"} | export(self.out_dir, masks), None
+        try:
+            from core.io.onnx.export import export_onnx
+
+            export_onnx(model, example, out["onnx"])
+        except Exception as e:  # noqa: BLE001 (the run's weights are still good; say why in the report)
+            log.warning("ONNX export failed: %s", e)
+            onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
+        return out, onnx_error
 
     def _plots(self, out: dict[str, Path]) -> None:
         """curve.png, quadratic.png (the loss change the quadratic model predicted per pruning step against the one
@@ -566,6 +604,8 @@ class Run:
             "quadratic_model": {"steps": fid, "fitted_scale": num / den if den and math.isfinite(den) else None},
             "curve": self.state.curve,
             "seconds": self.state.seconds,
+            "phases": self.timer.report(),
+            "memory": self.peak.report(self.plan.total_bytes if self.curvature else None),
             "device": str(self.device),
             "onnx_error": onnx_error,
         }
@@ -581,9 +621,20 @@ def execute(
     *,
     memory_budget_mb: float | None = None,
     model_name: str | None = None,
+    phases: PhaseTimer | None = None,
 ) -> RunResult:
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
     ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies); ``model_name``
-    titles the plots."""
-    run = Run(spec, model, data, out_dir, hooks, checkpointer, memory_budget_mb=memory_budget_mb, model_name=model_name)
+    titles the plots; ``phases`` a timer holding the caller's phases so far (loading the inputs)."""
+    run = Run(
+        spec,
+        model,
+        data,
+        out_dir,
+        hooks,
+        checkpointer,
+        memory_budget_mb=memory_budget_mb,
+        model_name=model_name,
+        phases=phases,
+    )
     return run.execute()

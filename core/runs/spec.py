@@ -18,6 +18,7 @@ import math
 from enum import Enum
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from core.engine.curvature.base import FisherConfig
@@ -133,6 +134,15 @@ class FisherSpec(_Strict):
         None, description="the OBS update; default: 'joint' where the method supports it, else 'summed'"
     )
     chunk: int = Field(64, ge=1, le=65536, description="Fisher samples per vmap chunk (memory bound)")
+    path: Literal["auto", "streamed", "buffered"] = Field(
+        "auto",
+        description="woodfisher/woodtaylor: 'streamed' accumulates the dense blocks' (c ≤ m) Gram matrices chunk by "
+        "chunk (memory D·c + k·D), 'buffered' holds the m × D gradients; 'auto': the memory plan chooses (streamed "
+        "when some block is dense)",
+    )
+    buffer_dtype: Literal["bfloat16", "float16"] | None = Field(
+        None, description="held gradients (buffered path, Woodbury layers) in half precision; sums stay in the run's"
+    )
 
     @field_validator("block_size", mode="before")
     @classmethod
@@ -335,4 +345,6 @@ class PruneSpec(_Strict):
             loss=self.loss,
             chunk=f.chunk,
             seed=seed,
+            path=f.path,
+            buffer_dtype=getattr(torch, f.buffer_dtype) if f.buffer_dtype else None,
         )

@@ -25,8 +25,15 @@ class FisherConfig:
     lam: float = 1e-5
     true_fisher: bool = False
     loss: Loss = Loss.CROSS_ENTROPY
-    chunk: int = 64
+    chunk: int = 64  # k: samples per vmap chunk
     seed: int = 0
+    #: WoodFisher's path: 'streamed' (Gram matrices of the dense blocks accumulated per chunk: D·c + k·D memory),
+    #: 'buffered' (the m × D gradients held), or 'auto' (streamed when some block is dense, c ≤ m)
+    path: str = "auto"
+    #: layer groups the streamed path differentiates in turn, one pass over the samples each (None: all at once)
+    groups: list[list[str]] | None = None
+    #: dtype of the held gradients (buffered path, or Woodbury layers): bfloat16/float16 halve it; None: the run's
+    buffer_dtype: torch.dtype | None = None
 
 
 @dataclass

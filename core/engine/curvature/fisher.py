@@ -8,9 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.curvature.base import Curvature, FisherConfig, Progress, generator, layer_segments
-from core.engine.curvature.inverse import DiagonalInverse, fisher_block_inverse
-from core.engine.grads import fisher_gradients
+from core.engine.curvature.inverse import DiagonalInverse, Segment, fisher_block_inverse, gram_block_inverse
+from core.engine.curvature.streaming import stream_fisher
+from core.engine.grads import GradientChunks, fisher_gradients
 from core.engine.layout import BlockLayout
+from core.engine.phases import phase
 
 
 @dataclass
@@ -31,28 +33,57 @@ class Identity:
         )
 
 
-def _samples(cfg: FisherConfig, model, layout, mask, data, progress):
+def _chunks(cfg: FisherConfig, model, data) -> GradientChunks:
     x, y = data
-    return fisher_gradients(
+    return GradientChunks(
         model,
-        layout,
         x,
         y,
         m=cfg.m,
         fisher_batch=cfg.fisher_batch,
         loss=cfg.loss,
         true_fisher=cfg.true_fisher,
-        mask=mask,
         generator=generator(cfg.seed),
         chunk=cfg.chunk,
-        dtype=mask.dtype,
-        progress=progress,
     )
+
+
+def _samples(cfg: FisherConfig, model, layout, mask, data, progress):
+    x, y = data
+    with phase("gradients"):
+        return fisher_gradients(
+            model,
+            layout,
+            x,
+            y,
+            m=cfg.m,
+            fisher_batch=cfg.fisher_batch,
+            loss=cfg.loss,
+            true_fisher=cfg.true_fisher,
+            mask=mask,
+            generator=generator(cfg.seed),
+            chunk=cfg.chunk,
+            dtype=cfg.buffer_dtype or mask.dtype,
+            progress=progress,
+        )
+
+
+def streams(cfg: FisherConfig, layout: BlockLayout) -> bool:
+    """Whether WoodFisher streams: ``cfg.path`` 'streamed' or 'buffered', or for 'auto' (the memory plan decides the
+    job's path, :mod:`core.engine.memory`) when some layer's blocks are dense (c ≤ m)."""
+    if cfg.path == "auto":
+        return any(layer.block <= cfg.m for layer in layout.layers)
+    return cfg.path == "streamed"
 
 
 @dataclass
 class WoodFisher:
-    """Block-diagonal F = λI + GᵀG/m, inverted per block by Cholesky or Woodbury (see inverse.py)."""
+    """Block-diagonal F = λI + GᵀG/m, inverted per block by Cholesky or Woodbury (see inverse.py).
+
+    Two paths to the same numbers (``FisherConfig.path``): *buffered* holds the m × D gradients and forms each
+    block's Gram matrix from them; *streamed* folds the gradients, a chunk at a time, into the Gram matrices of the
+    dense blocks (c ≤ m) and keeps gradient rows only for the Woodbury ones (c > m), see ``streaming.py``.
+    """
 
     config: FisherConfig = field(default_factory=FisherConfig)
     block_size: int | None = 128
@@ -61,11 +92,40 @@ class WoodFisher:
     def estimate(
         self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
     ) -> Curvature:
-        s = _samples(self.config, model, layout, mask, data, progress)
-        segments = layer_segments(
-            layout, lambda layer: fisher_block_inverse(layer.blocks(s.grads).movedim(0, 1), self.config.lam)
-        )
-        return Curvature(segments, grad=s.mean if self.taylor else None)
+        cfg = self.config
+        if not streams(cfg, layout):
+            s = _samples(cfg, model, layout, mask, data, progress)
+            with phase("inverse"):
+                segments = layer_segments(layout, lambda layer: _woodbury_or_dense(layer.blocks(s.grads), cfg, mask))
+            return Curvature(segments, grad=s.mean.to(mask.dtype) if self.taylor else None, info={"path": "buffered"})
+        with phase("gradients"):
+            sf = stream_fisher(
+                _chunks(cfg, model, data),
+                layout,
+                mask,
+                dense=lambda layer: layer.block <= cfg.m,
+                groups=cfg.groups,
+                dtype=mask.dtype,
+                buffer_dtype=cfg.buffer_dtype,
+                with_sum=self.taylor,
+                progress=progress,
+            )
+        with phase("inverse"):
+            segments = []
+            for layer in layout.layers:
+                if layer.name in sf.grams:
+                    inv = gram_block_inverse(sf.grams.pop(layer.name), cfg.m, cfg.lam)
+                else:
+                    rows = sf.buffers.pop(layer.name)  # (m, nb·c): this layer's own buffer
+                    inv = _woodbury_or_dense(rows.unflatten(-1, (layer.nb, layer.block)), cfg, mask)
+                segments.append(Segment(layer.offset, inv))
+        return Curvature(segments, grad=sf.mean if self.taylor else None, info={"path": "streamed"})
+
+
+def _woodbury_or_dense(g: Tensor, cfg: FisherConfig, mask: Tensor):
+    """The inverse of one layer's blocks from its gradient rows ``g`` (m, nb, c), cast to the run's dtype (a
+    bfloat16/float16 buffer is widened one layer at a time)."""
+    return fisher_block_inverse(g.movedim(0, 1).to(mask.dtype), cfg.lam)
 
 
 @dataclass
@@ -79,5 +139,6 @@ class DiagonalFisher:
         self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
     ) -> Curvature:
         s = _samples(self.config, model, layout, mask, data, progress)
-        diag = s.grads.square().mean(dim=0).add_(self.config.lam)
+        with phase("inverse"):
+            diag = s.grads.square().mean(dim=0, dtype=mask.dtype).add_(self.config.lam)
         return Curvature(layer_segments(layout, lambda layer: DiagonalInverse(1.0 / layer.blocks(diag))))

@@ -192,3 +192,27 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
         redo = torch.cholesky_inverse(chol64) * m if dense else torch.linalg.solve_triangular(chol64, g64, upper=False)
         inv[bad] = redo.to(inv.dtype)
     return DenseInverse(inv) if dense else WoodburyInverse(inv, lam)
+
+
+def gram_block_inverse(gram: Tensor, m: int, lam: float) -> DenseInverse:
+    """Inverse of F_b = λI + A_b/m from accumulated Gram matrices A_b = Σᵢ gᵢgᵢᵀ shaped ``(nb, c, c)`` (the streamed
+    Fisher: the gradients themselves are gone). ``gram`` is consumed: λ is added to it in place and it is released
+    as soon as it is factored. Blocks whose Cholesky fails in ``gram``'s precision are refactored in float64; a block
+    that fails there too raises :class:`NumericalError`."""
+    if lam <= 0:
+        raise ValueError("the dampening λ must be positive")
+    gram.diagonal(dim1=-2, dim2=-1).add_(m * lam)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel():
+        if gram.dtype == torch.float64:
+            raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
+        chol64, info64 = torch.linalg.cholesky_ex(gram[bad].double())
+        if bool((info64 != 0).any()):
+            raise NumericalError(f"{int((info64 != 0).sum())} Fisher block(s) not positive definite: raise λ")
+        chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    del gram
+    inv = torch.cholesky_inverse(chol).mul_(m)  # (A + mλI)⁻¹·m = F⁻¹
+    if bad.numel():
+        inv[bad] = (torch.cholesky_inverse(chol64) * m).to(inv.dtype)
+    return DenseInverse(inv)
