@@ -47,8 +47,20 @@ LENET = {"c1.weight": (6, 1, 5, 5), "c3.weight": (16, 6, 5, 5), "f5.weight": (12
 def test_block_size_auto_takes_whole_layers_without_a_budget():
     plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
     assert plan.block_size is None and plan.block_choice.startswith("auto: whole layers")
-    assert "no memory budget" in plan.block_choice
+    assert "no budget being set" in plan.block_choice
     assert plan.as_dict()["block_choice"] == plan.block_choice  # in the report's memory_plan
+
+
+def test_block_size_auto_without_a_budget_never_plans_past_half_the_machine(monkeypatch):
+    """No budget set: 'auto' takes whole layers only while they fit half of this machine's memory (MiniLM's encoder
+    at m = 512 would need 21.8 GB of gradients), else the largest block size within it."""
+    import core.runs.budget as budget
+
+    whole = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    monkeypatch.setattr(budget, "machine_memory_bytes", lambda: whole.total_bytes)  # half of it is too little
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    assert plan.block_size is not None and plan.total_bytes <= whole.total_bytes / 2
+    assert "the largest that fits" in plan.block_choice and "this machine's memory" in plan.block_choice
 
 
 def test_block_size_auto_takes_whole_layers_within_a_budget_and_the_largest_block_that_fits_else():
@@ -56,7 +68,9 @@ def test_block_size_auto_takes_whole_layers_within_a_budget_and_the_largest_bloc
     whole = memory_plan(spec, LENET)
     roomy = memory_plan(spec, LENET, server_mb=whole.total_bytes / 2**20 + 1)
     assert roomy.block_size is None and "within the budget" in roomy.block_choice
-    budget_mb = (whole.total_bytes - 1) / 2**20  # one byte short of whole layers: the server's budget applies
+    short = memory_plan(spec, LENET, server_mb=(whole.total_bytes - 1) / 2**20)  # a byte short: a smaller chunk
+    assert short.block_size is None and short.chunk < whole.chunk and "gradient chunk" in short.block_choice
+    budget_mb = 0.6 * whole.total_bytes / 2**20  # below whole layers at any chunk: the server's budget applies
     tight = memory_plan(spec, LENET, server_mb=budget_mb)
     assert tight.block_size is not None and tight.total_bytes <= budget_mb * 2**20
     assert "the largest that fits" in tight.block_choice and "ARBORIST_MEMORY_BUDGET_MB" in tight.block_choice

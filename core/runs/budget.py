@@ -79,12 +79,15 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
     if whole.total_bytes <= budget:
         return FittedPlan(
             **asdict(whole),
-            block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, within {budget_mb:.0f} MiB "
+            block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, within the budget of {budget_mb:.0f} MiB "
             f"({source})",
         )
     p = fit(*args, None, *sizing, budget, True, **kw, budget_name=source)  # DoesNotFit when no block size fits
-    return FittedPlan(
-        **asdict(p),
-        block_choice=f"auto: blocks of {p.block_size}, the largest that fits the budget of {budget_mb:g} MiB "
-        f"({source}); whole layers need {whole.total_bytes / MiB:.1f} MiB",
-    )
+    if p.block_size is None:  # whole layers still, with a smaller gradient chunk (the streamed path)
+        chosen = f"auto: whole layers, gradient chunk {p.chunk}, to fit the budget of {budget_mb:.0f} MiB ({source})"
+    else:
+        chosen = (
+            f"auto: blocks of {p.block_size}, the largest that fits the budget of {budget_mb:.0f} MiB ({source}); "
+            f"whole layers need {whole.total_bytes / MiB:.1f} MiB"
+        )
+    return FittedPlan(**asdict(p), block_choice=chosen)
