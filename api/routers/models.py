@@ -22,7 +22,7 @@ from api.schemas import ModelPublic, ModelRegister, ModelsPublic
 from api.uploads import UploadedFile
 from core.io.hf.validate import HFModelInfo, validate_model_upload
 from core.io.limits import LoadLimits
-from core.io.model_files import ModelInfo, tensor_renames
+from core.io.model_files import ModelInfo
 from core.service.db import inputs
 from core.service.db.tables import Model, Tenant, new_id
 from core.service.names import NAME_FIELD
@@ -55,17 +55,23 @@ def load_limits(settings: Settings) -> LoadLimits:
 
 
 def _registration(
-    session: Session, tenant: Tenant, limits: LoadLimits, fields: dict[str, str], file: UploadedFile
+    session: Session,
+    tenant: Tenant,
+    limits: LoadLimits,
+    detected: dict,
+    fields: dict[str, str],
+    file: UploadedFile,
 ) -> Registration[ModelInfo | HFModelInfo, Model]:
     """The model the form fields describe: its file loaded as a run would (``validate_model_file``, within
-    ``limits``), its row."""
+    ``limits``, in the validation child), its row; what the child found beyond the row goes into ``detected``."""
     name = input_name(fields, file.filename, "model")
     arch = form_text(fields, "arch", max_length=100)
     arch_kwargs = form_json_object(fields, "arch_kwargs")
     model_id = new_id("mdl")
 
     def insert(info: ModelInfo | HFModelInfo, path: str) -> Model:
-        detected = info.details if isinstance(info, HFModelInfo) else None  # what the archive was found to hold
+        detected["tensor_names"] = getattr(info, "tensor_names", None)
+        hf = info.details if isinstance(info, HFModelInfo) else None  # what the archive was found to hold
         return inputs.create_model(
             session=session,
             tenant=tenant,
@@ -73,7 +79,7 @@ def _registration(
             name=name,
             format=info.format,
             arch=info.arch,
-            arch_kwargs=detected if detected is not None else (arch_kwargs if info.arch else None),
+            arch_kwargs=hf if hf is not None else (arch_kwargs if info.arch else None),
             size=file.size,
             sha256=file.sha256,
             path=path,
@@ -122,14 +128,10 @@ async def upload_model(
         tenant=tenant,
         max_bytes=settings.max_upload_bytes,
         form_fields=FORM_FIELDS,
-        plan=partial(_registration, session, tenant, load_limits(settings)),
+        plan=partial(_registration, session, tenant, load_limits(settings), detected := {}),
     )
     response.headers["Location"] = f"/v1/models/{row.id}"
-    renames = None
-    if row.format == "safetensors" and row.arch:  # a zoo architecture: were the tensors saved under other names?
-        with store.materialize(row.path) as path:  # a header and the architecture on meta: no weights read
-            renames = tensor_renames(path, row.arch, row.arch_kwargs)
-    return ModelPublic.of(row).model_copy(update={"tensor_names": renames})
+    return ModelPublic.of(row).model_copy(update={"tensor_names": detected.get("tensor_names")})
 
 
 add_input_routes(router, Model, ModelPublic, ModelsPublic)

@@ -5,6 +5,8 @@ held to."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
@@ -20,10 +22,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JSONBodyRoute)
 
 
 class PlanPublic(BaseModel):
-    memory_plan: dict[str, int | None] | None = Field(
+    memory_plan: dict[str, Any] | None = Field(
         None,
         description="bytes of a pruning step: block_size, gradient_bytes, inverse_bytes, working_bytes, total_bytes; "
-        "null when the method takes no gradients or the model has no zoo architecture (ONNX: planned by the run)",
+        "the Fisher path (streamed or buffered), its chunk and layer groups, why (reason), and how the block size "
+        "was chosen (block_choice); null when the method takes no gradients or the model has no zoo architecture "
+        "(ONNX, Hugging Face: planned by the run)",
     )
     budget_mb: float | None = Field(None, description="the budget the plan is held to (MiB); null without one")
     budget_source: str | None = Field(None, description="where that budget comes from")

@@ -85,6 +85,8 @@ class ModelInfo:
     format: ModelFormat
     num_parameters: int
     arch: str | None
+    #: {name in the file: the architecture's name} for a zoo architecture saved under an nn.Sequential's own names
+    tensor_names: dict[str, str] | None = None
 
 
 def _err(loc: list, msg: str, typ: str) -> dict:
@@ -507,6 +509,7 @@ def validate_model_file(
         format=detected,
         num_parameters=sum(p.numel() for p in model.parameters()),
         arch=arch if detected == "safetensors" else None,
+        tensor_names=tensor_renames(path, arch, arch_kwargs) if detected == "safetensors" else None,
     )
 
 

@@ -79,8 +79,8 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
     if whole.total_bytes <= budget:
         return FittedPlan(
             **asdict(whole),
-            block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, within the budget of {budget_mb:.0f} MiB "
-            f"({source})",
+            block_choice=f"auto: whole layers, {whole.total_bytes / MiB:.1f} MiB, "
+            f"within the budget of {budget_mb:.0f} MiB ({source})",
         )
     p = fit(*args, None, *sizing, budget, True, **kw, budget_name=source)  # DoesNotFit when no block size fits
     if p.block_size is None:  # whole layers still, with a smaller gradient chunk (the streamed path)

@@ -107,3 +107,29 @@ def test_minilm_gpt2_and_bert_classifier_in_and_out(
     clf = AutoModelForSequenceClassification.from_pretrained(out)
     assert _zeros([layer.attention.self.query.weight for layer in clf.bert.encoder.layer]) > 0.2
     assert _zeros([clf.classifier.weight]) == 0.0
+
+
+@pytest.mark.timeout(1800)
+def test_sparsegpt_on_minilm_unstructured_and_2_4(
+    api: Api, start_worker: Callable[[str], Proc], tmp_path: Path
+) -> None:
+    """Done-when of issue #16: ``{"method": "sparsegpt", "sparsity": 0.5}`` and ``{"method": "sparsegpt", "pattern":
+    "2:4"}``, nothing else in the spec, on the MiniLM zip with a .jsonl of sentences, through the HTTP API: each
+    returns an ``hf_model.zip`` that ``from_pretrained`` loads, pruned as asked in every encoder layer."""
+    from transformers import AutoModel
+
+    start_worker("sparsegpt")
+    dense = AutoModel.from_pretrained(minilm_dir())
+    texts = sentences(40, seed=11)
+    model, data = _upload(api, zip_folder(minilm_dir(), tmp_path / "minilm.zip"), [{"text": t} for t in texts])
+    for spec in ({"method": "sparsegpt", "sparsity": 0.5}, {"method": "sparsegpt", "pattern": "2:4"}):
+        job, out = _run(api, model, data, spec, tmp_path / spec.get("pattern", "unstructured").replace(":", "_"))
+        report = job["result"]
+        assert 0.5 < report["metrics"]["after"]["validation"]["cosine"] <= 1.0, report["metrics"]
+        loaded = AutoModel.from_pretrained(out)
+        for layer in loaded.encoder.layer:
+            w = layer.intermediate.dense.weight
+            assert _zeros([w]) == pytest.approx(0.5, abs=0.02)
+            if "pattern" in spec:  # at most 2 kept in every group of 4 consecutive inputs of a row
+                assert bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+        assert torch.equal(loaded.embeddings.word_embeddings.weight, dense.embeddings.word_embeddings.weight)
