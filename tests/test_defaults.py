@@ -3,6 +3,7 @@ split with a grid that widens past a winning edge, and reports that name the spl
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -268,3 +269,17 @@ def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
     assert report["spec"]["fisher"]["update"] == "summed"
     assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == (1e-3, 64)
     assert json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())["lambda"] == 1e-5
+
+
+def test_machine_memory_is_the_containers_limit_when_lower(monkeypatch, tmp_path):
+    """A worker in a container limited below its host's memory plans within the container's limit (cgroup v2 file;
+    'max' means no limit)."""
+    import core.runs.budget as budget
+
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(budget, "CGROUP_LIMITS", (str(limit),))
+    limit.write_text("max\n")
+    host = budget.machine_memory_bytes()
+    assert host == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit.write_text(f"{2**30}\n")
+    assert budget.machine_memory_bytes() == min(host, 2**30)

@@ -249,6 +249,49 @@ def test_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     _refused(_archive(tmp_path, good | {"modeling_evil.py": b"import os"}), UnsafeFormat, "Python code")
 
 
+def test_damaged_and_clashing_archives_and_configs_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """What a careless or hostile archive holds beyond the named cases: each a 4xx error, never an unexpected one
+    (which the API would answer with a 500), and no staging folder left behind."""
+    good = folder_entries(tiny["bert"])
+    config = json.loads(good["config.json"])
+
+    def cfg(**kv) -> bytes:
+        return json.dumps({**config, **kv}).encode()
+
+    buf = io.BytesIO()  # config.json twice (zipfile only warns)
+    with zipfile.ZipFile(buf, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        for k, v in good.items():
+            zf.writestr(k, v)
+        zf.writestr("config.json", good["config.json"])
+    (tmp_path / "twice.zip").write_bytes(buf.getvalue())
+    _refused(tmp_path / "twice.zip", InvalidInput, "appears twice")
+    _refused(_archive(tmp_path, good | {"extra": b"x", "extra/inner.txt": b"y"}), InvalidInput, "clashes")
+    damaged = bytearray(zip_bytes(good))
+    at = damaged.find(b"model.safetensors") + 200  # inside that entry's deflated data
+    damaged[at : at + 64] = bytes(64)
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    _refused(tmp_path / "damaged.zip", InvalidInput, "cannot be read")
+    _refused(_archive(tmp_path, good | {"config.json": cfg(hidden_size="32")}), InvalidInput, "config")
+    _refused(_archive(tmp_path, good | {"config.json": cfg(num_attention_heads=0)}), InvalidInput, "config")
+    huge_int = b'{"model_type": "bert", "x": ' + b"1" * 5000 + b"}"
+    _refused(_archive(tmp_path, good | {"config.json": huge_int}), InvalidInput, "not valid UTF-8 JSON")
+    index = {"weight_map": {"embeddings.word_embeddings.weight": ["model.safetensors"]}}
+    sharded = {k: v for k, v in good.items() if k != "model.safetensors"}
+    _refused(
+        _archive(tmp_path, sharded | {"model.safetensors.index.json": json.dumps(index).encode()}),
+        InvalidInput,
+        "must be file names",
+    )
+    tgz = tmp_path / "odd.tar.gz"  # an entry of an unknown type is refused at its header
+    with tarfile.open(tgz, "w:gz") as tf:
+        odd = tarfile.TarInfo("weird")
+        odd.type = b"Z"
+        tf.addfile(odd)
+        for p in sorted(tiny["bert"].iterdir()):
+            tf.add(p, p.name)
+    _refused(tgz, UnsafeFormat, "not a regular file")
+
+
 def test_symlink_entries_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

@@ -29,6 +29,7 @@ def run_job(self: Any, job_id: str) -> str:
     not yet claimed would otherwise wait in ``queued`` for the reaper's hourly resend; a claimed one is requeued
     by the reaper once its heartbeat is stale, and the retry then finds it again."""
     settings = settings_of(self.app)
+    own = job_id
     try:
         job_id = job_for_turn(job_id, settings)  # fair between tenants: this turn may run another queued job
     except Deferred:
@@ -38,15 +39,23 @@ def run_job(self: Any, job_id: str) -> str:
             raise
         raise self.retry(exc=exc, countdown=RETRY_BASE_S, max_retries=None) from exc
     try:
-        return runner.run_job(
-            job_id,
-            settings,
-            worker=worker_name(self.request.hostname or "celery"),
-            task_id=self.request.id,
-            time_limit_errors=(SoftTimeLimitExceeded,),
-        ).value
+        outcome = _run(self, job_id, settings)
+        if outcome is runner.Outcome.SKIPPED and job_id != own:
+            # another turn claimed the job this one chose at the same moment: the turn is not lost, it runs its own
+            outcome = _run(self, own, settings)
+        return outcome.value
     except Exception as exc:
         if not is_transient_db_error(exc):
             raise
         countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(self.request.retries, 8))
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+
+
+def _run(task: Any, job_id: str, settings: Any) -> runner.Outcome:
+    return runner.run_job(
+        job_id,
+        settings,
+        worker=worker_name(task.request.hostname or "celery"),
+        task_id=task.request.id,
+        time_limit_errors=(SoftTimeLimitExceeded,),
+    )

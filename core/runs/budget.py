@@ -31,9 +31,22 @@ class FittedPlan(MemoryPlan):
     block_choice: str | None = None
 
 
+#: where a container's memory limit is read (cgroup v2, then v1); absent or 'max' means no limit
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def machine_memory_bytes() -> int:
-    """This machine's physical memory (bytes)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory this process may use (bytes): the machine's physical memory, or its container's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def effective_budget_mb(spec: PruneSpec, server_mb: float | None) -> tuple[float | None, str]:

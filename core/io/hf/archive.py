@@ -21,6 +21,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -95,6 +96,14 @@ def _check_totals(count: int, total: int, limits: ArchiveLimits) -> None:
         )
 
 
+def _unreadable(name: str, e: BaseException) -> str:
+    """Why an entry could not be extracted: twice in the archive, a file where a folder is (or the reverse), or
+    damaged data."""
+    if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return f"archive entry {name!r} appears twice, or clashes with another entry (a file and a folder of one name)"
+    return f"archive entry {name!r} cannot be read: {e}"
+
+
 def _copy(src: BinaryIO, dest: Path, declared: int, name: str) -> None:
     """Stream ``src`` into ``dest`` (a new file), refusing more bytes than ``declared`` or a nested archive."""
     written = 0
@@ -158,15 +167,15 @@ def _extract_zip(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
                 plan.append((info, parts))
         for info, parts in plan:
             target = _target(root, parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src:
                     _copy(src, target, info.file_size, info.filename)
-            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
-                raise _refuse(f"archive entry {info.filename!r} cannot be read: {e}", info.filename) from e
+            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, OSError, zlib.error) as e:
+                raise _refuse(_unreadable(info.filename, e), info.filename) from e
 
 
 def _extract_tar(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> None:
@@ -179,10 +188,13 @@ def _extract_tar(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
         total = 0
         try:
             for member in tf:  # headers only; each data block is skipped, never decompressed into memory
+                if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                    # refused before the next header: skipping an unknown member's data decompresses it
+                    raise _refuse(f"archive entry {member.name!r} is not a regular file", member.name, UnsafeFormat)
                 members.append(member)
                 total += member.size if member.isreg() else 0
                 _check_totals(len(members), total, limits)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise InvalidInput(f"a damaged .tar.gz archive ({e})") from e
         for member in members:
             parts = _check_name(member.name)
@@ -197,19 +209,17 @@ def _extract_tar(path: str | os.PathLike, root: Path, limits: ArchiveLimits) -> 
             if not parts:
                 continue
             target = _target(root, parts)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
                 src = tf.extractfile(member)
                 assert src is not None
                 with src:
                     _copy(src, target, member.size, member.name)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                if isinstance(e, FileExistsError):
-                    raise _refuse(f"archive entry {member.name!r} appears twice", member.name) from e
-                raise _refuse(f"archive entry {member.name!r} cannot be read: {e}", member.name) from e
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                raise _refuse(_unreadable(member.name, e), member.name) from e
 
 
 def _single_folder(root: Path) -> Path:

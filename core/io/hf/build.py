@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from core.errors import InvalidInput
@@ -80,7 +81,7 @@ def _config(folder: HFFolder):
     model_type = cfg.pop("model_type")
     try:
         config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, StrictDataclassError) as e:
         raise InvalidInput(f"config.json cannot be read as a {model_type!r} config: {e}") from e
     config._attn_implementation = "eager"
     return config
@@ -89,7 +90,16 @@ def _config(folder: HFFolder):
 def _from_config(head: str, config) -> nn.Module:
     try:
         return _auto_class(head).from_config(config, attn_implementation="eager")
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, IndexError) as e:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RuntimeError,
+        IndexError,
+        ArithmeticError,  # e.g. num_attention_heads 0
+        StrictDataclassError,  # transformers' configs are strict dataclasses: a field of the wrong type
+    ) as e:
         raise InvalidInput(f"cannot build the model from config.json: {e}") from e
 
 

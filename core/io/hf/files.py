@@ -57,7 +57,7 @@ def read_json(root: Path, name: str) -> dict:
         raise _invalid(f"{name} is over {_MAX_JSON_BYTES:,} bytes", ["file", name])
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # undecodable, not JSON, or an integer of over 4300 digits
         raise _invalid(f"{name} is not valid UTF-8 JSON ({e.__class__.__name__})", ["file", name]) from e
     if not isinstance(value, dict):
         raise _invalid(f"{name} is not a JSON object", ["file", name])
@@ -123,9 +123,9 @@ def _shards(root: Path, files: list[str]) -> list[str]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise _invalid(f"{INDEX} has no weight_map object", ["file", INDEX])
-        shards = sorted({v for v in weight_map.values() if isinstance(v, str)})
-        if len(shards) != len(set(weight_map.values())):
+        if not all(isinstance(v, str) for v in weight_map.values()):
             raise _invalid(f"{INDEX}: weight_map values must be file names", ["file", INDEX])
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not _SHARD.match(shard) or shard in (".", "..") or ".." in shard.split("/"):
                 raise _unsafe(
@@ -145,9 +145,12 @@ def _pooling(root: Path, files: list[str]) -> tuple[bool, str | None]:
     """Whether the folder is a sentence-transformers model, and its pooling mode (``mean``, ``cls``, ``max``)."""
     if "modules.json" not in files:
         return False, None
+    path = root / "modules.json"
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise _invalid(f"modules.json is over {_MAX_JSON_BYTES:,} bytes", ["file", "modules.json"])
     try:
-        modules = json.loads((root / "modules.json").read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        modules = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # undecodable, not JSON, or an integer of over 4300 digits
         raise _invalid("modules.json is not valid JSON", ["file", "modules.json"]) from e
     if not isinstance(modules, list):
         raise _invalid("modules.json is not a list", ["file", "modules.json"])
