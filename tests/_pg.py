@@ -56,3 +56,14 @@ def empty_database(kind: str, directory: Path) -> Iterator[str]:
         return
     with fresh_schema("arb_test") as schema:
         yield schema_url(schema)
+
+
+@contextmanager
+def migrated_schema(prefix: str) -> Iterator[str]:
+    """The URL of a fresh PostgreSQL schema ``<prefix>_<random>`` migrated to head; dropped afterwards."""
+    from core.service.db import migrate
+
+    with fresh_schema(prefix) as schema:
+        url = schema_url(schema)
+        migrate.upgrade(url)
+        yield url

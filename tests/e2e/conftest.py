@@ -24,7 +24,7 @@ from _e2e_kit import (
     make_digits_files,
     start_celery_worker,
 )
-from _pg import fresh_schema, schema_url
+from _pg import migrated_schema
 from _redis import flushed_db
 
 REDIS_URL = os.environ.get("ARBORIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # db 11: these tests only
@@ -41,11 +41,7 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    from core.service.db import migrate
-
-    with fresh_schema("arb_e2e") as schema:
-        url = schema_url(schema)
-        migrate.upgrade(url)
+    with migrated_schema("arb_e2e") as url:
         yield url
 
 

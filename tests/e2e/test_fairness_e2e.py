@@ -29,7 +29,7 @@ from _e2e_kit import (
     create_key,
     start_celery_worker,
 )
-from _pg import fresh_schema, schema_url
+from _pg import migrated_schema
 from _redis import flushed_db
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,12 +44,8 @@ def stack(
     request: pytest.FixtureRequest, tmp_path: Path, processes: list[Proc]
 ) -> Iterator[tuple[str, dict[str, str], Callable[[], Proc]]]:
     """``(pg url, env, start the worker)`` for one stack; the worker is not started yet."""
-    from core.service.db import migrate
-
     mode = request.param
-    with fresh_schema("arb_fair") as schema, flushed_db(REDIS_URL):
-        url = schema_url(schema)
-        migrate.upgrade(url)
+    with migrated_schema("arb_fair") as url, flushed_db(REDIS_URL):
         settings = dict(
             environment="dev",
             database_url=url,

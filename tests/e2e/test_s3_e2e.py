@@ -35,7 +35,7 @@ from _e2e_kit import (
     sse_events,
     start_celery_worker,
 )
-from _pg import fresh_schema, schema_url
+from _pg import migrated_schema
 from _redis import flushed_db
 from _s3 import S3Server, moto_s3
 
@@ -53,11 +53,7 @@ def s3() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def s3_pg_url() -> Iterator[str]:
-    from core.service.db import migrate
-
-    with fresh_schema("arb_s3e2e") as schema:
-        url = schema_url(schema)
-        migrate.upgrade(url)
+    with migrated_schema("arb_s3e2e") as url:
         yield url
 
 
