@@ -33,6 +33,7 @@ from core.runs.budget import memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
+from core.runs.structured import check_structure
 
 __all__ = ["check_job"]
 
@@ -121,10 +122,17 @@ def check_job(
             _check_fit(model, spec, input_shape, num_classes)
         except InvalidInput as e:
             problems.append(e)
+    if model is not None and spec.structure != "unstructured":
+        try:
+            check_structure(model, spec)
+        except InvalidInput as e:
+            problems.append(e)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
+    if spec.structure != "unstructured":
+        return None  # no Fisher estimate: the layer-wise Hessians of one family at a time
     return _check_plan(model, spec, server_budget_mb) if model is not None else None
 
 
