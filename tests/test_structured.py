@@ -255,3 +255,33 @@ def test_structured_spec_and_model_checks():
         check_structure(build_model("mlp"), spec)
     assert e.value.errors[0]["loc"] == ["spec", "structure"]
     assert len(check_structure(build_model("resnet20"), spec)) == 9
+
+
+def test_structured_hf_job_exports_a_config_that_from_pretrained_loads(tmp_path):
+    from transformers import AutoModel
+
+    from _hf_models import jsonl, sentences, write_model, zip_folder
+    from core.errors import InvalidInput
+    from core.runs.hf_job import load_hf_job
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+
+    archive = zip_folder(write_model(tmp_path / "b", "bert"), tmp_path / "b.zip")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl([{"text": t} for t in sentences(20)]))
+    spec = PruneSpec(method="obc", sparsity=0.5, structure="neurons", fisher={"samples": 8}, device="cpu")
+    run_spec, model, ds = load_hf_job(spec, archive, data, "jsonl")
+    result = execute(run_spec, model, ds, tmp_path / "out")
+    assert result.report["structure"]["hf_config"] == {"intermediate_size": 16}
+    import zipfile
+
+    zipfile.ZipFile(result.artifacts["hf_model"]).extractall(tmp_path / "hf")
+    loaded = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert loaded.encoder.layer[1].intermediate.dense.weight.shape == (16, 16)
+    ids = ds.x_train[:2, 0].long()
+    with torch.no_grad():  # the exported model computes what the run's shrunk model computes
+        ours = model.hf(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, ours.float(), rtol=1e-4, atol=1e-4)
+    heads = PruneSpec(method="obc", sparsity=0.5, structure="heads", device="cpu")
+    with pytest.raises(InvalidInput, match="pruned_heads"):
+        execute(heads, model, ds, tmp_path / "out2")

@@ -33,7 +33,7 @@ from core.runs.budget import memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
-from core.runs.structured import check_structure
+from core.runs.structured import check_structure, hf_heads_error
 
 __all__ = ["check_job"]
 
@@ -104,6 +104,7 @@ def check_job(
     num_classes: int | None,
     has_val: bool,
     server_budget_mb: float | None = None,
+    model_format: str | None = None,
 ) -> MemoryPlan | None:
     """Every problem found (not just the first) in one :class:`InvalidInput`, then the memory plan
     (:class:`core.errors.DoesNotFit`); returns that plan (``None`` without a zoo architecture, or for a method
@@ -122,6 +123,8 @@ def check_job(
             _check_fit(model, spec, input_shape, num_classes)
         except InvalidInput as e:
             problems.append(e)
+    if model_format == "huggingface" and spec.structure == "heads":
+        problems.append(hf_heads_error())
     if model is not None and spec.structure != "unstructured":
         try:
             check_structure(model, spec)

@@ -50,13 +50,22 @@ def _is_hf(model: nn.Module) -> bool:
     return callable(getattr(model, "export_artifacts", None))
 
 
+def hf_heads_error() -> InvalidInput:
+    return InvalidInput(
+        "structure 'heads' cannot be exported for a Hugging Face model: transformers 5 sizes a head as hidden_size / "
+        "num_attention_heads and no longer reads pruned_heads, so a model with fewer heads would not load from its "
+        "config; use structure 'neurons' (FFN units)",
+        errors=[{"loc": ["spec", "structure"], "msg": "heads: not for Hugging Face models", "type": "value_error"}],
+    )
+
+
 def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
     """The families ``spec.structure`` prunes in ``model``; :class:`InvalidInput` (422) naming what it supports."""
-    families = find_families(model, spec.structure)
     if spec.structure == "heads" and _is_hf(model):
-        families = []
+        raise hf_heads_error()
+    families = find_families(model, spec.structure)
     if not families:
-        able = [k for k in KINDS if find_families(model, k) and not (k == "heads" and _is_hf(model))]
+        able = [k for k in KINDS if find_families(model, k)]
         raise InvalidInput(
             f"the model has no {spec.structure} to prune structurally; it supports: "
             + (", ".join(able) if able else "none (only 'unstructured')")
