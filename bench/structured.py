@@ -179,7 +179,7 @@ def main() -> None:
         rows += resnet_rows(args)
     if args.only in (None, "minilm"):
         rows += minilm_rows(args)
-    print(save("structured", rows))
+    print(save("structured" + (f"_{args.only}" if args.only else ""), rows))
 
 
 if __name__ == "__main__":
