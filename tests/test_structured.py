@@ -285,3 +285,19 @@ def test_structured_hf_job_exports_a_config_that_from_pretrained_loads(tmp_path)
     heads = PruneSpec(method="obc", sparsity=0.5, structure="heads", device="cpu")
     with pytest.raises(InvalidInput, match="pruned_heads"):
         execute(heads, model, ds, tmp_path / "out2")
+
+
+def test_preflight_refuses_a_structure_the_model_lacks_before_queueing():
+    from core.errors import InvalidInput
+    from core.runs.preflight import check_job
+    from core.runs.spec import PruneSpec
+
+    common = {"num_examples": 100, "input_shape": [64], "num_classes": 10, "has_val": False}
+    kwargs = {"in_features": 64, "hidden": [32], "num_classes": 10}
+    spec = PruneSpec(method="obc", sparsity=0.5, structure="neurons")
+    assert check_job(spec, arch="mlp", arch_kwargs=kwargs, **common) is None  # no Fisher memory plan
+    with pytest.raises(InvalidInput, match=r"no heads .* supports: neurons"):
+        check_job(spec.model_copy(update={"structure": "heads"}), arch="mlp", arch_kwargs=kwargs, **common)
+    heads = spec.model_copy(update={"structure": "heads"})
+    with pytest.raises(InvalidInput, match="pruned_heads"):
+        check_job(heads, arch=None, arch_kwargs=None, model_format="huggingface", **common)
