@@ -255,6 +255,11 @@ def test_structured_spec_and_model_checks():
         check_structure(build_model("mlp"), spec)
     assert e.value.errors[0]["loc"] == ["spec", "structure"]
     assert len(check_structure(build_model("resnet20"), spec)) == 9
+    only = spec.model_copy(update={"layers": spec.layers.model_copy(update={"include": ["blocks.0.*", "blocks.8.*"]})})
+    assert [f.name for f in check_structure(build_model("resnet20"), only)] == ["blocks.0", "blocks.8"]
+    none = spec.model_copy(update={"layers": spec.layers.model_copy(update={"exclude": ["blocks.*"]})})
+    with pytest.raises(InvalidInput, match="select 0 of the model's 9 channels families"):
+        check_structure(build_model("resnet20"), none)
 
 
 def test_structured_hf_job_exports_a_config_that_from_pretrained_loads(tmp_path):

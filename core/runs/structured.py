@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from core.engine.layout import select_parameters
 from core.engine.methods import method_info
 from core.engine.structured.groups import KINDS, Family, find_families
 from core.engine.structured.prune import prune_structured
@@ -72,7 +73,18 @@ def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
             + (" (heads: transformers 5 cannot load fewer heads from a config)" if spec.structure == "heads" else ""),
             errors=[{"loc": ["spec", "structure"], "msg": f"supported: {able}", "type": "value_error"}],
         )
-    return families
+    selected = set(select_parameters(model, spec.layers.include, spec.layers.exclude))
+    chosen = [f for f in families if f.slices[0].name in selected]  # by the producer's weight
+    if not chosen or (_is_hf(model) and len(chosen) != len(families)):
+        raise InvalidInput(
+            f"layers.include/exclude select {len(chosen)} of the model's {len(families)} {spec.structure} families "
+            f"(by their producing layer's weight: {', '.join(f.slices[0].name for f in families[:4])}, …)"
+            + ("; a Hugging Face config holds one width, so every layer's are pruned" if _is_hf(model) else ""),
+            errors=[
+                {"loc": ["spec", "layers"], "msg": "selects no family (or, for HF, not all)", "type": "value_error"}
+            ],
+        )
+    return chosen
 
 
 def arch_kwargs(model: nn.Module) -> dict | None:
