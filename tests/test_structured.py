@@ -256,7 +256,7 @@ def test_structured_spec_and_model_checks():
     assert e.value.errors[0]["loc"] == ["spec", "structure"]
     assert len(check_structure(build_model("resnet20"), spec)) == 9
     only = spec.model_copy(update={"layers": spec.layers.model_copy(update={"include": ["blocks.0.*", "blocks.8.*"]})})
-    assert [f.name for f in check_structure(build_model("resnet20"), only)] == ["blocks.0", "blocks.8"]
+    assert [f.name for f in check_structure(build_model("resnet20"), only)] == ["blocks.0.conv1", "blocks.8.conv1"]
     none = spec.model_copy(update={"layers": spec.layers.model_copy(update={"exclude": ["blocks.*"]})})
     with pytest.raises(InvalidInput, match="select 0 of the model's 9 channels families"):
         check_structure(build_model("resnet20"), none)
@@ -306,3 +306,35 @@ def test_preflight_refuses_a_structure_the_model_lacks_before_queueing():
     heads = spec.model_copy(update={"structure": "heads"})
     with pytest.raises(InvalidInput, match="pruned_heads"):
         check_job(heads, arch=None, arch_kwargs=None, model_format="huggingface", **common)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "kind", "shape"),
+    [
+        ("lenet5", {"input_size": 8}, "channels", (2, 1, 8, 8)),
+        ("lenet5", {"input_size": 8}, "neurons", (2, 1, 8, 8)),
+        ("resnet18", {"num_classes": 10, "small_input": True}, "channels", (2, 3, 16, 16)),
+        ("bottleneck", {"num_classes": 10, "small_input": True}, "channels", (1, 3, 8, 8)),
+    ],
+)
+def test_every_zoo_shrink_rebuilds_from_its_arch_kwargs(arch, kwargs, kind, shape):
+    """Bottleneck: resnet50's blocks (two inner widths each) in a one-block-per-stage ResNet, to keep the test small."""
+    from core.io.zoo.resnet import Bottleneck, ResNet
+    from core.runs.structured import arch_kwargs
+
+    def build(**kw):
+        return ResNet(Bottleneck, [1, 1, 1, 1], **kw) if arch == "bottleneck" else build_model(arch, **kw)
+
+    torch.manual_seed(0)
+    model = build(**kwargs).eval()
+    dense = sum(p.numel() for p in model.parameters())
+    prune_structured(model, find_families(model, kind), 0.5, None, saliency="l2")
+    new = arch_kwargs(model)
+    if arch == "bottleneck":
+        assert len(new["inner"]) == 8  # two inner widths per bottleneck
+    rebuilt = build(**kwargs, **new).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    assert sum(p.numel() for p in rebuilt.parameters()) < dense

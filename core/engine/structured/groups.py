@@ -14,7 +14,8 @@ Found by :func:`find_families`, per kind:
   ``intermediate.dense`` rows and ``output.dense`` columns);
 * ``channels``: inside an ``nn.Sequential``, a Conv2d → (BatchNorm2d) → element-wise/pooling → Conv2d (or
   → Flatten → Linear, a channel then owning its spatial positions' columns); and a residual block's inner
-  channels (``conv1`` rows → ``bn1`` → ``conv2`` columns, as in ResNet basic blocks). Channels that write to the
+  channels (``conv1`` rows → ``bn1`` → ``conv2`` columns, as in ResNet basic blocks; and ``conv2`` → ``bn2`` →
+  ``conv3`` in a bottleneck). Channels that write to the
   residual stream (a stage's width, shared by every block of the stage and its shortcut) are not a family: they
   stay, so every residual sum keeps equal widths;
 * ``heads``: BERT-style self-attention: a head's d_head rows of query, key and value (weights and biases) and its
@@ -104,14 +105,20 @@ def _sequential(prefix: str, seq: nn.Sequential, kind: str) -> list[Family]:
 
 
 def _residual_block(prefix: str, block: nn.Module) -> list[Family]:
-    conv1, bn1, conv2 = (getattr(block, n, None) for n in ("conv1", "bn1", "conv2"))
-    if not (isinstance(conv1, nn.Conv2d) and isinstance(bn1, nn.BatchNorm2d) and isinstance(conv2, nn.Conv2d)):
-        return []
-    if conv1.groups != 1 or conv2.groups != 1:
-        return []
-    slices = _tensors(_join(prefix, "conv1"), conv1) + _tensors(_join(prefix, "bn1"), bn1)
-    consumer = _join(prefix, "conv2")
-    return [Family(prefix, "channels", conv1.out_channels, (*slices, Slice(consumer + ".weight", 1)), consumer)]
+    """``conv{k}`` → ``bn{k}`` → ``conv{k+1}`` inside a block (k = 1; and 2 in a bottleneck, whose conv3 writes to
+    the residual stream): the block's inner channels."""
+    out = []
+    for k in (1, 2):
+        conv, bn, nxt = (getattr(block, n, None) for n in (f"conv{k}", f"bn{k}", f"conv{k + 1}"))
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(nxt, nn.Conv2d)):
+            break
+        if conv.groups != 1 or nxt.groups != 1:
+            break
+        slices = _tensors(_join(prefix, f"conv{k}"), conv) + _tensors(_join(prefix, f"bn{k}"), bn)
+        consumer = _join(prefix, f"conv{k + 1}")
+        name = _join(prefix, f"conv{k}")
+        out.append(Family(name, "channels", conv.out_channels, (*slices, Slice(consumer + ".weight", 1)), consumer))
+    return out
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module | None:
