@@ -23,7 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
-from core.engine.methods import Method, method_info
+from core.engine.methods import METHODS, Method, MethodInfo, method_info
 from core.engine.obs import Scope
 from core.engine.patterns import Pattern
 from core.runs.text_spec import TextSpec
@@ -323,10 +323,8 @@ class PruneSpec(_Strict):
             raise ValueError("metric 'accuracy' needs loss 'cross_entropy'")
         return self
 
-    def _check_structured(self, info) -> None:
+    def _check_structured(self, info: MethodInfo) -> None:
         if info.group_saliency is None:
-            from core.engine.methods import METHODS
-
             able = ", ".join(i.name.value for i in METHODS.values() if i.group_saliency)
             raise ValueError(f"structure {self.structure!r} is pruned by method {able}, not {self.method.value}")
         if self.mode != "one_shot":
