@@ -127,6 +127,48 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _finetune(model, x, y, spec: PruneSpec, hooks, timer, point, metric, val) -> None:
+    """``finetune.epochs`` of plain training of the smaller model (no masks: every weight left is kept)."""
+    ft = spec.finetune
+    if not ft.epochs:
+        return
+    optimizer = make_optimizer(model, ft)
+    for epoch in range(ft.epochs):
+        if hooks.cancelled():
+            raise Canceled("the run was canceled")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(ft, epoch)
+        torch.manual_seed(spec.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
+        with timer("finetune"):
+            train_epoch(model, x, y, optimizer, loss=spec.loss, batch_size=ft.batch_size, masks={}, generator=generator)
+        where = f"fine-tuning epoch {epoch + 1}/{ft.epochs}"
+        check_weights(model, where, TRAIN_HINT)
+        m = metric(*val)
+        check_metrics(m, where, TRAIN_HINT)
+        point(epoch, m)
+        hooks.progress(0.5 + 0.5 * (epoch + 1) / ft.epochs, f"fine-tuning epoch {epoch + 1}/{ft.epochs}")
+
+
+def _export(
+    model: nn.Module, out_dir: Path, artifacts: dict[str, str], example: Tensor, hf_config: dict | None
+) -> tuple[dict[str, Path], str | None]:
+    """``pruned.safetensors`` (under the upload's names) and ``hf_model.zip`` or ``model.onnx``; (the artifacts
+    written besides the report and the curve, why ONNX failed or None)."""
+    out = {k: out_dir / artifacts[k] for k in ("pruned", "report", "curve_csv", "curve_png")}
+    names = getattr(model, "source_names", None) or {}
+    save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
+    if _is_hf(model):
+        return out | model.export_artifacts(out_dir, {}, config_updates=hf_config), None
+    try:
+        from core.io.onnx.export import export_onnx
+
+        export_onnx(model, example, out_dir / artifacts["onnx"])
+    except Exception as e:  # noqa: BLE001 (the weights are still good; say why in the report)
+        return out, str(e)
+    return out | {"onnx": out_dir / artifacts["onnx"]}, None
+
+
 def execute_structured(
     spec: PruneSpec,
     model: nn.Module,
@@ -141,7 +183,6 @@ def execute_structured(
 ) -> tuple[dict[str, Path], dict]:
     """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
     ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``."""
-    ARTIFACTS = artifacts
     timer, peak = phases or PhaseTimer(), PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -199,32 +240,7 @@ def execute_structured(
     check_metrics(pruned, where, _HINT)
     point(1, 0, "prune", pruned)
     hooks.event("pruned", {"step": 1, "sparsity": removed_fraction()})
-    ft = spec.finetune
-    if ft.epochs:
-        optimizer = make_optimizer(model, ft)
-        for epoch in range(ft.epochs):
-            if hooks.cancelled():
-                raise Canceled("the run was canceled")
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(ft, epoch)
-            torch.manual_seed(spec.seed * 1000 + epoch)
-            with timer("finetune"):
-                train_epoch(
-                    model,
-                    x,
-                    y,
-                    optimizer,
-                    loss=spec.loss,
-                    batch_size=ft.batch_size,
-                    masks={},
-                    generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch),
-                )
-            where = f"fine-tuning epoch {epoch + 1}/{ft.epochs}"
-            check_weights(model, where, TRAIN_HINT)
-            m = metric(xv, yv)
-            check_metrics(m, where, TRAIN_HINT)
-            point(2 + epoch, epoch, "epoch", m)
-            hooks.progress(0.5 + 0.5 * (epoch + 1) / ft.epochs, f"fine-tuning epoch {epoch + 1}/{ft.epochs}")
+    _finetune(model, x, y, spec, hooks, timer, lambda epoch, m: point(2 + epoch, epoch, "epoch", m), metric, (xv, yv))
     after = {"validation": metric(xv, yv), "train": metric(x, y)}
     model = model.to("cpu", torch.float32).eval()
     example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
@@ -240,22 +256,8 @@ def execute_structured(
         "arch_kwargs": arch_kwargs(model),
         "hf_config": shrunk_config(families, model),
     }
-    out_dir = Path(out_dir)
-    out = {k: out_dir / ARTIFACTS[k] for k in ("pruned", "report", "curve_csv", "curve_png")}
-    onnx_error = None
     with timer("export"):
-        names = getattr(model, "source_names", None) or {}
-        save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
-        if _is_hf(model):
-            out |= model.export_artifacts(out_dir, {}, config_updates=structure["hf_config"])
-        else:
-            try:
-                from core.io.onnx.export import export_onnx
-
-                export_onnx(model, example, out_dir / ARTIFACTS["onnx"])
-                out["onnx"] = out_dir / ARTIFACTS["onnx"]
-            except Exception as e:  # noqa: BLE001 (the weights are still good; say why in the report)
-                onnx_error = str(e)
+        out, onnx_error = _export(model, Path(out_dir), artifacts, example, structure["hf_config"])
     total = _count(model)
     report = {
         "version": 1,
