@@ -94,6 +94,7 @@ def preflight(spec: PruneSpec, server_budget_mb: float | None) -> Callable[[Mode
                 num_classes=dataset.num_classes,
                 has_val=dataset.has_val,
                 server_budget_mb=server_budget_mb,
+                model_format=model.format,
             )
         except (InvalidInput, DoesNotFit) as exc:
             raise type(exc)(exc.detail, errors=[{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None

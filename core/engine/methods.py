@@ -97,6 +97,10 @@ class MethodInfo:
     #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
     #: the methods that have one; the memory plan chooses the path
     streamed: tuple[MemoryFormula, PeakFormula] | None = None
+    #: structured pruning (whole neurons, channels, heads; core.engine.structured): how groups are scored, "obs"
+    #: (OBS group saliency on the layer-wise input Hessian, with the joint update) or "l2" (group norm, no update);
+    #: None: the method has no structured form
+    group_saliency: str | None = None
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
         """Raise ValueError for a scope (None: the default) or an update this method does not support."""
@@ -266,7 +270,9 @@ def _layerwise_peak(layout: BlockLayout, z: Sizing, rows_inverse: bool = False) 
     return hessians + 4 * d * d * 8 + 3 * numel * 8 + rows
 
 
-def _layerwise(name: Method, solver: Callable, rows_inverse: bool = False) -> MethodInfo:
+def _layerwise(
+    name: Method, solver: Callable, rows_inverse: bool = False, group_saliency: str | None = None
+) -> MethodInfo:
     return MethodInfo(
         name,
         _identity,
@@ -278,6 +284,7 @@ def _layerwise(name: Method, solver: Callable, rows_inverse: bool = False) -> Me
         scopes=frozenset({Scope.LAYER}),
         supports_joint=False,
         layerwise=solver,
+        group_saliency=group_saliency,
     )
 
 
@@ -312,6 +319,7 @@ METHODS: dict[Method, MethodInfo] = {
             **_NO_DATA,
             default_scope=Scope.LAYER,
             scopes=frozenset({Scope.LAYER}),
+            group_saliency="l2",
         ),
         MethodInfo(Method.GLOBAL_MAGNITUDE, _identity, _no_memory, _magnitude_peak, **_NO_DATA),
         MethodInfo(
@@ -337,8 +345,8 @@ METHODS: dict[Method, MethodInfo] = {
             _hessian_peak,
             max_weights=MAX_WEIGHTS,
         ),
-        _layerwise(Method.SPARSEGPT, sparsegpt),
-        _layerwise(Method.OBC, obc, rows_inverse=True),
+        _layerwise(Method.SPARSEGPT, sparsegpt, group_saliency="obs"),
+        _layerwise(Method.OBC, obc, rows_inverse=True, group_saliency="obs"),
         _layerwise(Method.WANDA, wanda),
     )
 }

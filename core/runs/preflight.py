@@ -33,6 +33,7 @@ from core.runs.budget import memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
+from core.runs.structured import check_structure, hf_heads_error
 
 __all__ = ["check_job"]
 
@@ -103,6 +104,7 @@ def check_job(
     num_classes: int | None,
     has_val: bool,
     server_budget_mb: float | None = None,
+    model_format: str | None = None,
 ) -> MemoryPlan | None:
     """Every problem found (not just the first) in one :class:`InvalidInput`, then the memory plan
     (:class:`core.errors.DoesNotFit`); returns that plan (``None`` without a zoo architecture, or for a method
@@ -121,10 +123,19 @@ def check_job(
             _check_fit(model, spec, input_shape, num_classes)
         except InvalidInput as e:
             problems.append(e)
+    if model_format == "huggingface" and spec.structure == "heads":
+        problems.append(hf_heads_error())
+    if model is not None and spec.structure != "unstructured":
+        try:
+            check_structure(model, spec)
+        except InvalidInput as e:
+            problems.append(e)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
+    if spec.structure != "unstructured":
+        return None  # no Fisher estimate: the layer-wise Hessians of one family at a time
     return _check_plan(model, spec, server_budget_mb) if model is not None else None
 
 

@@ -44,6 +44,7 @@ from core.runs.phases import PeakMemory, PhaseTimer
 from core.runs.report import count_macs, curve_csv, curve_png, lambda_sweep_png, plot_title, quadratic_png
 from core.runs.schedule import pruning_events
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
+from core.runs.structured import execute_structured
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -625,7 +626,14 @@ def execute(
 ) -> RunResult:
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
     ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies); ``model_name``
-    titles the plots; ``phases`` a timer holding the caller's phases so far (loading the inputs)."""
+    titles the plots; ``phases`` a timer holding the caller's phases so far (loading the inputs). A ``structure``
+    other than 'unstructured' runs :func:`core.runs.structured.execute_structured` (no checkpoints)."""
+    if spec.structure != "unstructured":
+        device, hooks = resolve_device(spec.device), hooks or RunHooks()
+        out, report = execute_structured(
+            spec, model, data, out_dir, hooks, device, ARTIFACTS, model_name=model_name, phases=phases
+        )
+        return RunResult(out, report)
     run = Run(
         spec,
         model,

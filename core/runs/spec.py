@@ -23,7 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from core.engine.curvature.base import FisherConfig
 from core.engine.grads import Loss
-from core.engine.methods import Method, method_info
+from core.engine.methods import METHODS, Method, MethodInfo, method_info
 from core.engine.obs import Scope
 from core.engine.patterns import Pattern
 from core.runs.text_spec import TextSpec
@@ -215,10 +215,26 @@ class LayerwiseSpec(_Strict):
     batch_size: int = Field(16, ge=1, le=65536, description="calibration examples per forward pass (memory bound)")
 
 
+#: what a prune removes: single weights, or whole units (core.engine.structured)
+Structure = Literal["unstructured", "neurons", "channels", "heads"]
+
+
 class PruneSpec(_Strict):
     version: Literal[1] = 1
     method: Method = Method.WOODFISHER
-    sparsity: float = finite_float(gt=0.0, lt=1.0, description="target fraction of pruned weights")
+    sparsity: float = finite_float(
+        gt=0.0,
+        lt=1.0,
+        description="target fraction of pruned weights; with a structure other than 'unstructured', the fraction of "
+        "each layer's units (neurons, channels, heads) removed",
+    )
+    structure: Structure = Field(
+        "unstructured",
+        description="'unstructured' (single weights, masked) or whole units removed and the model physically "
+        "shrunk: 'neurons' (MLP hidden units, transformer FFN units), 'channels' (conv channels, ResNet blocks' inner "
+        "channels), 'heads' (attention heads); methods obc and sparsegpt score units by OBS group saliency on the "
+        "layer-wise Hessian with the joint update, magnitude by their L2 norm",
+    )
     mode: Literal["one_shot", "gradual"] = "one_shot"
     scope: Scope | None = Field(None, description="global or per-layer threshold; default by method")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
@@ -301,9 +317,20 @@ class PruneSpec(_Strict):
         if missing := {k: v for k, v in defaults.items() if getattr(self.fisher, k) is None}:
             self.fisher = self.fisher.model_copy(update=missing)
         info.check(self.scope, self.fisher.update is Update.JOINT)
+        if self.structure != "unstructured":
+            self._check_structured(info)
         if self.loss is Loss.MSE and self.metric == "accuracy":
             raise ValueError("metric 'accuracy' needs loss 'cross_entropy'")
         return self
+
+    def _check_structured(self, info: MethodInfo) -> None:
+        if info.group_saliency is None:
+            able = ", ".join(i.name.value for i in METHODS.values() if i.group_saliency)
+            raise ValueError(f"structure {self.structure!r} is pruned by method {able}, not {self.method.value}")
+        if self.mode != "one_shot":
+            raise ValueError("a structured prune is one-shot (mode 'one_shot'; finetune.epochs fine-tune the result)")
+        if self.pattern != "unstructured":
+            raise ValueError(f"pattern {self.pattern} is for unstructured pruning; a structure removes whole units")
 
     @property
     def block_size(self) -> int | None:

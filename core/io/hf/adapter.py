@@ -109,9 +109,12 @@ class HFAdapter(nn.Module):
         count = (labels != -100).sum(1).clamp_min(1).to(nll.dtype)
         return (nll / count).clamp_min(_NLL_FLOOR).sqrt()[:, None]
 
-    def export_artifacts(self, out_dir, masks: dict[str, Tensor]) -> dict:
-        """``hf_model.zip`` (:mod:`core.io.hf.export`), called by the run once the masks are applied."""
-        path = write_hf_zip(Path(out_dir) / "hf_model.zip", self.source, self.state_dict(), masks)
+    def export_artifacts(self, out_dir, masks: dict[str, Tensor], config_updates: dict | None = None) -> dict:
+        """``hf_model.zip`` (:mod:`core.io.hf.export`), called by the run once the masks are applied;
+        ``config_updates``: a structurally shrunk model's new config fields (then no sparsity config)."""
+        path = write_hf_zip(
+            Path(out_dir) / "hf_model.zip", self.source, self.state_dict(), masks, config_updates=config_updates
+        )
         return {"hf_model": path}
 
     # metrics beyond the loss, read by core.runs.train.evaluate

@@ -44,24 +44,34 @@ def sparsity_config(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) ->
     }
 
 
-def _config_bytes(raw: bytes, sparsity: dict) -> bytes:
+def _config_bytes(raw: bytes, sparsity: dict, updates: Mapping | None = None) -> bytes:
     config = json.loads(raw.decode("utf-8"))
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "dense",
-        "sparsity_config": sparsity,
-    }
+    if updates is not None:  # a structurally shrunk model: dense, its new sizes in the config
+        config.update(updates)
+    else:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "dense",
+            "sparsity_config": sparsity,
+        }
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_hf_zip(
-    path: str | os.PathLike, source: HFSource, state: Mapping[str, Tensor], masks: Mapping[str, Tensor]
+    path: str | os.PathLike,
+    source: HFSource,
+    state: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    *,
+    config_updates: Mapping | None = None,
 ) -> Path:
-    """Write ``hf_model.zip`` at ``path`` from the upload's ``source`` and the pruned ``state`` (the model's names)."""
+    """Write ``hf_model.zip`` at ``path`` from the upload's ``source`` and the pruned ``state`` (the model's names);
+    ``config_updates``: new config fields of a structurally shrunk model (then ``config.json`` gets them instead of
+    a sparsity config)."""
     sparsity = sparsity_config(state, masks)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for rel, data in sorted(source.files.items()):
-            zf.writestr(rel, _config_bytes(data, sparsity) if rel == "config.json" else data)
+            zf.writestr(rel, _config_bytes(data, sparsity, config_updates) if rel == "config.json" else data)
         for shard, names in source.shards.items():
             tensors = {}
             for n in names:

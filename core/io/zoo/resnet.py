@@ -2,10 +2,14 @@
 
 Projection (option B) shortcuts; ResNet-50 strides in its 3×3 conv ("v1.5"). ``small_input``
 swaps the 7×7/2 stem + max-pool for a 3×3/1 stem without pooling, the usual adaptation to
-32×32 inputs, which would otherwise be reduced to 1×1 before the last stage.
+32×32 inputs, which would otherwise be reduced to 1×1 before the last stage. ``inner`` lists the blocks' inner widths
+in order (structured channel pruning's output, :mod:`core.engine.structured`): one per basic block (``conv1``'s
+output channels), two per bottleneck (``conv1``'s and ``conv2``'s); default: the paper's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,11 +24,12 @@ def _downsample(c_in: int, c_out: int, stride: int) -> nn.Module | None:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int):
+    def __init__(self, c_in: int, planes: int, stride: int, inner: Sequence[int] = ()):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        (w1,) = inner or (planes,)
+        self.conv1 = nn.Conv2d(c_in, w1, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _downsample(c_in, planes, stride)
 
@@ -37,14 +42,15 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int):
+    def __init__(self, c_in: int, planes: int, stride: int, inner: Sequence[int] = ()):
         super().__init__()
         c_out = planes * self.expansion
-        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, c_out, 1, bias=False)
+        w1, w2 = inner or (planes, planes)
+        self.conv1 = nn.Conv2d(c_in, w1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.conv3 = nn.Conv2d(w2, c_out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
         self.downsample = _downsample(c_in, c_out, stride)
 
@@ -63,8 +69,13 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         num_classes: int = 1000,
         small_input: bool = False,
+        inner: Sequence[int] | None = None,
     ):
         super().__init__()
+        per = 2 if block is Bottleneck else 1
+        if inner is not None and (len(inner) != per * sum(layers) or any(int(c) < 1 for c in inner)):
+            raise ValueError(f"inner must list {per * sum(layers)} widths ≥ 1 ({per} per block), got {list(inner)}")
+        widths = [int(c) for c in inner] if inner is not None else []
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
@@ -77,7 +88,8 @@ class ResNet(nn.Module):
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
             for j in range(n):
-                blocks.append(block(c_in, planes, 2 if i > 0 and j == 0 else 1))
+                k = per * (sum(layers[:i]) + j)
+                blocks.append(block(c_in, planes, 2 if i > 0 and j == 0 else 1, widths[k : k + per]))
                 c_in = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -93,11 +105,15 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet18(in_channels: int = 3, num_classes: int = 1000, small_input: bool = False) -> ResNet:
+def resnet18(
+    in_channels: int = 3, num_classes: int = 1000, small_input: bool = False, inner: Sequence[int] | None = None
+) -> ResNet:
     """ResNet-18 (basic blocks, ≈11.7M parameters at 1000 classes)."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], in_channels, num_classes, small_input)
+    return ResNet(BasicBlock, [2, 2, 2, 2], in_channels, num_classes, small_input, inner)
 
 
-def resnet50(in_channels: int = 3, num_classes: int = 1000, small_input: bool = False) -> ResNet:
+def resnet50(
+    in_channels: int = 3, num_classes: int = 1000, small_input: bool = False, inner: Sequence[int] | None = None
+) -> ResNet:
     """ResNet-50 (bottleneck blocks, ≈25.6M parameters at 1000 classes)."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], in_channels, num_classes, small_input)
+    return ResNet(Bottleneck, [3, 4, 6, 3], in_channels, num_classes, small_input, inner)

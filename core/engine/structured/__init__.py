@@ -1,0 +1,2 @@
+"""Structured pruning: whole neurons, channels or heads removed, and the model physically shrunk (groups · saliency ·
+shrink · prune)."""

@@ -1,0 +1,168 @@
+"""The coupled slices of a structured group, found from the module structure (a small dependency graph).
+
+A :class:`Family` is one set of interchangeable units that are pruned together to a count: the hidden neurons of
+one Linear, the inner channels of one residual block, the FFN units or the attention heads of one transformer
+layer. Removing unit u removes the u-th slice (of equal size) along ``dim`` of every tensor in ``slices``: the
+producer's rows (weight, bias), the BatchNorm that normalises them (weight, bias, running statistics), and the
+consumer's input columns (its weight along dim 1). The consumer is the layer whose input Hessian scores the
+groups (:mod:`core.engine.structured.saliency`).
+
+Found by :func:`find_families`, per kind:
+
+* ``neurons``: inside an ``nn.Sequential``, a Linear whose outputs reach the next Linear through element-wise
+  modules only (activations, dropout) — an MLP's hidden layers; and a transformer layer's FFN units (BERT-style
+  ``intermediate.dense`` rows and ``output.dense`` columns);
+* ``channels``: inside an ``nn.Sequential``, a Conv2d → (BatchNorm2d) → element-wise/pooling → Conv2d (or
+  → Flatten → Linear, a channel then owning its spatial positions' columns); and a residual block's inner
+  channels (``conv1`` rows → ``bn1`` → ``conv2`` columns, as in ResNet basic blocks; and ``conv2`` → ``bn2`` →
+  ``conv3`` in a bottleneck). Channels that write to the
+  residual stream (a stage's width, shared by every block of the stage and its shortcut) are not a family: they
+  stay, so every residual sum keeps equal widths;
+* ``heads``: BERT-style self-attention: a head's d_head rows of query, key and value (weights and biases) and its
+  d_head columns of ``attention.output.dense``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["KINDS", "Family", "Slice", "find_families"]
+
+KINDS = ("neurons", "channels", "heads")
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Dropout, nn.Identity)
+_POOLING = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A parameter or buffer (its full name) cut along ``dim`` into one equal slice per unit."""
+
+    name: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # where it lives: the producer's module, or the block/layer that holds it
+    kind: str  # one of KINDS
+    units: int
+    slices: tuple[Slice, ...]  # every tensor a unit owns a slice of (producers, BatchNorm, the consumer's columns)
+    consumer: str  # the module whose input columns the units are; its input Hessian scores them
+
+    @property
+    def producer_slices(self) -> tuple[Slice, ...]:
+        return tuple(s for s in self.slices if not s.name.startswith(self.consumer + "."))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _tensors(prefix: str, module: nn.Module, dim: int = 0) -> list[Slice]:
+    """A module's own parameters and buffers (BatchNorm's running statistics; not its step counter) along ``dim``."""
+    names = [n for n, p in module.named_parameters(recurse=False) if p is not None and p.dim() > dim]
+    names += [n for n, b in module.named_buffers(recurse=False) if b is not None and b.dim() > dim]
+    return [Slice(_join(prefix, n), dim) for n in names]
+
+
+def _sequential(prefix: str, seq: nn.Sequential, kind: str) -> list[Family]:
+    children = list(seq.named_children())
+    out = []
+    for i, (name, mod) in enumerate(children):
+        conv = isinstance(mod, nn.Conv2d) and mod.groups == 1
+        if kind == "neurons" and not isinstance(mod, nn.Linear):
+            continue
+        if kind == "channels" and not conv:
+            continue
+        followers, flattened = [], False
+        for nxt_name, nxt in children[i + 1 :]:
+            if isinstance(nxt, nn.BatchNorm2d) and conv and not followers and not flattened:
+                followers = _tensors(_join(prefix, nxt_name), nxt)
+                continue
+            if isinstance(nxt, _ELEMENTWISE) or (conv and isinstance(nxt, _POOLING) and not flattened):
+                continue
+            if isinstance(nxt, nn.Flatten) and conv:
+                flattened = True
+                continue
+            ok = isinstance(nxt, nn.Linear) if (kind == "neurons" or flattened) else False
+            ok = ok or (conv and not flattened and isinstance(nxt, nn.Conv2d) and nxt.groups == 1)
+            if ok:
+                units = mod.out_features if kind == "neurons" else mod.out_channels
+                consumer = _join(prefix, nxt_name)
+                out.append(
+                    Family(
+                        _join(prefix, name),
+                        kind,
+                        units,
+                        tuple(_tensors(_join(prefix, name), mod) + followers + [Slice(consumer + ".weight", 1)]),
+                        consumer,
+                    )
+                )
+            break
+    return out
+
+
+def _residual_block(prefix: str, block: nn.Module) -> list[Family]:
+    """``conv{k}`` → ``bn{k}`` → ``conv{k+1}`` inside a block (k = 1; and 2 in a bottleneck, whose conv3 writes to
+    the residual stream): the block's inner channels."""
+    out = []
+    for k in (1, 2):
+        conv, bn, nxt = (getattr(block, n, None) for n in (f"conv{k}", f"bn{k}", f"conv{k + 1}"))
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(nxt, nn.Conv2d)):
+            break
+        if conv.groups != 1 or nxt.groups != 1:
+            break
+        slices = _tensors(_join(prefix, f"conv{k}"), conv) + _tensors(_join(prefix, f"bn{k}"), bn)
+        consumer = _join(prefix, f"conv{k + 1}")
+        name = _join(prefix, f"conv{k}")
+        out.append(Family(name, "channels", conv.out_channels, (*slices, Slice(consumer + ".weight", 1)), consumer))
+    return out
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _transformer_layer(prefix: str, layer: nn.Module, kind: str) -> list[Family]:
+    if kind == "neurons":
+        up, down = _submodule(layer, "intermediate.dense"), _submodule(layer, "output.dense")
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+            consumer = _join(prefix, "output.dense")
+            slices = (*_tensors(_join(prefix, "intermediate.dense"), up), Slice(consumer + ".weight", 1))
+            return [Family(prefix, "neurons", up.out_features, slices, consumer)]
+        return []
+    attn = _submodule(layer, "attention.self")
+    out = _submodule(layer, "attention.output.dense")
+    heads = getattr(attn, "num_attention_heads", None)
+    qkv = [_submodule(attn, n) if attn is not None else None for n in ("query", "key", "value")]
+    if not (isinstance(heads, int) and isinstance(out, nn.Linear) and all(isinstance(m, nn.Linear) for m in qkv)):
+        return []
+    slices = [
+        s
+        for n, m in zip(("query", "key", "value"), qkv, strict=True)
+        for s in _tensors(f"{prefix}.attention.self.{n}", m)
+    ]
+    consumer = _join(prefix, "attention.output.dense")
+    return [Family(prefix, "heads", heads, (*slices, Slice(consumer + ".weight", 1)), consumer)]
+
+
+def find_families(model: nn.Module, kind: str) -> list[Family]:
+    """Every family of ``kind`` (one of :data:`KINDS`) in ``model``, in module order (the forward order of the zoo
+    and BERT-style models)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(KINDS)}")
+    out: list[Family] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Sequential) and kind in ("neurons", "channels"):
+            out += _sequential(prefix, module, kind)
+        elif kind == "channels":
+            out += _residual_block(prefix, module)
+        if kind in ("neurons", "heads") and _submodule(module, "attention.self") is not None:
+            out += _transformer_layer(prefix, module, kind)
+    return out

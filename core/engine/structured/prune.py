@@ -1,0 +1,126 @@
+"""The structured prune: each family in turn calibrated, scored, updated and physically shrunk.
+
+Families go in module order; each one's consumer input Hessian is taken on the calibration inputs passed through the
+model *as already shrunk* (so later layers see the pruned outputs, as in sequential layer-wise calibration). Every
+family loses the same fraction of its units (rounded, at least one unit kept): a uniform width per kind, which a
+Hugging Face config (one ``intermediate_size``) requires. ``saliency``: ``"obs"`` (OBS group saliency with the joint
+update of the consumer's remaining columns; a consumer Linear's bias is an extra, never removed input column of
+ones, so the update can move it too) or ``"l2"`` (the groups' L2 norm over all their weights, no update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from core.engine.layerwise.hessian import Hessian, input_columns
+from core.engine.structured.groups import Family
+from core.engine.structured.saliency import column_groups, l2_groups, obs_groups
+from core.engine.structured.shrink import shrink
+
+__all__ = ["SALIENCIES", "FamilyResult", "prune_structured", "units_to_remove"]
+
+SALIENCIES = ("obs", "l2")
+
+
+@dataclass
+class FamilyResult:
+    name: str
+    kind: str
+    units: int
+    kept: int
+    removed: list[int]  # unit indices, in the order chosen
+    loss: float | None  # OBS: the summed saliency of the removals (½·ΔW H ΔWᵀ of the consumer); l2: None
+
+
+def units_to_remove(units: int, fraction: float) -> int:
+    """round(fraction × units), keeping at least one unit."""
+    return min(units - 1, max(0, round(fraction * units)))
+
+
+def _hessian(model: nn.Module, consumer: nn.Module, x: Tensor, batch: int, bias: bool) -> Tensor:
+    acc: Hessian | None = None
+
+    def hook(_mod, args):
+        nonlocal acc
+        (rows,) = input_columns(consumer, args[0].detach())
+        rows = rows.to(torch.float64)
+        if bias:
+            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
+        if acc is None:
+            acc = Hessian(rows.shape[1], torch.float64, rows.device)
+        acc.add(rows)
+
+    handle = consumer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model(x[i : i + batch])
+    finally:
+        handle.remove()
+    if acc is None:
+        raise ValueError(f"the calibration pass never reached {type(consumer).__name__} layer")
+    return acc.h
+
+
+def _l2_norms(model: nn.Module, family: Family) -> Tensor:
+    params = dict(model.named_parameters())
+    total = torch.zeros(family.units, dtype=torch.float64)
+    for s in family.slices:
+        if s.name in params:
+            t = params[s.name].detach().to(torch.float64).movedim(s.dim, 0)
+            total += t.reshape(family.units, -1).pow(2).sum(1).cpu()
+    return total
+
+
+def prune_structured(
+    model: nn.Module,
+    families: list[Family],
+    fraction: float,
+    calibration: Tensor | None,
+    *,
+    saliency: str = "obs",
+    damp: float = 0.01,
+    batch: int = 16,
+    progress: Callable[[float], None] | None = None,
+) -> list[FamilyResult]:
+    """Remove ``fraction`` of the units of every family of ``model`` (in place, physically); ``calibration`` inputs
+    (whatever the model takes) are needed for ``"obs"``."""
+    if saliency not in SALIENCIES:
+        raise ValueError(f"unknown saliency {saliency!r}; expected one of {', '.join(SALIENCIES)}")
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, fam in enumerate(families):
+            remove = units_to_remove(fam.units, fraction)
+            loss = None
+            if saliency == "l2":
+                removed = l2_groups(_l2_norms(model, fam), remove)
+            else:
+                consumer = model.get_submodule(fam.consumer)
+                bias = isinstance(consumer, nn.Linear) and consumer.bias is not None
+                h = _hessian(model, consumer, calibration, batch, bias)
+                w = consumer.weight.detach().flatten(1)
+                if bias:
+                    w = torch.cat([w, consumer.bias.detach()[:, None]], 1)
+                groups = column_groups(fam.units, w.shape[1], skip_last=int(bias))
+                new, removed, losses = obs_groups(w, h, groups, remove, damp=damp)
+                loss = sum(losses)
+                with torch.no_grad():
+                    new = new.to(consumer.weight.dtype)
+                    if bias:
+                        consumer.bias.copy_(new[:, -1])
+                        new = new[:, :-1]
+                    consumer.weight.copy_(new.reshape(consumer.weight.shape))
+            keep = torch.tensor(sorted(set(range(fam.units)) - set(removed)), dtype=torch.long)
+            shrink(model, fam, keep)
+            results.append(FamilyResult(fam.name, fam.kind, fam.units, len(keep), removed, loss))
+            if progress:
+                progress((i + 1) / len(families))
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,292 @@
+"""A structured run: whole units removed and the model physically shrunk (:mod:`core.engine.structured`).
+
+``spec.structure`` names the units (``neurons``, ``channels``, ``heads``) and ``spec.sparsity`` the fraction of each
+family's units removed (the same in every family). The method's ``group_saliency`` (:mod:`core.engine.methods`)
+scores them: OBS group saliency on the layer-wise input Hessian of ``fisher.samples`` calibration examples (with
+``layerwise.damp`` and ``layerwise.batch_size``) with the joint update of the remaining weights, or the L2 norm.
+Then ``finetune.epochs`` of plain (unmasked) training of the smaller model. The outputs load with no masks and no
+custom code:
+
+* ``pruned.safetensors``: the smaller model's state dict (new shapes, the model's own names);
+* zoo models: the constructor arguments that build it (``report.structure.arch_kwargs``, merged over the upload's:
+  ``hidden`` for ``mlp``, ``inner`` for the ResNets, ``channels`` and ``fc`` for ``lenet5``), and ``model.onnx``;
+* Hugging Face models: ``hf_model.zip`` with ``config.json``'s ``intermediate_size`` updated
+  (``from_pretrained`` as is). Heads are refused there: transformers 5 sizes a head as ``hidden_size /
+  num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in a config.
+
+A structured run keeps no checkpoint: a retried attempt starts again from the upload (the prune is one shot and its
+model changes shape).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from core.engine.layout import select_parameters
+from core.engine.methods import method_info
+from core.engine.structured.groups import KINDS, Family, find_families
+from core.engine.structured.prune import prune_structured
+from core.errors import Canceled, InvalidInput
+from core.io.data import Dataset
+from core.io.files import atomic_write
+from core.io.model_files import save_state_dict
+from core.io.zoo.lenet import LeNet5
+from core.io.zoo.mlp import MLP
+from core.io.zoo.resnet import Bottleneck, ResNet
+from core.io.zoo.resnet_cifar import CifarResNet
+from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe
+from core.runs.phases import PeakMemory, PhaseTimer
+from core.runs.report import count_macs, curve_csv, curve_png, plot_title
+from core.runs.spec import PruneSpec
+from core.runs.train import evaluate, learning_rate, make_optimizer, train_epoch
+
+__all__ = ["check_structure", "execute_structured", "shrunk_config"]
+
+_HINT = "lower the sparsity or raise layerwise.damp"
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return callable(getattr(model, "export_artifacts", None))
+
+
+def hf_heads_error() -> InvalidInput:
+    return InvalidInput(
+        "structure 'heads' cannot be exported for a Hugging Face model: transformers 5 sizes a head as hidden_size / "
+        "num_attention_heads and no longer reads pruned_heads, so a model with fewer heads would not load from its "
+        "config; use structure 'neurons' (FFN units)",
+        errors=[{"loc": ["spec", "structure"], "msg": "heads: not for Hugging Face models", "type": "value_error"}],
+    )
+
+
+def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
+    """The families ``spec.structure`` prunes in ``model``; :class:`InvalidInput` (422) naming what it supports."""
+    if spec.structure == "heads" and _is_hf(model):
+        raise hf_heads_error()
+    families = find_families(model, spec.structure)
+    if not families:
+        able = [k for k in KINDS if find_families(model, k)]
+        raise InvalidInput(
+            f"the model has no {spec.structure} to prune structurally; it supports: "
+            + (", ".join(able) if able else "none (only 'unstructured')")
+            + (" (heads: transformers 5 cannot load fewer heads from a config)" if spec.structure == "heads" else ""),
+            errors=[{"loc": ["spec", "structure"], "msg": f"supported: {able}", "type": "value_error"}],
+        )
+    selected = set(select_parameters(model, spec.layers.include, spec.layers.exclude))
+    chosen = [f for f in families if f.slices[0].name in selected]  # by the producer's weight
+    if not chosen or (_is_hf(model) and len(chosen) != len(families)):
+        raise InvalidInput(
+            f"layers.include/exclude select {len(chosen)} of the model's {len(families)} {spec.structure} families "
+            f"(by their producing layer's weight: {', '.join(f.slices[0].name for f in families[:4])}, …)"
+            + ("; a Hugging Face config holds one width, so every layer's are pruned" if _is_hf(model) else ""),
+            errors=[
+                {"loc": ["spec", "layers"], "msg": "selects no family (or, for HF, not all)", "type": "value_error"}
+            ],
+        )
+    return chosen
+
+
+def arch_kwargs(model: nn.Module) -> dict | None:
+    """The zoo constructor arguments that changed: what to merge over the upload's ``arch_kwargs``."""
+    if isinstance(model, MLP):
+        linears = [m for m in model.layers if isinstance(m, nn.Linear)]
+        return {"hidden": [m.out_features for m in linears[:-1]]}
+    if isinstance(model, CifarResNet):
+        return {"inner": [b.conv1.out_channels for b in model.blocks]}
+    if isinstance(model, ResNet):
+        blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+        convs = ("conv1", "conv2") if isinstance(blocks[0], Bottleneck) else ("conv1",)
+        return {"inner": [getattr(b, c).out_channels for b in blocks for c in convs]}
+    if isinstance(model, LeNet5):
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+        linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+        return {"channels": [c.out_channels for c in convs], "fc": [m.out_features for m in linears[:-1]]}
+    return None
+
+
+def shrunk_config(families: list[Family], model: nn.Module) -> dict | None:
+    """The Hugging Face config fields of the shrunk model (uniform FFN width: ``intermediate_size``)."""
+    if not _is_hf(model):
+        return None
+    widths = {model.get_submodule(f.consumer).in_features for f in families if f.kind == "neurons"}
+    if len(widths) != 1:
+        raise InvalidInput(f"FFN widths differ across layers ({sorted(widths)}); a config holds one intermediate_size")
+    return {"intermediate_size": widths.pop()}
+
+
+def _calibration(x: Tensor, spec: PruneSpec) -> Tensor:
+    n = min(len(x), spec.fisher_samples(len(x)))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed))[:n]
+    return x[idx.to(x.device)]
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _finetune(model, x, y, spec: PruneSpec, hooks, timer, point, metric, val) -> None:
+    """``finetune.epochs`` of plain training of the smaller model (no masks: every weight left is kept)."""
+    ft = spec.finetune
+    if not ft.epochs:
+        return
+    optimizer = make_optimizer(model, ft)
+    for epoch in range(ft.epochs):
+        if hooks.cancelled():
+            raise Canceled("the run was canceled")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(ft, epoch)
+        torch.manual_seed(spec.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
+        with timer("finetune"):
+            train_epoch(model, x, y, optimizer, loss=spec.loss, batch_size=ft.batch_size, masks={}, generator=generator)
+        where = f"fine-tuning epoch {epoch + 1}/{ft.epochs}"
+        check_weights(model, where, TRAIN_HINT)
+        m = metric(*val)
+        check_metrics(m, where, TRAIN_HINT)
+        point(epoch, m)
+        hooks.progress(0.5 + 0.5 * (epoch + 1) / ft.epochs, f"fine-tuning epoch {epoch + 1}/{ft.epochs}")
+
+
+def _export(
+    model: nn.Module, out_dir: Path, artifacts: dict[str, str], example: Tensor, hf_config: dict | None
+) -> tuple[dict[str, Path], str | None]:
+    """``pruned.safetensors`` (under the upload's names) and ``hf_model.zip`` or ``model.onnx``; (the artifacts
+    written besides the report and the curve, why ONNX failed or None)."""
+    out = {k: out_dir / artifacts[k] for k in ("pruned", "report", "curve_csv", "curve_png")}
+    names = getattr(model, "source_names", None) or {}
+    save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
+    if _is_hf(model):
+        return out | model.export_artifacts(out_dir, {}, config_updates=hf_config), None
+    try:
+        from core.io.onnx.export import export_onnx
+
+        export_onnx(model, example, out_dir / artifacts["onnx"])
+    except Exception as e:  # noqa: BLE001 (the weights are still good; say why in the report)
+        return out, str(e)
+    return out | {"onnx": out_dir / artifacts["onnx"]}, None
+
+
+def execute_structured(
+    spec: PruneSpec,
+    model: nn.Module,
+    data: Dataset,
+    out_dir: Path,
+    hooks,
+    device: torch.device,
+    artifacts: dict[str, str],
+    *,
+    model_name: str | None = None,
+    phases: PhaseTimer | None = None,
+) -> tuple[dict[str, Path], dict]:
+    """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
+    ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``."""
+    timer, peak = phases or PhaseTimer(), PeakMemory()
+    peak.start()
+    started = time.perf_counter()
+    dtype = torch.float64 if spec.dtype == "float64" else torch.float32
+    model = model.to(device, dtype)
+    data = data if data.has_val else data.split(spec.val_fraction, spec.seed)
+
+    def put(t: Tensor) -> Tensor:
+        return t.to(device, dtype if t.is_floating_point() else t.dtype)
+
+    x, y, xv, yv = put(data.x_train), put(data.y_train), put(data.x_val), put(data.y_val)
+    spec = spec.resolved(len(x))
+    families = check_structure(model, spec)
+    info = method_info(spec.method)
+    curve: list[dict] = []
+
+    def metric(xs: Tensor, ys: Tensor) -> dict:
+        with timer("evaluation"):
+            return evaluate(model, xs, ys, spec.loss)
+
+    def point(step: int, epoch: int, kind: str, m: dict) -> None:
+        score = m["accuracy"] if spec.metric == "accuracy" else m["loss"]
+        p = {"step": step, "epoch": epoch, "kind": kind, "sparsity": removed_fraction(), "loss": m["loss"]}
+        p |= {"metric": score, "split": "validation", "seconds": time.perf_counter() - started}
+        curve.append(p)
+        hooks.metric(p)
+
+    dense_params = _count(model)
+
+    def removed_fraction() -> float:
+        return 1.0 - _count(model) / dense_params
+
+    before = {"validation": metric(xv, yv), "train": metric(x, y)}
+    for split, m in before.items():
+        check_metrics(m, f"before any pruning, on the {split} split", "check the model and the data")
+    example = xv[:1]
+    dense_macs = count_macs(model, example)[0]
+    point(0, 0, "dense", before["validation"])
+    hooks.event("started", {"structure": spec.structure, "families": len(families)})
+    hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
+    with timer("obs"):
+        results = prune_structured(
+            model,
+            families,
+            spec.sparsity,
+            _calibration(x, spec) if info.group_saliency == "obs" else None,
+            saliency=info.group_saliency,
+            damp=spec.layerwise.damp,
+            batch=spec.layerwise.batch_size,
+            progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
+        )
+    where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
+    check_weights(model, where, _HINT)
+    pruned = metric(xv, yv)
+    check_metrics(pruned, where, _HINT)
+    point(1, 0, "prune", pruned)
+    hooks.event("pruned", {"step": 1, "sparsity": removed_fraction()})
+    _finetune(model, x, y, spec, hooks, timer, lambda epoch, m: point(2 + epoch, epoch, "epoch", m), metric, (xv, yv))
+    after = {"validation": metric(xv, yv), "train": metric(x, y)}
+    model = model.to("cpu", torch.float32).eval()
+    example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
+    structure = {
+        "kind": spec.structure,
+        "saliency": info.group_saliency,
+        "groups_total": sum(r.units for r in results),
+        "groups_removed": sum(r.units - r.kept for r in results),
+        "layers": [
+            {"name": r.name, "units": r.units, "kept": r.kept, "removed": sorted(r.removed), "obs_loss": r.loss}
+            for r in results
+        ],
+        "arch_kwargs": arch_kwargs(model),
+        "hf_config": shrunk_config(families, model),
+    }
+    with timer("export"):
+        out, onnx_error = _export(model, Path(out_dir), artifacts, example, structure["hf_config"])
+    total = _count(model)
+    report = {
+        "version": 1,
+        "spec": spec.model_dump(mode="json", by_alias=True),
+        "method": spec.method.value,
+        "lambda": None,
+        "structure": structure,
+        "sparsity": {"target": spec.sparsity, "pruned_layers": removed_fraction(), "global": removed_fraction()},
+        "parameters": {"total": total, "nonzero": total, "dense": dense_params},
+        "macs": {"dense": dense_macs, "sparse": count_macs(model, example)[0]},
+        "metrics": {
+            "before": before,
+            "after": after,
+            "splits": {
+                "train": {"name": "train", "examples": len(x)},
+                "validation": {"name": "validation", "examples": len(xv)},
+            },
+        },
+        "curve": curve,
+        "seconds": time.perf_counter() - started,
+        "phases": timer.report(),
+        "memory": peak.report(None),
+        "device": str(device),
+        "onnx_error": onnx_error,
+    }
+    report = json_safe(report)
+    atomic_write(out["curve_csv"], curve_csv(curve).encode())
+    title = plot_title(model_name or type(model).__name__, spec.method.value, spec.sparsity, None)
+    atomic_write(out["curve_png"], curve_png(curve, spec.metric, f"{title} ({spec.structure})"))
+    atomic_write(out["report"], json_bytes(report, indent=2))
+    hooks.progress(1.0, "done")
+    return out, report
