@@ -538,8 +538,7 @@ class Run:
         with self.timer("export"):
             out, onnx_error = self._export(model, masks, example, out)
             size = self._compress(model, masks, out)
-        with self.timer("latency"):
-            speed = self._speed(model, out)
+        speed = self._speed(model, out)
         report = json_safe({**self._report(model, masks, example, after, onnx_error), "speed": speed, "size": size})
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
         self._plots(out)
@@ -605,10 +604,12 @@ class Run:
         if not self.latency.enabled:
             return None
         runtimes = self._runtimes()
-        pruned = measure(model, self.xv, self.latency, runtimes, out.get("onnx"))
-        dense = dict(self.state.dense.get("latency") or {})
-        if ORT_CPU in runtimes:
-            dense[ORT_CPU] = measure_dense_onnx(out.get("onnx"), self._dense_weights, self.xv, self.latency, runtimes)
+        with self.timer("latency"):
+            pruned = measure(model, self.xv, self.latency, runtimes, out.get("onnx"))
+            dense = dict(self.state.dense.get("latency") or {})
+            if ORT_CPU in runtimes:
+                onnx = out.get("onnx")
+                dense[ORT_CPU] = measure_dense_onnx(onnx, self._dense_weights, self.xv, self.latency, runtimes)
         shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         changed = self.state.dense.get("shapes") not in (None, shapes)
         return speed_report(self.latency, dense, pruned, self.spec.pattern, changed)
