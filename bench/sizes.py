@@ -6,7 +6,7 @@ unstructured 90 % or 2:4 over the Linear/Conv weights. Sizes are bytes on disk: 
 the job starts), ``pruned.safetensors`` (zeros stored dense) and ``compressed.safetensors`` (compressed-tensors'
 sparse-bitmask; sparse-24-bitmask for 2:4). Latency: the report's medians, dense over pruned (> 1 is faster), in
 PyTorch and, for models that export ONNX, ONNX Runtime, at batch 1 and 32.
-Usage: python bench/sizes.py [--budget 4] [--only zoo|minilm] [--name sizes]
+Usage: python bench/sizes.py [--budget 4] [--only zoo|minilm] [--threads N] [--name sizes]
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of latency measurement per job")
     ap.add_argument("--only", choices=["zoo", "minilm"], default=None)
     ap.add_argument("--name", default="sizes")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (ONNX Runtime gets the same)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     jobs = []
     if args.only in (None, "zoo"):
         jobs += [("mlp", lambda: zoo_job("mlp"), None), ("mlp", lambda: zoo_job("mlp"), "2:4")]

@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import Canceled
-from core.io.compressed import BITMASK, SPARSE_24, compress_state, decompress_state, read_compressed
+from core.io.compressed import (
+    BITMASK,
+    SPARSE_24,
+    compress_state,
+    decompress_state,
+    read_compressed,
+    write_compressed,
+)
 from core.io.onnx.export import export_onnx
 from core.runs.checkpoint import DirectoryCheckpointer
 from core.runs.run import RunHooks, execute
@@ -97,13 +104,13 @@ def test_kernel_verdicts():
 
 
 # -- the compressed formats ------------------------------------------------------------------------
-def test_bitmask_round_trip_and_format_per_the_library():
+def test_bitmask_round_trip_and_format_per_the_library(tmp_path):
     linear, conv = _sparse((16, 40), 0.9), _sparse((6, 3, 3, 3), 0.8, seed=1)
     state = {"a.weight": linear, "a.bias": torch.randn(16), "c.weight": conv, "d.weight": torch.randn(4, 4)}
     tensors, done = compress_state(state, ["a.weight", "c.weight"], BITMASK)
     assert done == ["a.weight", "c.weight"]
     assert torch.equal(tensors["a.bias"], state["a.bias"]) and torch.equal(tensors["d.weight"], state["d.weight"])
-    for prefix, t in (("a", linear), ("c", conv)):
+    for prefix, t in (("a", linear), ("c", conv.reshape(6, 27))):  # a conv kernel as its (out, in·kh·kw) matrix
         assert tensors[f"{prefix}.shape"].tolist() == list(t.shape) and tensors[f"{prefix}.shape"].dtype == torch.int64
         assert torch.equal(tensors[f"{prefix}.compressed"], t[t != 0])  # row-major non-zeros
         assert tensors[f"{prefix}.bitmask"].dtype == torch.uint8
@@ -112,7 +119,11 @@ def test_bitmask_round_trip_and_format_per_the_library():
         assert torch.equal(unpack_bitmasks(tensors[f"{prefix}.bitmask"], list(t.shape)), t != 0)
         counts = (t != 0).sum(dim=-1)
         assert torch.equal(tensors[f"{prefix}.row_offsets"], torch.cumsum(counts, 0) - counts)
-    back = decompress_state(tensors, BITMASK, done)
+    back = decompress_state(tensors, BITMASK, done, {"c.weight": [6, 3, 3, 3]})
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    written = write_compressed(tmp_path / "c.safetensors", state, ["a.weight", "c.weight"], BITMASK)
+    assert written == {"format": BITMASK, "compressed": ["a.weight", "c.weight"], "kept_dense": []}
+    back = read_compressed(tmp_path / "c.safetensors")  # the file's metadata restores the kernel's shape
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
@@ -129,6 +140,11 @@ def test_two_four_round_trip_and_format_per_the_library():
     assert torch.equal(tensors["b.compressed"].flatten(), w[keep])
     back = decompress_state(tensors, SPARSE_24, done)
     assert torch.equal(back["b.weight"], w) and torch.equal(back["e.weight"], not_24)
+    kernel4d = _two_four(8, 36, seed=3).reshape(8, 4, 3, 3)  # N:M groups run along the flattened input (in·kh·kw)
+    tensors, done = compress_state({"k.weight": kernel4d}, ["k.weight"], SPARSE_24)
+    assert done == ["k.weight"] and tensors["k.shape"].tolist() == [[8], [36]]
+    back = decompress_state(tensors, SPARSE_24, done, {"k.weight": [8, 4, 3, 3]})
+    assert torch.equal(back["k.weight"], kernel4d)
 
 
 def test_compressed_format_follows_the_pattern():

@@ -201,6 +201,7 @@ def speed_report(
         "statistic": "median of repeats, milliseconds per call",
         "budget_s": config.budget_s,
         "batch_sizes": list(config.batch_sizes),
+        "threads": torch.get_num_threads(),  # PyTorch's and ONNX Runtime's intra-op threads
         "runtimes": runtimes,
     }
 
