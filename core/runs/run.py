@@ -46,7 +46,15 @@ from core.runs.report import count_macs, curve_csv, curve_png, lambda_sweep_png,
 from core.runs.schedule import pruning_events
 from core.runs.sizes import compressed_format, dense_safetensors_bytes, size_report
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
-from core.runs.speed import ORT_CPU, LatencyConfig, measure, measure_dense_onnx, runtimes_for, speed_report
+from core.runs.speed import (
+    ORT_CPU,
+    LatencyConfig,
+    default_latency,
+    measure,
+    measure_dense_onnx,
+    runtimes_for,
+    speed_report,
+)
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -164,7 +172,7 @@ class Run:
         the spec's applies. ``model_name`` titles the plots (default: the module's class name). ``phases``: a timer
         that already holds the caller's phases (the inputs' loading). ``latency``: what the speed measurement may spend
         (``Settings.latency_budget_s``; :mod:`core.runs.speed`)."""
-        self.latency = latency or LatencyConfig()
+        self.latency = latency or default_latency()
         self._dense_weights: dict[str, Tensor] | None = None  # the pruned layers' dense weights, for the dense ONNX
         self.timer = phases or PhaseTimer()
         self.peak = PeakMemory()

@@ -35,6 +35,7 @@ from core.engine.patterns import Pattern
 __all__ = [
     "LatencyConfig",
     "batches",
+    "default_latency",
     "dense_onnx",
     "kernel",
     "measure",
@@ -61,6 +62,21 @@ class LatencyConfig:
     @property
     def enabled(self) -> bool:
         return self.budget_s > 0
+
+
+_default = LatencyConfig()
+
+
+def default_latency() -> LatencyConfig:
+    """What a run measures when its caller passes no :class:`LatencyConfig` (the CLI, benches, tests); the worker
+    passes the settings' (``ARBORIST_LATENCY_BUDGET_S``, ``ARBORIST_LATENCY_BATCH_SIZES``)."""
+    return _default
+
+
+def set_default_latency(config: LatencyConfig) -> None:
+    """Replace :func:`default_latency` for this process (the test suite spends less time measuring)."""
+    global _default
+    _default = config
 
 
 def time_call(fn: Callable[[], object], budget_s: float, max_repeats: int, sync: Callable[[], None] | None = None):

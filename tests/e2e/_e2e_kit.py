@@ -131,7 +131,7 @@ def base_env(**arborist: Any) -> dict[str, str]:
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         }
     )
-    env.update(env_vars(arborist))
+    env.update(env_vars({"latency_budget_s": 0.1} | arborist))  # every job measures its latency: briefly here
     return env
 
 
