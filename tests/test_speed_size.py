@@ -147,6 +147,13 @@ def test_two_four_round_trip_and_format_per_the_library():
     assert torch.equal(back["k.weight"], kernel4d)
 
 
+def test_a_pruned_tensor_the_format_cannot_name_stays_dense_and_is_listed(tmp_path):
+    state = {"fc1_w": _sparse((8, 8), 0.9)}  # an ONNX upload's initializer name: the format needs '<layer>.weight'
+    written = write_compressed(tmp_path / "c.safetensors", state, ["fc1_w"], BITMASK)
+    assert written["compressed"] == [] and written["kept_dense"] == ["fc1_w"]
+    assert torch.equal(read_compressed(tmp_path / "c.safetensors")["fc1_w"], state["fc1_w"])
+
+
 def test_compressed_format_follows_the_pattern():
     assert compressed_format(None) == compressed_format("unstructured") == compressed_format("block:4x4") == BITMASK
     assert compressed_format("2:4") == SPARSE_24 and compressed_format("4:8") == BITMASK
