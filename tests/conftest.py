@@ -1,11 +1,19 @@
 """Fixtures shared by all tests (small trained models, the digits data) and the `slow` marking behind
 `make test-fast`."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from core.runs.speed import LatencyConfig, set_default_latency
+
+# Every job measures its dense and pruned latency (core.runs.speed); the suite runs hundreds of jobs, so briefly:
+# in this process (runs given no LatencyConfig) and in the workers it starts (Settings from the environment).
+set_default_latency(LatencyConfig(budget_s=0.1))
+os.environ.setdefault("ARBORIST_LATENCY_BUDGET_S", "0.1")
 
 SLOW_DIRS = (Path(__file__).parent / "e2e", Path(__file__).parent / "dashboard")  # real server, worker, browser
 

@@ -51,6 +51,7 @@ def test_gradual_run_keeps_pruned_weights_zero_and_writes_artifacts(digits, digi
     assert {p.name for p in result.artifacts.values()} == {
         "pruned.safetensors",
         "masks.safetensors",
+        "compressed.safetensors",
         "model.onnx",
         "report.json",
         "curve.csv",

@@ -223,7 +223,7 @@ def test_report_and_job_result_have_phase_times_and_peak_memory(digits, digits_m
     result = execute(spec, digits_mlp, digits, tmp_path / "out", phases=timer)
     report = json.loads(result.artifacts["report"].read_text())
     seconds = report["phases"]["seconds"]
-    for name in ("load", "gradients", "gram", "inverse", "obs", "evaluation", "finetune", "export"):
+    for name in ("load", "gradients", "gram", "inverse", "obs", "evaluation", "finetune", "export", "latency"):
         assert name in seconds and seconds[name] >= 0, (name, seconds)
     assert report["phases"]["total"] == pytest.approx(sum(seconds.values()), abs=1e-5)
     memory = report["memory"]

@@ -44,6 +44,7 @@ from core.errors import (
 )
 from core.runs.phases import PhaseTimer
 from core.runs.run import execute
+from core.runs.speed import LatencyConfig
 from core.service.artifacts import ArtifactStore, artifact_key, artifact_media_type
 from core.service.checkpoints import checkpointer_for, delete_checkpoint
 from core.service.db import attempts, jobs, outputs
@@ -192,6 +193,7 @@ class JobAttempt:
                 checkpointer,
                 memory_budget_mb=self.settings.memory_budget_mb,
                 phases=phases,
+                latency=LatencyConfig(self.settings.latency_budget_s, tuple(self.settings.latency_batch_sizes)),
             )
             if self.control.lost:
                 return Outcome.LOST

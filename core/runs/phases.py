@@ -20,7 +20,18 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("load", "evaluation", "lambda_sweep", "curvature", "gradients", "gram", "inverse", "obs", "finetune")
+PHASES = (
+    "load",
+    "evaluation",
+    "lambda_sweep",
+    "curvature",
+    "gradients",
+    "gram",
+    "inverse",
+    "obs",
+    "finetune",
+    "latency",
+)
 
 
 class PhaseTimer:

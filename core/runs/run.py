@@ -33,6 +33,7 @@ from core.engine.methods import method_info
 from core.engine.phases import reporting
 from core.engine.pruner import make_pruner
 from core.errors import Canceled, InvalidInput, NumericalError
+from core.io.compressed import write_compressed
 from core.io.data import Dataset
 from core.io.files import atomic_write
 from core.io.model_files import save_state_dict
@@ -43,7 +44,17 @@ from core.runs.patterns import check_pattern, pattern_report
 from core.runs.phases import PeakMemory, PhaseTimer
 from core.runs.report import count_macs, curve_csv, curve_png, lambda_sweep_png, plot_title, quadratic_png
 from core.runs.schedule import pruning_events
+from core.runs.sizes import compressed_format, dense_safetensors_bytes, size_report
 from core.runs.spec import LAMBDA_MAX, LAMBDA_MIN, PruneSpec, Update
+from core.runs.speed import (
+    ORT_CPU,
+    LatencyConfig,
+    default_latency,
+    measure,
+    measure_dense_onnx,
+    runtimes_for,
+    speed_report,
+)
 from core.runs.structured import execute_structured
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
@@ -56,6 +67,7 @@ LAMBDA_WIDENINGS = 2
 ARTIFACTS = {
     "pruned": "pruned.safetensors",
     "masks": "masks.safetensors",
+    "compressed": "compressed.safetensors",  # compressed-tensors' sparse-bitmask (2:4: sparse-24-bitmask) format
     "onnx": "model.onnx",
     "report": "report.json",
     "curve_csv": "curve.csv",
@@ -96,6 +108,7 @@ class _State:
     lambda_sweep: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds per phase (core.runs.phases), over every attempt
+    dense: dict = field(default_factory=dict)  # the dense model before pruning: shapes, safetensors bytes, latency
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,10 +167,14 @@ class Run:
         memory_budget_mb: float | None = None,
         model_name: str | None = None,
         phases: PhaseTimer | None = None,
+        latency: LatencyConfig | None = None,
     ):
         """``memory_budget_mb``: the server's budget (``Settings.memory_budget_mb``), if any; the lower of it and
         the spec's applies. ``model_name`` titles the plots (default: the module's class name). ``phases``: a timer
-        that already holds the caller's phases (the inputs' loading)."""
+        that already holds the caller's phases (the inputs' loading). ``latency``: what the speed measurement may spend
+        (``Settings.latency_budget_s``; :mod:`core.runs.speed`)."""
+        self.latency = latency or default_latency()
+        self._dense_weights: dict[str, Tensor] | None = None  # the pruned layers' dense weights, for the dense ONNX
         self.timer = phases or PhaseTimer()
         self.peak = PeakMemory()
         self.spec, self.hooks, self.ckpt = spec, hooks or RunHooks(), checkpointer
@@ -418,6 +435,7 @@ class Run:
     def _execute(self) -> RunResult:
         started = time.perf_counter()
         if not self._resume():
+            self._dense_baseline()
             self.state.before = {"validation": self._metric(self.xv, self.yv), "train": self._metric(self.x, self.y)}
             for split, metrics in self.state.before.items():
                 check_metrics(
@@ -528,7 +546,9 @@ class Run:
         out = {k: self.out_dir / v for k, v in ARTIFACTS.items() if k not in skip}
         with self.timer("export"):
             out, onnx_error = self._export(model, masks, example, out)
-        report = json_safe(self._report(model, masks, example, after, onnx_error))
+            size = self._compress(model, masks, out)
+        speed = self._speed(model, out)
+        report = json_safe({**self._report(model, masks, example, after, onnx_error), "speed": speed, "size": size})
         atomic_write(out["curve_csv"], curve_csv(self.state.curve).encode())
         self._plots(out)
         atomic_write(out["report"], json_bytes(report, indent=2))
@@ -553,6 +573,55 @@ class Run:
             log.warning("ONNX export failed: %s", e)
             onnx_error, out = str(e), {k: v for k, v in out.items() if k != "onnx"}
         return out, onnx_error
+
+    # -- latency and size (core.runs.speed, core.runs.sizes) --------------------------------------
+    def _runtimes(self) -> list[str]:
+        return runtimes_for(getattr(self.model, "export_artifacts", None) is None, self.spec.pattern)
+
+    def _dense_baseline(self) -> None:
+        """The dense model's shapes, safetensors bytes and latency, measured before any pruning (kept in the state, so
+        a resumed run reports them); the pruned layers' dense weights are kept for the dense ONNX graph."""
+        state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        names = getattr(self.model, "source_names", None) or {}
+        self.state.dense = {"shapes": {k: list(v.shape) for k, v in state.items()}}
+        with self.timer("export"):
+            cpu = {names.get(k, k): v.to("cpu", torch.float32) for k, v in state.items()}
+            self.state.dense["safetensors_bytes"] = dense_safetensors_bytes(cpu, self.out_dir / ".dense.safetensors")
+        if not self.latency.enabled:
+            return
+        runtimes = self._runtimes()
+        with self.timer("latency"):
+            here = self.device.type == "cpu" and self.dtype == torch.float32
+            model = self.model if here else copy.deepcopy(self.model).to("cpu", torch.float32)
+            now = [r for r in runtimes if r != ORT_CPU]  # the dense ONNX graph exists only once the pruned one does
+            self.state.dense["latency"] = measure(model, self.xv, self.latency, now, dense=True, share_of=runtimes)
+        if ORT_CPU in runtimes:
+            self._dense_weights = {n: state[n].to("cpu", torch.float32).clone() for n in self.names}
+
+    def _compress(self, model: nn.Module, masks: dict, out: dict) -> dict:
+        """Write ``compressed.safetensors`` (same names as ``pruned.safetensors``); the report's ``size`` section."""
+        names = getattr(self.model, "source_names", None) or {}
+        state = {names.get(k, k): v for k, v in model.state_dict().items()}
+        written = write_compressed(
+            out["compressed"], state, {names.get(k, k) for k in masks}, compressed_format(self.spec.pattern)
+        )
+        return size_report(self.state.dense.get("safetensors_bytes"), out["pruned"], out["compressed"], written)
+
+    def _speed(self, model: nn.Module, out: dict) -> dict | None:
+        """The report's ``speed`` section (None when measuring is off): the pruned model now, the dense one from the
+        start; the dense ONNX graph is the pruned graph with the pruned layers' dense weights put back."""
+        if not self.latency.enabled:
+            return None
+        runtimes = self._runtimes()
+        with self.timer("latency"):
+            pruned = measure(model, self.xv, self.latency, runtimes, out.get("onnx"))
+            dense = dict(self.state.dense.get("latency") or {})
+            if ORT_CPU in runtimes:
+                onnx = out.get("onnx")
+                dense[ORT_CPU] = measure_dense_onnx(onnx, self._dense_weights, self.xv, self.latency, runtimes)
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        changed = self.state.dense.get("shapes") not in (None, shapes)
+        return speed_report(self.latency, dense, pruned, self.spec.pattern, changed)
 
     def _plots(self, out: dict[str, Path]) -> None:
         """curve.png, quadratic.png (the loss change the quadratic model predicted per pruning step against the one
@@ -623,6 +692,7 @@ def execute(
     memory_budget_mb: float | None = None,
     model_name: str | None = None,
     phases: PhaseTimer | None = None,
+    latency: LatencyConfig | None = None,
 ) -> RunResult:
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
     ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies); ``model_name``
@@ -644,5 +714,6 @@ def execute(
         memory_budget_mb=memory_budget_mb,
         model_name=model_name,
         phases=phases,
+        latency=latency,
     )
     return run.execute()

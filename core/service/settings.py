@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     )
     memory_budget_mb: float | None = Field(
         None, gt=0, description="MiB a job's memory plan may take, for every job (the lower of it and the spec's)"
+    )
+    latency_budget_s: float = Field(
+        1.0, ge=0, le=600, description="seconds a job spends measuring dense vs pruned latency (0 = off)"
+    )
+    latency_batch_sizes: list[PositiveInt] = Field(
+        [1, 32], min_length=1, description="batches the latency is measured at"
     )
     heartbeat_timeout_s: float = Field(300.0, gt=0)
     # Worker (see worker/): a job's time limit, how often the reaper looks for dead workers, and how many

@@ -203,6 +203,8 @@ def test_journey(page: Any, serve, key: str, client: httpx.Client, digits_files:
     assert page.locator("#curve-plot circle").count() >= 2  # dense, then pruned
     assert page.locator("#layers-plot rect.bar").count() == 2  # the MLP's two weight matrices
     assert page.locator("#quadratic-plot circle").count() == 1  # one one-shot pruning step
+    speed = page.locator("#speed-table tbody tr")  # measured latency: 2 runtimes × batch 1 and the larger batch
+    assert speed.count() == 4 and page.locator("#speed-table td", has_text="size only").count() == 4
     sweep = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()["lambda_sweep"]
     swept = len([e for e in sweep if e["score"] is not None])
     assert len(sweep) >= 3 and page.locator("#lambda-plot g.series").first.locator("circle").count() == swept

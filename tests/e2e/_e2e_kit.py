@@ -131,7 +131,7 @@ def base_env(**arborist: Any) -> dict[str, str]:
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         }
     )
-    env.update(env_vars(arborist))
+    env.update(env_vars({"latency_budget_s": 0.1} | arborist))  # every job measures its latency: briefly here
     return env
 
 
@@ -407,14 +407,39 @@ def happy_path(api: Api, files: DigitsFiles, *, timeout: float = 120.0) -> dict[
     assert done["error"] is None and done["result"]["sparsity"]["target"] == 0.8
     arts = api.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     names = {a["name"] for a in arts}
-    assert {"pruned.safetensors", "masks.safetensors", "report.json", "curve.csv"} <= names, names
+    assert {"pruned.safetensors", "masks.safetensors", "compressed.safetensors", "report.json", "curve.csv"} <= names
     assert all(a["size"] > 0 and len(a["sha256"]) == 64 for a in arts)
     metrics = api.client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
     assert [m["kind"] for m in metrics][:2] == ["dense", "prune"] and len(metrics) == 5, metrics
-    check_pruned_model(api.download(job["id"], "pruned.safetensors"), files)
+    pruned = api.download(job["id"], "pruned.safetensors")
+    check_pruned_model(pruned, files)
     report = json.loads(api.download(job["id"], "report.json"))
     assert report["method"] == "woodfisher" and report["lambda"] == 1e-3
+    check_speed_and_size(report, api.download(job["id"], "compressed.safetensors"), pruned)
     return done
+
+
+def check_speed_and_size(report: dict, compressed: bytes, pruned: bytes) -> None:
+    """The report's measured latency (dense and pruned, per runtime and batch) and sizes; the compressed artifact
+    decompresses to the pruned weights."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load
+
+    from core.io.compressed import read_compressed
+
+    for runtime in ("torch_cpu", "onnxruntime_cpu"):
+        entry = report["speed"]["runtimes"][runtime]
+        assert entry["verdict"] == "size only" and entry["speedup"], entry
+        assert all(m["median_ms"] > 0 and m["repeats"] >= 1 for m in entry["pruned"].values()), entry
+    size = report["size"]
+    assert size["compressed_bytes"] == len(compressed) < size["pruned_safetensors_bytes"] == len(pruned), size
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(compressed)
+        f.flush()
+        back, want = read_compressed(f.name), load(pruned)
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
 
 
 # --- a restartable API server ----------------------------------------------------------------------------------

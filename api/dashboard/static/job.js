@@ -12,7 +12,7 @@ import { barChart, legend, lineChart } from "./plots.js";
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 const KNOWN = new Set(["version", "spec", "method", "lambda", "block_size", "memory_plan", "lambda_sweep", "sparsity",
   "parameters", "macs", "layers", "metrics", "quadratic_model", "curve", "seconds", "device", "onnx_error",
-  "peak_memory", "phases", "latency", "size", "sizes"]);
+  "peak_memory", "phases", "latency", "size", "sizes", "speed"]);
 
 export async function jobView(root, jobId) {
   const path = `/v1/jobs/${encodeURIComponent(jobId)}`;
@@ -199,6 +199,23 @@ export async function jobView(root, jobId) {
   follow();
 }
 
+// The report's speed section as rows: runtime × batch, dense and pruned median ms, speed-up, verdict (or why not).
+function speedTable(speed) {
+  const rows = [];
+  for (const [runtime, e] of Object.entries(speed?.runtimes ?? {})) {
+    const batches = Object.keys({ ...(e?.dense ?? {}), ...(e?.pruned ?? {}) }).filter((k) => k.startsWith("batch_"));
+    const note = e?.dense?.error ?? e?.pruned?.error ?? e?.why;
+    for (const b of batches.length ? batches : ["—"]) {
+      rows.push({ runtime, batch: b.replace("batch_", ""), dense: e?.dense?.[b]?.median_ms, pruned: e?.pruned?.[b]?.median_ms,
+        speedup: e?.speedup?.[b], verdict: e?.verdict, note });
+    }
+  }
+  const cols = [["runtime", (r) => r.runtime], ["batch", (r) => r.batch, "num"], ["dense ms (median)", (r) => r.dense, "num"],
+    ["pruned ms (median)", (r) => r.pruned, "num"], ["dense / pruned", (r) => r.speedup, "num"], ["verdict", (r) => r.verdict],
+    ["note", (r) => r.note]];
+  return table(cols, rows, { id: "speed-table" });
+}
+
 function section(title, ...children) {
   return h("section", { className: "card" }, h("h2", {}, title), ...children);
 }
@@ -261,6 +278,9 @@ export function renderReport(root, r) {
   if (memory.length) root.append(section("Memory: plan and measured", ...memory));
   const sizes = [];
   for (const k of ["parameters", "macs", "size", "sizes", "latency"]) if (r[k] != null) sizes.push(h("h3", {}, k), anyTable(r[k]));
+  if (r.speed?.runtimes) {
+    sizes.push(h("h3", {}, `latency: ${r.speed.statistic ?? "median"}, ${r.speed.threads ?? "?"} thread(s)`), speedTable(r.speed));
+  }
   if (sizes.length) root.append(section("Size and latency", ...sizes));
   if (r.onnx_error) root.append(section("ONNX export", h("p", { className: "error" }, r.onnx_error)));
   const other = Object.fromEntries(Object.entries(r).filter(([k]) => !KNOWN.has(k)));
