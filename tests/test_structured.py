@@ -243,6 +243,14 @@ def test_structured_run_writes_a_smaller_model_that_loads_as_is(tmp_path, method
     rebuilt = build_model("mlp", **{**kwargs, **st["arch_kwargs"]})
     rebuilt.load_state_dict(load_file(result.artifacts["pruned"]), strict=True)
     assert "onnx" in result.artifacts and result.artifacts["onnx"].stat().st_size > 0
+    size = report["size"]  # measured on disk: the smaller dense model, nothing to compress
+    assert size["pruned_safetensors_bytes"] == result.artifacts["pruned"].stat().st_size
+    assert size["pruned_to_dense"] < 0.6 and size["compressed_bytes"] is None
+    speed = report["speed"]["runtimes"]  # dense (before the prune) and the smaller model, in both runtimes
+    for rt in ("torch_cpu", "onnxruntime_cpu"):
+        assert speed[rt]["verdict"] == "speedup"
+        assert set(speed[rt]["speedup"]) == {"batch_1", "batch_32"}, speed[rt]
+    assert not list(tmp_path.glob(".dense.*"))  # the dense scratch files are gone
     x = _digits(n=16, seed=1).x_train
     import onnxruntime as ort
 

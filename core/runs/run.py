@@ -701,7 +701,7 @@ def execute(
     if spec.structure != "unstructured":
         device, hooks = resolve_device(spec.device), hooks or RunHooks()
         out, report = execute_structured(
-            spec, model, data, out_dir, hooks, device, ARTIFACTS, model_name=model_name, phases=phases
+            spec, model, data, out_dir, hooks, device, ARTIFACTS, model_name=model_name, phases=phases, latency=latency
         )
         return RunResult(out, report)
     run = Run(

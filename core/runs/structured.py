@@ -20,6 +20,7 @@ model changes shape).
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -41,7 +42,9 @@ from core.io.zoo.resnet_cifar import CifarResNet
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe
 from core.runs.phases import PeakMemory, PhaseTimer
 from core.runs.report import count_macs, curve_csv, curve_png, plot_title
+from core.runs.sizes import dense_safetensors_bytes
 from core.runs.spec import PruneSpec
+from core.runs.speed import ORT_CPU, LatencyConfig, default_latency, measure, runtimes_for, speed_report
 from core.runs.train import evaluate, learning_rate, make_optimizer, train_epoch
 
 __all__ = ["check_structure", "execute_structured", "shrunk_config"]
@@ -169,6 +172,47 @@ def _export(
     return out | {"onnx": out_dir / artifacts["onnx"]}, None
 
 
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    p = next(model.parameters())
+    here = p.device.type == "cpu" and p.dtype == torch.float32
+    return model if here else copy.deepcopy(model).to("cpu", torch.float32)
+
+
+def _latency(
+    model: nn.Module, x: Tensor, config: LatencyConfig, runtimes: list[str], onnx: Path | None, example: Tensor | None
+) -> dict[str, dict]:
+    """{runtime: numbers} of ``model`` on ``x``; with ``example`` (the dense model, before the prune) ONNX Runtime
+    runs a graph exported here to a scratch file (the smaller model's graph cannot take the dense weights)."""
+    model = _cpu_copy(model)
+    if example is None:
+        return measure(model, x, config, runtimes, onnx)
+    out = measure(model, x, config, [r for r in runtimes if r != ORT_CPU], dense=True, share_of=runtimes)
+    if ORT_CPU in runtimes:
+        from core.io.onnx.export import export_onnx
+
+        try:
+            export_onnx(model, example, onnx)
+            out |= measure(model, x, config, [ORT_CPU], onnx, dense=True, share_of=runtimes)
+        except Exception as e:  # noqa: BLE001 (a model that does not export: say why, the run goes on)
+            out[ORT_CPU] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        finally:
+            onnx.unlink(missing_ok=True)
+    return out
+
+
+def _size(dense_bytes: int, pruned: Path) -> dict:
+    """The report's ``size`` section: the smaller model is dense, so it has no compressed form (nothing is zero)."""
+    pruned_bytes = pruned.stat().st_size
+    return {
+        "dense_safetensors_bytes": dense_bytes,
+        "pruned_safetensors_bytes": pruned_bytes,
+        "pruned_to_dense": pruned_bytes / dense_bytes if dense_bytes else None,
+        "compressed_bytes": None,
+        "compressed_format": None,
+        "why_not_compressed": "the structured model is smaller and dense: it has no zeros to compress",
+    }
+
+
 def execute_structured(
     spec: PruneSpec,
     model: nn.Module,
@@ -180,9 +224,11 @@ def execute_structured(
     *,
     model_name: str | None = None,
     phases: PhaseTimer | None = None,
+    latency: LatencyConfig | None = None,
 ) -> tuple[dict[str, Path], dict]:
     """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
-    ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``."""
+    ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``;
+    ``latency``: what measuring the dense and the smaller model's latency may spend (:mod:`core.runs.speed`)."""
     timer, peak = phases or PhaseTimer(), PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -220,6 +266,17 @@ def execute_structured(
         check_metrics(m, f"before any pruning, on the {split} split", "check the model and the data")
     example = xv[:1]
     dense_macs = count_macs(model, example)[0]
+    latency = latency or default_latency()
+    runtimes = runtimes_for(not _is_hf(model), "unstructured")
+    names = getattr(model, "source_names", None) or {}
+    with timer("export"):
+        state = {names.get(k, k): v.to("cpu", torch.float32) for k, v in model.state_dict().items()}
+        dense_bytes = dense_safetensors_bytes(state, Path(out_dir) / ".dense.safetensors")
+    dense_latency = {}
+    if latency.enabled:
+        with timer("latency"):
+            cpu_example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
+            dense_latency = _latency(model, xv, latency, runtimes, Path(out_dir) / ".dense.onnx", cpu_example)
     point(0, 0, "dense", before["validation"])
     hooks.event("started", {"structure": spec.structure, "families": len(families)})
     hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
@@ -258,6 +315,11 @@ def execute_structured(
     }
     with timer("export"):
         out, onnx_error = _export(model, Path(out_dir), artifacts, example, structure["hf_config"])
+    speed = None
+    if latency.enabled:
+        with timer("latency"):
+            pruned_latency = _latency(model, xv, latency, runtimes, out.get("onnx"), None)
+        speed = speed_report(latency, dense_latency, pruned_latency, "unstructured", True)
     total = _count(model)
     report = {
         "version": 1,
@@ -282,6 +344,8 @@ def execute_structured(
         "memory": peak.report(None),
         "device": str(device),
         "onnx_error": onnx_error,
+        "speed": speed,
+        "size": _size(dense_bytes, out["pruned"]),
     }
     report = json_safe(report)
     atomic_write(out["curve_csv"], curve_csv(curve).encode())

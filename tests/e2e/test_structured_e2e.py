@@ -54,7 +54,10 @@ def test_structured_mlp_job_returns_a_smaller_model_that_loads_as_is(
         assert done["result"]["structure"]["arch_kwargs"] == {"hidden": [16]}
         report = json.loads(api.download(job["id"], "report.json"))
         assert report["structure"]["groups_removed"] == 16 and report["parameters"]["total"] < 64 * 32 + 32 * 10
-        state = load(api.download(job["id"], "pruned.safetensors"))
+        pruned_bytes = api.download(job["id"], "pruned.safetensors")
+        state = load(pruned_bytes)
+        assert report["size"]["pruned_safetensors_bytes"] == len(pruned_bytes)  # measured latency and size
+        assert report["size"]["pruned_to_dense"] < 1 and report["speed"]["runtimes"]["torch_cpu"]["speedup"]
         model = build_model("mlp", **{**MLP_KWARGS, **report["structure"]["arch_kwargs"]}).eval()
         model.load_state_dict(state, strict=True)  # no masks, no custom code: the constructor with new widths
         assert model.layers[1].weight.shape == (16, 64) and model.layers[3].weight.shape == (10, 16)
