@@ -24,7 +24,7 @@ from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
 from core.engine.curvature.hessian import MAX_WEIGHTS, ExactHessian
 from core.engine.curvature.hessian import peak_bytes as hessian_peak_bytes
 from core.engine.curvature.kfac import KFAC
-from core.engine.layerwise.obc import ROW_BYTES, obc
+from core.engine.layerwise.obc import held_bytes, obc
 from core.engine.layerwise.sparsegpt import sparsegpt
 from core.engine.layerwise.wanda import wanda
 from core.engine.layout import BlockLayout
@@ -258,11 +258,19 @@ def _layerwise_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, 
 
 def _layerwise_peak(layout: BlockLayout, z: Sizing, rows_inverse: bool = False) -> int:
     """The Hessians, and for the largest layer its float64 factorisation (damped copy, Cholesky, inverse, U) and
-    three copies of its weights; OBC also the rows' copies of H⁻¹ (at most ``ROW_BYTES``)."""
+    three copies of its weights; OBC also its row batch's factors (``obc.held_bytes``, for a target of every input:
+    an upper bound, the sparsity is not known here)."""
     hessians = _layerwise_memory(layout, z.m, z.itemsize)[1]
     d = max(math.prod(layer.shape[1:]) for layer in layout.layers)
     numel = max(layer.numel for layer in layout.layers)
-    rows = min(ROW_BYTES, max(layer.shape[0] for layer in layout.layers) * d * d * 8) if rows_inverse else 0
+    rows = (
+        max(
+            held_bytes(layer.shape[0], math.prod(layer.shape[1:]), math.prod(layer.shape[1:]))
+            for layer in layout.layers
+        )
+        if rows_inverse
+        else 0
+    )
     return hessians + 4 * d * d * 8 + 3 * numel * 8 + rows
 
 
