@@ -56,7 +56,9 @@ def obc(
         dw = new - W
         loss = 0.5 * float(((dw @ damped(h, damp)) * dw).sum())
         return new.to(w.dtype), mask, loss
-    k = (pattern.m - pattern.n) * (cols // pattern.m) if pattern.kind == "nm" else round(sparsity * cols)
+    k = round(sparsity * cols)
+    if pattern.kind == "nm":  # at most the pattern's M − N per group (below it: a gradual schedule's earlier steps)
+        k = min(k, (pattern.m - pattern.n) * (cols // pattern.m))
     targets = old.sum(1).clamp_min(k)
     steps = int(targets.max()) if rows else 0
     mask = old.clone()
