@@ -61,7 +61,9 @@ def brute_force_obs(w, h, k, pattern):
     return out, mask
 
 
-@pytest.mark.parametrize("pattern,k", [(Pattern(), 3), (Pattern(), 6), (Pattern.parse("2:4"), 4)])
+@pytest.mark.parametrize(
+    "pattern,k", [(Pattern(), 3), (Pattern(), 6), (Pattern.parse("2:4"), 4), (Pattern.parse("2:4"), 3)]
+)
 def test_obc_equals_brute_force_greedy_obs(pattern, k):
     w, h, _ = layer_problem()
     sparsity = k / w.shape[1]
@@ -267,3 +269,21 @@ def test_reconstruction_order_on_inputs_with_outlier_features():
     mag = w.masked_fill(w.abs() <= w.abs().median(dim=1, keepdim=True).values, 0.0)
     magnitude = float(((x @ (mag - w).T) ** 2).mean())
     assert err["obc"] <= err["sparsegpt"] * 1.05 and err["sparsegpt"] < err["wanda"] < magnitude
+
+
+@pytest.mark.parametrize("solver", [sparsegpt, obc, wanda])
+def test_n_m_below_its_sparsity_keeps_the_pattern_and_the_masks_nest(solver):
+    """A gradual schedule's earlier steps under 2:4 (targets below 50 %): round(s · cols) pruned per row, at most
+    2 in any group of 4; the next step keeps them and the last reaches exactly 2 per group."""
+    w, h, _ = layer_problem(rows=6, cols=16, n=64)
+    nm = Pattern.parse("2:4")
+    masks, weights = [], w
+    for target in (0.25, 0.375, 0.5):
+        weights, mask, _ = solver(weights, h, target, nm, pruned=masks[-1] if masks else None)
+        per_group = mask.reshape(6, 4, 4).sum(-1)
+        assert torch.all(mask.sum(1) == round(target * 16)) and torch.all(per_group <= 2)
+        assert torch.all(weights[mask] == 0)
+        if masks:
+            assert torch.all(mask >= masks[-1])  # nested: what was pruned stays pruned
+        masks.append(mask)
+    assert torch.all(masks[-1].reshape(6, 4, 4).sum(-1) == 2)

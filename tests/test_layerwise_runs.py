@@ -66,3 +66,26 @@ def test_a_pattern_that_does_not_tile_a_layer_is_refused_before_work(digits_imag
     assert err.value.errors[0]["loc"] == ["spec", "pattern"]
     assert not any(tmp_path.iterdir())
     assert Pattern.parse("2:4").fits((6, 1, 5, 5)) == "25 inputs per row are not a multiple of M = 4"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "obc", "wanda"])
+def test_gradual_n_m_job_prunes_on_the_schedule_and_ends_at_the_pattern(digits, digits_mlp, tmp_path, method):
+    """mode gradual with pattern 2:4: each schedule step prunes to its target within the pattern (the masks kept
+    between steps and through fine-tuning), the last step reaches 2:4 exactly."""
+    spec = PruneSpec(
+        method=method,
+        pattern="2:4",
+        mode="gradual",
+        schedule={"initial_sparsity": 0.2, "end_epoch": 2, "frequency": 1},
+        finetune={"epochs": 3},
+        fisher={"samples": 128},
+    )
+    result = execute(spec, digits_mlp, digits, tmp_path)
+    report = result.report
+    steps = [p["sparsity"] for p in report["curve"] if p["kind"] == "prune"]
+    assert len(steps) == 3 and steps[0] < steps[1] < steps[2] and steps[0] == pytest.approx(0.2, abs=0.02)
+    assert steps[-1] == pytest.approx(0.5, abs=1e-6)
+    assert report["pattern"] == {"pattern": "2:4", "holds": True, "layers_checked": 2}
+    masks = load_file(result.artifacts["masks"])
+    for mask in masks.values():
+        assert torch.all((as_matrix(mask).reshape(mask.shape[0], -1, 4) == 0).sum(-1) == 2)

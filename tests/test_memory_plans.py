@@ -11,6 +11,8 @@ within ±50 %.
 
 The big tensors of every case are over glibc's 32 MiB mmap threshold, as they are in the models a plan matters for:
 below it, freed tensors stay on the heap, and fragmentation adds up to 60 % (tens of MB) to the same step.
+The layer-wise methods (sparsegpt, obc, wanda) before their formulas were revised: wanda 0.35× its plan (it was
+planned a factorisation it never does), sparsegpt 1.18× and obc 1.35× (the inverse's temporaries all alive at once).
 Before the fix, magnitude planned 0 bytes, diag_fisher half its peak, K-FAC a third of it, and exact_obs ran
 ``torch.func.hessian`` over the whole data set: 11× its plan of 3 D² bytes here, gigabytes for the README's MLP.
 """
@@ -44,6 +46,10 @@ CASES = {
     "kfac": ("kfac", [2000, 2000, 10], 300, 64, 128, 64, False),
     "exact_obs": ("exact_obs", [40, 64, 10], 256, 16, 128, 64, False),  # D² · 4 bytes over the 32 MiB mmap threshold
     "exact_obs-joint": ("exact_obs", [40, 64, 10], 256, 16, 128, 64, True),
+    # layer-wise (calibration inputs, one layer at a time): H and its float64 factorisation dominate
+    "sparsegpt": ("sparsegpt", [2000, 2000, 10], 256, 16, 128, 64, False),
+    "wanda": ("wanda", [2000, 2000, 10], 256, 16, 128, 64, False),
+    "obc": ("obc", [1500, 8, 10], 64, 16, 128, 64, False),  # 1500 inputs: one row of factors per batch
 }
 #: the README's digits MLP (64-64-10: 4736 weights), the model exact OBS was OOM-killed on
 README_MLP = ("exact_obs", [64, 64, 10], 1438, 16, 128, 64, False)

@@ -24,7 +24,7 @@ from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
 from core.engine.curvature.hessian import MAX_WEIGHTS, ExactHessian
 from core.engine.curvature.hessian import peak_bytes as hessian_peak_bytes
 from core.engine.curvature.kfac import KFAC
-from core.engine.layerwise.obc import ROW_BYTES, obc
+from core.engine.layerwise.obc import held_bytes, obc
 from core.engine.layerwise.sparsegpt import sparsegpt
 from core.engine.layerwise.wanda import wanda
 from core.engine.layout import BlockLayout
@@ -260,24 +260,34 @@ def _layerwise_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, 
     return 0, sum(math.prod(layer.shape[1:]) ** 2 for layer in layout.layers) * itemsize
 
 
-def _layerwise_peak(layout: BlockLayout, z: Sizing, rows_inverse: bool = False) -> int:
-    """The Hessians, and for the largest layer its float64 factorisation (damped copy, Cholesky, inverse, U) and
-    three copies of its weights; OBC also the rows' copies of H⁻¹ (at most ``ROW_BYTES``)."""
+def _layerwise_peak(layout: BlockLayout, z: Sizing, solver: str = "sparsegpt") -> int:
+    """The Hessians (all layers': an upper bound on one group's), every layer's keep-mask (returned at the end), and
+    the largest layer's solve: SparseGPT the float64 factorisation (at most four d × d matrices at once,
+    ``hessian.inverse_factor``) and three copies of its weights; OBC the factorisation or H⁻¹ and U with its row
+    batch's factors (``obc.held_bytes``, for a target of every input: an upper bound, the sparsity is not known
+    here), and three float64 copies of its weights; Wanda four copies of its weights (scores, |W|, the pruned copy,
+    the new weights). Not counted: one calibration batch's activations (the plan knows no input shapes; a few MiB
+    for the models of tests/test_memory_plans.py, tens of MiB for a transformer block at batch 16)."""
     hessians = _layerwise_memory(layout, z.m, z.itemsize)[1]
-    d = max(math.prod(layer.shape[1:]) for layer in layout.layers)
-    numel = max(layer.numel for layer in layout.layers)
-    rows = min(ROW_BYTES, max(layer.shape[0] for layer in layout.layers) * d * d * 8) if rows_inverse else 0
-    return hessians + 4 * d * d * 8 + 3 * numel * 8 + rows
+    masks = sum(layer.numel for layer in layout.layers) * z.itemsize
+
+    def solve(layer) -> int:
+        d, numel = math.prod(layer.shape[1:]), layer.numel
+        if solver == "wanda":
+            return 4 * numel * z.itemsize
+        if solver == "obc":
+            return max(4 * d * d * 8, 2 * d * d * 8 + held_bytes(layer.shape[0], d, d)) + 3 * numel * 8
+        return 4 * d * d * 8 + 3 * numel * z.itemsize
+
+    return hessians + masks + max(solve(layer) for layer in layout.layers)
 
 
-def _layerwise(
-    name: Method, solver: Callable, rows_inverse: bool = False, group_saliency: str | None = None
-) -> MethodInfo:
+def _layerwise(name: Method, solver: Callable, group_saliency: str | None = None) -> MethodInfo:
     return MethodInfo(
         name,
         _identity,
         _layerwise_memory,
-        lambda layout, z: _layerwise_peak(layout, z, rows_inverse),
+        lambda layout, z: _layerwise_peak(layout, z, name.value),
         needs_gradients=False,
         needs_labels=False,
         default_scope=Scope.LAYER,
@@ -346,7 +356,7 @@ METHODS: dict[Method, MethodInfo] = {
             max_weights=MAX_WEIGHTS,
         ),
         _layerwise(Method.SPARSEGPT, sparsegpt, group_saliency="obs"),
-        _layerwise(Method.OBC, obc, rows_inverse=True, group_saliency="obs"),
+        _layerwise(Method.OBC, obc, group_saliency="obs"),
         _layerwise(Method.WANDA, wanda),
     )
 }

@@ -125,14 +125,28 @@ def prune_lowest(scores: Tensor, k: int) -> Tensor:
     return out.reshape(scores.shape)
 
 
+def nm_full(sparsity: float, cols: int, pattern: Pattern) -> bool:
+    """Whether ``sparsity`` of a row of ``cols`` reaches the N:M pattern's own (M − N pruned in every group)."""
+    return round(sparsity * cols) >= (pattern.m - pattern.n) * (cols // pattern.m)
+
+
 def prune_rows(scores: Tensor, sparsity: float, pattern: Pattern, pruned: Tensor | None = None) -> Tensor:
     """A prune-mask of a (rows, cols) score matrix, per row (tiles: per band of R rows), at ``sparsity``; weights
-    already ``pruned`` stay pruned. N:M prunes exactly M − N per group (the pattern's sparsity)."""
+    already ``pruned`` stay pruned. N:M at its own sparsity prunes exactly M − N per group; below it (a gradual
+    schedule's earlier steps), the round(sparsity · cols) lowest of each row's candidates (the M − N lowest of
+    each group), so every step keeps the pattern and the masks nest."""
     if pruned is not None:
         scores = scores.masked_fill(pruned, float("-inf"))
     cols = scores.shape[1]
     if pattern.kind == "nm":
-        return nm_candidates(scores, pattern.n, pattern.m)
+        cand = nm_candidates(scores, pattern.n, pattern.m)
+        if nm_full(sparsity, cols, pattern):
+            return cand
+        k = torch.full((scores.shape[0], 1), round(sparsity * cols), device=scores.device)
+        if pruned is not None:
+            k = k.clamp_min(pruned.sum(1, keepdim=True))
+        rank = scores.masked_fill(~cand, float("inf")).argsort(dim=1, stable=True).argsort(dim=1)
+        return (rank < k) & cand
     if pattern.kind == "block":
         r, c = pattern.rows, pattern.cols
         t = tiles(scores, r, c).sum(-1)  # (rows/r, cols/c)

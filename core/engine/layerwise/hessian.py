@@ -66,10 +66,9 @@ class Hessian:
 def damped(h: Tensor, damp: float) -> Tensor:
     """H + λI with λ = damp × mean(diag H) (damp itself when H is zero: no data, or dead inputs only). A dead
     input (zero diagonal) keeps only λ, so its weights have the lowest OBS saliency: they do nothing on the data."""
-    h = h.to(torch.float64)
-    mean = float(h.diagonal().mean()) if h.numel() else 0.0
+    out = h.to(torch.float64, copy=True)  # one copy (not a float64 view and then a clone of it)
+    mean = float(out.diagonal().mean()) if out.numel() else 0.0
     lam = damp * mean if mean > 0 else max(damp, 1e-8)
-    out = h.clone()
     out.diagonal().add_(lam)
     return out
 
@@ -87,8 +86,11 @@ def inverse_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
             # on this CPU for d = 768)
             eye = torch.eye(len(hd), dtype=hd.dtype, device=hd.device)
             linv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del eye, lower  # at most four d × d float64 matrices at once (the damped H, L, I, L⁻¹)
             inv = linv.T @ linv
+            del linv
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0:
                 return hd, upper
     raise torch.linalg.LinAlgError(

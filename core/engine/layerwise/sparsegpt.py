@@ -6,7 +6,8 @@ processed: δW[:, j:] = −(w_j / U_jj) · U[j, j:], with U the upper Cholesky f
 Columns go in blocks of ``blocksize``: inside a block the update is applied column by column, and one matmul pushes
 the block's errors onto all later columns (lazy batching: the same result as ``blocksize`` 1, in fewer passes over
 W). The mask is chosen per block from w² / U_jj² over the block (per row; block tiles per band of rows), and N:M
-groups are chosen when their first column is reached, after the errors of the columns before have been applied.
+groups are chosen when their first column is reached, after the errors of the columns before have been applied
+(below the pattern's sparsity, a gradual schedule's earlier steps: per block, among each group's candidates).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from core.engine.layerwise.hessian import inverse_factor
-from core.engine.patterns import Pattern, prune_rows
+from core.engine.patterns import Pattern, nm_full, prune_rows
 
 
 def _blocksize(blocksize: int, pattern: Pattern) -> int:
@@ -48,7 +49,7 @@ def sparsegpt(
     out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros(rows, dtype=dtype, device=W.device)
     bs = _blocksize(blocksize, pattern)
-    nm = pattern.kind == "nm"
+    nm = pattern.kind == "nm" and nm_full(sparsity, cols, pattern)  # below it: masks per block, as unstructured
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1, U1 = W[:, i1:i2].clone(), u[i1:i2, i1:i2]
