@@ -194,25 +194,41 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
     return DenseInverse(inv) if dense else WoodburyInverse(inv, lam)
 
 
+#: bytes of Gram matrices factored at once by ``gram_block_inverse``: its memory beyond the Gram matrices is two
+#: such slices (the slice's factor and its inverse)
+GRAM_SLICE_BYTES = 16 * 2**20
+
+
+def gram_slice_bytes(nb: int, c: int, itemsize: int) -> int:
+    """The transient of ``gram_block_inverse`` on ``nb`` blocks of c × c: one slice's factor and its inverse."""
+    return 2 * min(nb, max(1, GRAM_SLICE_BYTES // (c * c * itemsize))) * c * c * itemsize
+
+
 def gram_block_inverse(gram: Tensor, m: int, lam: float) -> DenseInverse:
     """Inverse of F_b = λI + A_b/m from accumulated Gram matrices A_b = Σᵢ gᵢgᵢᵀ shaped ``(nb, c, c)`` (the streamed
-    Fisher: the gradients themselves are gone). ``gram`` is consumed: λ is added to it in place and it is released
-    as soon as it is factored. Blocks whose Cholesky fails in ``gram``'s precision are refactored in float64; a block
-    that fails there too raises :class:`NumericalError`."""
+    Fisher: the gradients themselves are gone). ``gram`` is consumed: it becomes F⁻¹ in place, a slice of blocks
+    (``GRAM_SLICE_BYTES``) at a time, so the only memory beyond it is one slice's factor and inverse. Blocks whose
+    Cholesky fails in ``gram``'s precision are refactored in float64; a block that fails there too raises
+    :class:`NumericalError`."""
     if lam <= 0:
         raise ValueError("the dampening λ must be positive")
+    nb, c = gram.shape[0], gram.shape[-1]
     gram.diagonal(dim1=-2, dim2=-1).add_(m * lam)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    bad = (info != 0).nonzero().flatten()
-    if bad.numel():
-        if gram.dtype == torch.float64:
-            raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
-        chol64, info64 = torch.linalg.cholesky_ex(gram[bad].double())
-        if bool((info64 != 0).any()):
-            raise NumericalError(f"{int((info64 != 0).sum())} Fisher block(s) not positive definite: raise λ")
-        chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    del gram
-    inv = torch.cholesky_inverse(chol).mul_(m)  # (A + mλI)⁻¹·m = F⁻¹
-    if bad.numel():
-        inv[bad] = (torch.cholesky_inverse(chol64) * m).to(inv.dtype)
-    return DenseInverse(inv)
+    step = max(1, GRAM_SLICE_BYTES // (c * c * gram.element_size()))
+    for start in range(0, nb, step):
+        a = gram[start : start + step]  # a view of whole blocks
+        chol, info = torch.linalg.cholesky_ex(a)
+        bad = (info != 0).nonzero().flatten()
+        chol64 = None
+        if bad.numel():
+            if a.dtype == torch.float64:
+                raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
+            chol64, info64 = torch.linalg.cholesky_ex(a[bad].double())
+            if bool((info64 != 0).any()):
+                raise NumericalError(f"{int((info64 != 0).sum())} Fisher block(s) not positive definite: raise λ")
+            chol[bad] = torch.eye(c, dtype=chol.dtype, device=chol.device)
+        a.copy_(torch.cholesky_inverse(chol).mul_(m))  # (A + mλI)⁻¹·m = F⁻¹
+        del chol
+        if chol64 is not None:
+            a[bad] = (torch.cholesky_inverse(chol64) * m).to(a.dtype)
+    return DenseInverse(gram)
