@@ -100,6 +100,7 @@ class WoodFisher:
             with phase("inverse"):
                 segments = layer_segments(layout, lambda layer: _woodbury_or_dense(layer.blocks(s.grads), cfg, mask))
             return Curvature(segments, grad=s.mean.to(mask.dtype) if self.taylor else None, info={"path": "buffered"})
+        release_free_memory()  # what earlier work (the evaluation's batches) left resident on the heap
         map_large_allocations()  # freed chunks and slices leave the process, so its peak is the plan's sum
         with phase("gradients"):
             sf = stream_fisher(

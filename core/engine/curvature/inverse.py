@@ -21,6 +21,8 @@ so memory is O(c·m) and F⁻¹ is never materialised. The masked solve stays in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -215,20 +217,43 @@ def gram_block_inverse(gram: Tensor, m: int, lam: float) -> DenseInverse:
     nb, c = gram.shape[0], gram.shape[-1]
     gram.diagonal(dim1=-2, dim2=-1).add_(m * lam)
     step = max(1, GRAM_SLICE_BYTES // (c * c * gram.element_size()))
-    for start in range(0, nb, step):
-        a = gram[start : start + step]  # a view of whole blocks
-        chol, info = torch.linalg.cholesky_ex(a)
-        bad = (info != 0).nonzero().flatten()
-        chol64 = None
-        if bad.numel():
-            if a.dtype == torch.float64:
-                raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
-            chol64, info64 = torch.linalg.cholesky_ex(a[bad].double())
-            if bool((info64 != 0).any()):
-                raise NumericalError(f"{int((info64 != 0).sum())} Fisher block(s) not positive definite: raise λ")
-            chol[bad] = torch.eye(c, dtype=chol.dtype, device=chol.device)
-        a.copy_(torch.cholesky_inverse(chol).mul_(m))  # (A + mλI)⁻¹·m = F⁻¹
-        del chol
-        if chol64 is not None:
-            a[bad] = (torch.cholesky_inverse(chol64) * m).to(a.dtype)
+    with _one_thread(gram.device):
+        for start in range(0, nb, step):
+            _invert_slice(gram[start : start + step], m)
     return DenseInverse(gram)
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on the CPU: LAPACK on a 64 × 64 block is over before a second thread helps, and where
+    the cores are shared a thread that waits for its partner waits for the scheduler (measured: 4096 blocks in 1.0 s
+    on one thread, 9.7–12.3 s on two, load ≈ 12 on 2 cores)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _invert_slice(a: Tensor, m: int) -> None:
+    """``a`` (a view of whole blocks, λ already added) := m·(a)⁻¹ by Cholesky, blocks that fail refactored in
+    float64."""
+    c = a.shape[-1]
+    chol, info = torch.linalg.cholesky_ex(a)
+    bad = (info != 0).nonzero().flatten()
+    chol64 = None
+    if bad.numel():
+        if a.dtype == torch.float64:
+            raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
+        chol64, info64 = torch.linalg.cholesky_ex(a[bad].double())
+        if bool((info64 != 0).any()):
+            raise NumericalError(f"{int((info64 != 0).sum())} Fisher block(s) not positive definite: raise λ")
+        chol[bad] = torch.eye(c, dtype=chol.dtype, device=chol.device)
+    a.copy_(torch.cholesky_inverse(chol).mul_(m))  # (A + mλI)⁻¹·m = F⁻¹
+    del chol
+    if chol64 is not None:
+        a[bad] = (torch.cholesky_inverse(chol64) * m).to(a.dtype)
