@@ -82,7 +82,11 @@ def minilm_task(n: int, seq_len: int, layers: list[int] | None = None):
     return adapter, x, y, names, "mse"
 
 
-def zoo_task(n: int, arch: str):
+def zoo_task(n: int, arch: str, include: str | None = None):
+    """(the zoo model with random weights, random 64 × 64 images, random labels, the pruned weights: every
+    selectable one, or those matching the glob ``include``)."""
+    import fnmatch
+
     import torch
 
     from core.engine.layout import select_parameters
@@ -92,7 +96,10 @@ def zoo_task(n: int, arch: str):
     model = build_model(arch, num_classes=1000).eval()
     x = torch.randn(n, 3, 64, 64)
     y = torch.randint(0, 1000, (n,))
-    return model, x, y, select_parameters(model), "cross_entropy"
+    names = select_parameters(model)
+    if include:
+        names = [n for n in names if fnmatch.fnmatch(n, include)]
+    return model, x, y, names, "cross_entropy"
 
 
 def _status(key: str) -> int:
@@ -116,7 +123,7 @@ def child(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     if cfg["zoo"]:
-        model, x, y, names, loss = zoo_task(cfg["m"], cfg["zoo"])
+        model, x, y, names, loss = zoo_task(cfg["m"], cfg["zoo"], cfg.get("include"))
     else:
         model, x, y, names, loss = minilm_task(cfg["m"], cfg["seq_len"], cfg["layers"])
     params = dict(model.named_parameters())
@@ -166,6 +173,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", default=None, help="encoder layers to prune, e.g. 5 or 0,5 (default: all six)")
     ap.add_argument("--zoo", default=None, help="a zoo architecture (resnet50) instead of MiniLM")
+    ap.add_argument("--include", default=None, help="zoo: prune only the weights matching this glob (layer4.2.*)")
     ap.add_argument("--buffered-m", type=int, default=None, help="m of the buffered run (default: same memory)")
     args = ap.parse_args()
     if args.child:
@@ -174,7 +182,7 @@ def main() -> None:
     from bench._util import save
 
     base = {"block": args.block, "chunk": args.chunk, "seq_len": args.seq_len, "threads": args.threads}
-    base["zoo"] = args.zoo
+    base["zoo"], base["include"] = args.zoo, args.include
     base["layers"] = [int(i) for i in args.layers.split(",")] if args.layers else None
     streamed = run_child({**base, "m": args.m, "path": "streamed"})
     m_buf = args.buffered_m or max(1, min(args.m, streamed["peak_extra_bytes"] // (streamed["D"] * 4)))
@@ -183,8 +191,12 @@ def main() -> None:
     gradient_time = s.get("gradients", 0.0)
     solve_time = s.get("inverse", 0.0) + s.get("obs", 0.0)
     rows = [streamed, buffered]
+    if args.zoo:
+        model_name = f"{args.zoo} {args.include or ''}".strip()
+    else:
+        model_name = "all-MiniLM-L6-v2 encoder" + (f" layers {args.layers}" if args.layers else "")
     summary = {
-        "model": args.zoo or "all-MiniLM-L6-v2 encoder" + (f" layers {args.layers}" if args.layers else ""),
+        "model": model_name,
         "D": streamed["D"],
         "streamed_m": args.m,
         "streamed_peak_MiB": streamed["peak_extra_bytes"] / 2**20,

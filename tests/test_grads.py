@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.engine.buffers import large_empty
@@ -97,3 +98,42 @@ print(anon_huge_kb() - before)
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) >= 8 * 1024  # at least half of it in 2 MiB pages
+
+
+def test_per_sample_loop_for_models_vmap_cannot_trace_matches_autograd(caplog):
+    """Data-dependent control flow makes vmap fail; the loop that replaces it writes each sample's gradients into
+    the chunk's (k, ...) tensors, equal to autograd's per sample (float64)."""
+    from torch.func import functional_call
+
+    from core.engine.grads import per_sample_gradients
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 7).double(), nn.Linear(7, 3).double()
+
+        def forward(self, x):
+            h = self.a(x)
+            if bool(h.sum() > 0):  # vmap cannot trace this
+                h = h * 2.0
+            return self.b(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Branchy()
+    xs, ys = torch.randn(6, 1, 5, dtype=torch.float64), torch.randint(0, 3, (6, 1))
+    sel = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
+
+    def loss(s, xb, yb):
+        return F.cross_entropy(functional_call(model, (s, fixed), (xb,)), yb)
+
+    with caplog.at_level("INFO", logger="core.engine.grads"):
+        out = per_sample_gradients(loss)(sel, xs, ys)
+    assert "per-example gradients in a loop" in caplog.text  # the loop, not vmap, made these
+    for i in range(len(xs)):
+        model.zero_grad()
+        F.cross_entropy(model(xs[i]), ys[i]).backward()
+        for n, p in model.named_parameters():
+            if n in sel:
+                assert out[n].shape == (6, *p.shape) and out[n].is_contiguous()
+                torch.testing.assert_close(out[n][i], p.grad, rtol=1e-12, atol=1e-14)

@@ -5,6 +5,7 @@ import torch
 
 from core.engine.curvature.inverse import DenseInverse, WoodburyInverse, fisher_block_inverse
 from core.engine.curvature.sherman_morrison import sherman_morrison_inverse
+from core.errors import NumericalError
 
 
 def rel(a, b):
@@ -89,3 +90,29 @@ def test_float32_blocks_that_round_indefinite_are_rebuilt_in_float64():
         # ~cond·eps ≈ 7e-5 (the exact digits depend on the CPU's BLAS).
         # Without the rebuild (placeholder factors) it is off by > 90 %.
         assert rel(inv.diag()[failed].double(), oracle.diagonal(dim1=-2, dim2=-1)[failed]) < 1e-4
+
+
+def test_gram_inverse_in_place_slices_matches_the_float64_inverse(monkeypatch):
+    """The streamed Fisher's Gram matrices are inverted in place, a slice of blocks at a time: with slices of 3
+    blocks over 8 (the last one short) the result is F⁻¹ = (λI + A/m)⁻¹ of every block, in the Gram's own storage,
+    and the memory the plan counts for it is two slices. An indefinite float64 block (in the second slice) is a
+    NumericalError."""
+    from core.engine.curvature import inverse
+
+    monkeypatch.setattr(inverse, "GRAM_SLICE_BYTES", 3 * 16 * 16 * 4)
+    torch.manual_seed(5)
+    m, lam = 40, 1e-3
+    g = torch.randn(8, m, 16)
+    gram = g.mT @ g
+    storage = gram.data_ptr()
+    out = inverse.gram_block_inverse(gram, m, lam)
+    assert out.inv.data_ptr() == storage and out.inv.shape == (8, 16, 16)
+    g64 = g.double()
+    oracle = torch.linalg.inv(lam * torch.eye(16, dtype=torch.float64) + g64.mT @ g64 / m)
+    assert rel(out.inv.double(), oracle) < 1e-4
+    assert inverse.gram_slice_bytes(8, 16, 4) == 2 * 3 * 16 * 16 * 4
+    assert inverse.gram_slice_bytes(2, 16, 4) == 2 * 2 * 16 * 16 * 4  # a layer smaller than a slice
+    bad = (g64.mT @ g64)[:8:2].clone()  # 4 blocks: slices of 3 (float32-sized) blocks = 1.5 float64 blocks → 1
+    bad[2] = -torch.eye(16, dtype=torch.float64)
+    with pytest.raises(NumericalError, match="not positive definite even in float64"):
+        inverse.gram_block_inverse(bad, m, lam)

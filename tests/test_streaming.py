@@ -253,11 +253,12 @@ def test_phase_timer_counts_each_second_once():
 # --- the streamed estimate's peak memory, measured in a child process -----------------------------------------
 
 
-def test_streamed_peak_is_far_below_the_buffered_plan():
+def test_streamed_peak_is_within_its_plan_and_far_below_the_buffered_plan():
     """A WoodFisher step at m = 512, c = 64, k = 32 on a 255k-weight MLP, measured (VmHWM) in a fresh child by the
-    memory-plan probe of ``tests/test_memory_plans.py``: at most twice its streamed plan and under half of what the
-    buffered path plans (m × D gradients: 522 MB). Measured 128–189 MiB against a 125 MiB plan from run to run (the
-    allocator's and the per-example gradients' temporaries): the plan's streamed peak is low by up to 1.5× here."""
+    memory-plan probe of ``tests/test_memory_plans.py``: the streamed plan is an upper bound, at most 1.3× the
+    measured peak, and the peak is under half of what the buffered path plans (m × D gradients: 522 MB). Measured
+    97 MiB against a 111 MiB plan (0.88), twice; before the chunk's stack and the layer copy were gone and freed
+    chunks left the process (``map_large_allocations``) it was 128–189 MiB against a 125 MiB plan."""
     case = ("woodfisher", [500, 500, 10], 600, 512, 64, 32, False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -279,5 +280,5 @@ def test_streamed_peak_is_far_below_the_buffered_plan():
     )
     measured = result["measured"]
     print(f"measured {measured / 2**20:.0f} MiB, plan {streamed['total_bytes'] / 2**20:.0f} MiB")
-    assert 0.5 <= measured / streamed["total_bytes"] <= 2.0, (measured, streamed)
+    assert 1 / 1.3 <= measured / streamed["total_bytes"] <= 1.0, (measured, streamed)
     assert measured < buffered.total_bytes / 2, (measured, buffered.total_bytes)

@@ -114,7 +114,9 @@ class GradientChunks:
 
 def per_sample_gradients(minibatch_loss: Callable[..., Tensor]) -> Callable[..., dict[str, Tensor]]:
     """``vmap(grad(minibatch_loss))`` over the samples; where vmap cannot trace the model (data-dependent control
-    flow, in-place ops some Hugging Face models take), the same gradients one sample at a time."""
+    flow, in-place ops some Hugging Face models take), the same gradients one sample at a time, each copied into
+    the chunk's preallocated (k, ...) tensors as it comes (a ``torch.stack`` of the k samples' gradients would hold
+    them twice: 2 × k·D at the chunk's peak)."""
     vmapped = vmap(grad(minibatch_loss), in_dims=(None, 0, 0))
     single = grad(minibatch_loss)
     use_loop = False
@@ -127,8 +129,15 @@ def per_sample_gradients(minibatch_loss: Callable[..., Tensor]) -> Callable[...,
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 log.info("vmap(grad) failed (%s); per-example gradients in a loop", str(e).split("\n")[0])
                 use_loop = True
-        rows = [single(sel, xs[i], ys[i]) for i in range(len(xs))]
-        return {n: torch.stack([r[n] for r in rows]) for n in sel}
+        out: dict[str, Tensor] = {}
+        for i in range(len(xs)):  # each sample's gradients written into the chunk's tensors: never two copies
+            row = single(sel, xs[i], ys[i])
+            for n in sel:
+                if i == 0:
+                    out[n] = large_empty(len(xs), *row[n].shape, dtype=row[n].dtype, device=row[n].device)
+                out[n][i].copy_(row.pop(n))
+            del row
+        return out
 
     return run
 

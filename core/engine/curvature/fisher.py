@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from core.engine.buffers import map_large_allocations
 from core.engine.curvature.base import Curvature, FisherConfig, Progress, generator, layer_segments
+from core.engine.curvature.hessian import release_free_memory
 from core.engine.curvature.inverse import DiagonalInverse, Segment, fisher_block_inverse, gram_block_inverse
 from core.engine.curvature.streaming import stream_fisher
 from core.engine.grads import GradientChunks, fisher_gradients
@@ -98,6 +100,8 @@ class WoodFisher:
             with phase("inverse"):
                 segments = layer_segments(layout, lambda layer: _woodbury_or_dense(layer.blocks(s.grads), cfg, mask))
             return Curvature(segments, grad=s.mean.to(mask.dtype) if self.taylor else None, info={"path": "buffered"})
+        release_free_memory()  # what earlier work (the evaluation's batches) left resident on the heap
+        map_large_allocations()  # freed chunks and slices leave the process, so its peak is the plan's sum
         with phase("gradients"):
             sf = stream_fisher(
                 _chunks(cfg, model, data),
@@ -110,6 +114,7 @@ class WoodFisher:
                 with_sum=self.taylor,
                 progress=progress,
             )
+        release_free_memory()  # what the chunks' smaller temporaries left on the heap, before the blocks' work
         with phase("inverse"):
             segments = []
             for layer in layout.layers:
