@@ -187,6 +187,12 @@ def summarize(report: dict, wall: float) -> None:
         f"peak extra {peak / MiB:.0f} MiB vs plan {planned / MiB:.0f} MiB: {peak / planned:.2f}× "
         f"({'within' if peak <= planned else 'OVER'} the plan)"
     )
+    step_peak = memory.get("step_peak_extra_bytes")
+    if step_peak:  # the pruning step alone (what the plan predicts), measured from the memory it began with
+        print(
+            f"pruning step: peak extra {step_peak / MiB:.0f} MiB vs plan {planned / MiB:.0f} MiB: "
+            f"{step_peak / planned:.2f}× ({'within' if step_peak <= planned else 'OVER'} the plan)"
+        )
     k, c = plan.get("chunk"), plan.get("block_size")
     width = report["parameters"]["pruned_layers"]
     if width and k and c:

@@ -230,10 +230,31 @@ def test_report_and_job_result_have_phase_times_and_peak_memory(digits, digits_m
     assert memory["planned_bytes"] == report["memory_plan"]["total_bytes"] > 0
     assert memory["peak_rss_bytes"] >= memory["start_rss_bytes"] > 0
     assert memory["peak_extra_bytes"] == memory["peak_rss_bytes"] - memory["start_rss_bytes"]
+    assert 0 < memory["step_peak_extra_bytes"] <= memory["peak_extra_bytes"]  # the pruning steps' own peak
+    assert memory["step_within_plan"] == (memory["step_peak_extra_bytes"] <= memory["planned_bytes"])
     assert report["memory_plan"]["path"] == "streamed" and report["memory_plan"]["chunk"] == 16
     assert "streamed" in report["memory_plan"]["reason"]
     summary = summarize(report, {})
     assert summary["phases"] == report["phases"] and summary["memory"] == memory
+
+
+def test_peak_memory_section_measures_the_step_and_keeps_the_run_peak():
+    """A section's peak is over the memory it starts with; the run's peak reached before it survives its reset."""
+    from core.runs.phases import PeakMemory
+
+    peak = PeakMemory()
+    peak.start()
+    before = torch.ones(96 * 2**20 // 4)  # 96 MiB touched, then freed (mmapped: given back at once)
+    del before
+    with peak.section():
+        step = torch.ones(48 * 2**20 // 4)
+        del step
+    report = peak.report(planned_bytes=64 * 2**20)
+    if not report["peak_since_start"]:
+        pytest.skip("VmHWM cannot be reset here (/proc/self/clear_refs)")
+    assert 44 * 2**20 <= report["step_peak_extra_bytes"] <= 64 * 2**20, report
+    assert report["step_within_plan"] is True
+    assert report["peak_extra_bytes"] >= 90 * 2**20, report  # the 96 MiB before the section
 
 
 def test_phase_timer_counts_each_second_once():

@@ -89,31 +89,59 @@ def _status(key: str) -> int | None:
 
 
 class PeakMemory:
-    """The process's peak resident memory from ``start()`` on (and the GPU's, when one is used)."""
+    """The process's peak resident memory from ``start()`` on (and the GPU's, when one is used), and the most any
+    :meth:`section` (a pruning step: what the memory plan predicts) held above the memory it began with."""
 
     def __init__(self) -> None:
         self.reset = False
         self.start_bytes: int | None = None
+        self.carried = 0  # the high-water mark before a section reset it
+        self.section_extra: int | None = None
 
-    def start(self) -> None:
+    @staticmethod
+    def _clear() -> bool:
         try:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
-            self.reset = True
+            return True
         except OSError:
-            self.reset = False
+            return False
+
+    def start(self) -> None:
+        self.reset = self._clear()
         self.start_bytes = _status("VmRSS")
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
 
+    @contextmanager
+    def section(self) -> Iterator[None]:
+        """Measure the block's own peak over the resident memory it starts with (the run's peak is kept: the mark
+        reached before the block is carried over the reset)."""
+        self.carried = max(self.carried, _status("VmHWM") or 0)
+        if not self._clear():
+            yield
+            return
+        base = _status("VmRSS")
+        try:
+            yield
+        finally:
+            hwm = _status("VmHWM")
+            if hwm is not None and base is not None:
+                self.carried = max(self.carried, hwm)
+                self.section_extra = max(self.section_extra or 0, hwm - base)
+
     def report(self, planned_bytes: int | None) -> dict:
-        """Peak and start resident bytes, the peak over the start (what the plan predicts: the step's memory on top
-        of the loaded model and data) and the plan's number."""
-        peak = _status("VmHWM")
+        """Peak and start resident bytes, the peak over the start, the pruning steps' own peak over what the process
+        held when each began (what the plan predicts: a step's memory on top of the loaded model and data) and the
+        plan's number."""
+        peak = max(_status("VmHWM") or 0, self.carried) or None
+        step = self.section_extra
         out = {
             "peak_rss_bytes": peak,
             "start_rss_bytes": self.start_bytes,
             "peak_extra_bytes": peak - self.start_bytes if peak is not None and self.start_bytes is not None else None,
+            "step_peak_extra_bytes": step,
             "planned_bytes": planned_bytes,
+            "step_within_plan": step <= planned_bytes if step is not None and planned_bytes else None,
             "peak_since_start": self.reset,  # False: VmHWM could not be reset; it covers the whole process
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():

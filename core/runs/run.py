@@ -377,7 +377,8 @@ class Run:
         ``where`` and what to change."""
         pruner = self._pruner(lam, seed)
         try:
-            masks = pruner.prune(self.model, self.names, target, (self.x, self.y), **kwargs)
+            with self.peak.section():  # the step's own peak: what the memory plan predicts
+                masks = pruner.prune(self.model, self.names, target, (self.x, self.y), **kwargs)
         except (torch.linalg.LinAlgError, NumericalError) as e:
             detail = e.detail if isinstance(e, NumericalError) else str(e).split("\n")[0]
             raise NumericalError(
