@@ -356,3 +356,57 @@ def test_every_zoo_shrink_rebuilds_from_its_arch_kwargs(arch, kwargs, kind, shap
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
     assert sum(p.numel() for p in rebuilt.parameters()) < dense
+
+
+class _StopAfter:
+    """Run hooks that cancel once ``n`` checkpoints were written (and record the events)."""
+
+    def __init__(self, n=None):
+        self.n, self.events = n, []
+
+    def progress(self, fraction, message): ...
+
+    def metric(self, point): ...
+
+    def event(self, kind, data):
+        self.events.append(kind)
+
+    def cancelled(self):
+        return self.n is not None and self.events.count("checkpoint") >= self.n
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_structured_run_resumes_to_the_uninterrupted_weights(tmp_path, stop_after):
+    """Checkpoints after the prune (1) and after fine-tuning epoch 1 (2): a resumed attempt shrinks the fresh dense
+    model as the checkpoint says and ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from core.errors import Canceled
+    from core.runs.checkpoint import DirectoryCheckpointer
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+
+    kwargs = {"in_features": 20, "hidden": [32, 16], "num_classes": 4}
+    torch.manual_seed(0)
+    dense = build_model("mlp", **kwargs).state_dict()
+
+    def fresh():
+        model = build_model("mlp", **kwargs)
+        model.load_state_dict(dense)
+        return model
+
+    spec = PruneSpec(method="obc", sparsity=0.5, structure="neurons", finetune={"epochs": 2}, device="cpu")
+    whole = execute(spec, fresh(), _digits(), tmp_path / "a", _StopAfter(), DirectoryCheckpointer(tmp_path / "ck_a"))
+    ck = DirectoryCheckpointer(tmp_path / "ck_b")
+    with pytest.raises(Canceled):
+        execute(spec, fresh(), _digits(), tmp_path / "b", _StopAfter(stop_after), ck)
+    hooks = _StopAfter()
+    resumed = execute(spec, fresh(), _digits(), tmp_path / "b", hooks, ck)
+    assert "resumed" in hooks.events and "pruned" not in hooks.events  # the prune was not done again
+    a, b = load_file(whole.artifacts["pruned"]), load_file(resumed.artifacts["pruned"])
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [p["kind"] for p in resumed.report["curve"]] == [p["kind"] for p in whole.report["curve"]]
+    assert resumed.report["structure"] == whole.report["structure"]
+    assert resumed.report["size"]["dense_safetensors_bytes"] == whole.report["size"]["dense_safetensors_bytes"]

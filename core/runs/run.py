@@ -698,11 +698,21 @@ def execute(
     """Run (or resume, when the checkpointer holds a state) ``spec`` on ``model`` and ``data``;
     ``memory_budget_mb`` is the server's budget, if any (the lower of it and the spec's applies); ``model_name``
     titles the plots; ``phases`` a timer holding the caller's phases so far (loading the inputs). A ``structure``
-    other than 'unstructured' runs :func:`core.runs.structured.execute_structured` (no checkpoints)."""
+    other than 'unstructured' runs :func:`core.runs.structured.execute_structured`."""
     if spec.structure != "unstructured":
         device, hooks = resolve_device(spec.device), hooks or RunHooks()
         out, report = execute_structured(
-            spec, model, data, out_dir, hooks, device, ARTIFACTS, model_name=model_name, phases=phases, latency=latency
+            spec,
+            model,
+            data,
+            out_dir,
+            hooks,
+            device,
+            ARTIFACTS,
+            model_name=model_name,
+            phases=phases,
+            latency=latency,
+            checkpointer=checkpointer,
         )
         return RunResult(out, report)
     run = Run(

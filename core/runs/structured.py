@@ -14,13 +14,17 @@ custom code:
   (``from_pretrained`` as is). Heads are refused there: transformers 5 sizes a head as ``hidden_size /
   num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in a config.
 
-A structured run keeps no checkpoint: a retried attempt starts again from the upload (the prune is one shot and its
-model changes shape).
+A structured run checkpoints after the prune and after every fine-tuning epoch: the smaller model's weights, the units
+each family kept (a resumed attempt shrinks the freshly loaded dense model the same way before loading them), the
+optimizer, the curve and the dense model's measurements. A resumed run ends with the same weights as an uninterrupted
+one (every random draw is keyed by seed and epoch).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -30,7 +34,8 @@ from torch import Tensor, nn
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
 from core.engine.structured.groups import KINDS, Family, find_families
-from core.engine.structured.prune import prune_structured
+from core.engine.structured.prune import FamilyResult, prune_structured
+from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
 from core.io.data import Dataset
 from core.io.files import atomic_write
@@ -39,6 +44,7 @@ from core.io.zoo.lenet import LeNet5
 from core.io.zoo.mlp import MLP
 from core.io.zoo.resnet import Bottleneck, ResNet
 from core.io.zoo.resnet_cifar import CifarResNet
+from core.runs.checkpoint import optimizer_state, restore_optimizer
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe
 from core.runs.phases import PeakMemory, PhaseTimer
 from core.runs.report import count_macs, curve_csv, curve_png, plot_title
@@ -130,15 +136,22 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _finetune(model, x, y, spec: PruneSpec, hooks, timer, point, metric, val) -> None:
-    """``finetune.epochs`` of plain training of the smaller model (no masks: every weight left is kept)."""
+def _finetune(model, x, y, spec: PruneSpec, hooks, timer, point, metric, val, resume, save) -> None:
+    """``finetune.epochs`` of plain (unmasked) training of the smaller model, from the epoch after the checkpoint's
+    (``resume``: its tensors and meta, or None); ``save(epoch, optimizer)`` after every epoch."""
     ft = spec.finetune
     if not ft.epochs:
         return
     optimizer = make_optimizer(model, ft)
-    for epoch in range(ft.epochs):
+    first = 0
+    if resume is not None:
+        tensors, meta = resume
+        first = meta["epoch"] + 1
+        if "optimizer" in meta:
+            restore_optimizer(optimizer, tensors, meta["optimizer"])
+    for epoch in range(first, ft.epochs):
         if hooks.cancelled():
-            raise Canceled("the run was canceled")
+            raise Canceled("the run was canceled; its last checkpoint is kept")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(ft, epoch)
         torch.manual_seed(spec.seed * 1000 + epoch)
@@ -150,7 +163,32 @@ def _finetune(model, x, y, spec: PruneSpec, hooks, timer, point, metric, val) ->
         m = metric(*val)
         check_metrics(m, where, TRAIN_HINT)
         point(epoch, m)
+        save(epoch, optimizer)
         hooks.progress(0.5 + 0.5 * (epoch + 1) / ft.epochs, f"fine-tuning epoch {epoch + 1}/{ft.epochs}")
+
+
+def _save(checkpointer, timer, hooks, model: nn.Module, optimizer, meta: dict) -> None:
+    """A checkpoint of the smaller model (and the optimizer) with ``meta`` (strict JSON)."""
+    if checkpointer is None:
+        return
+    with timer("checkpoint"):
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if optimizer is not None:
+            opt_tensors, meta["optimizer"] = optimizer_state(optimizer)
+            tensors.update(opt_tensors)
+        checkpointer.save(tensors, json.loads(json_bytes(meta)))
+    hooks.event("checkpoint", {"epoch": meta["epoch"], "phase": "trained" if meta["epoch"] >= 0 else "pruned"})
+
+
+def _restore(model: nn.Module, families: list[Family], tensors: dict[str, Tensor], meta: dict) -> list[FamilyResult]:
+    """Shrink the dense ``model`` to the units the checkpoint's families kept, then load its weights."""
+    results = [FamilyResult(**r) for r in meta["results"]]
+    if [r.name for r in results] != [f.name for f in families]:
+        raise InvalidInput("the checkpoint's structure does not match this model's; retry the job from the start")
+    for fam, r in zip(families, results):
+        shrink(model, fam, torch.tensor(sorted(set(range(fam.units)) - set(r.removed)), dtype=torch.long))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return results
 
 
 def _export(
@@ -225,10 +263,12 @@ def execute_structured(
     model_name: str | None = None,
     phases: PhaseTimer | None = None,
     latency: LatencyConfig | None = None,
+    checkpointer=None,
 ) -> tuple[dict[str, Path], dict]:
     """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
     ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``;
-    ``latency``: what measuring the dense and the smaller model's latency may spend (:mod:`core.runs.speed`)."""
+    ``latency``: what measuring the dense and the smaller model's latency may spend (:mod:`core.runs.speed`);
+    ``checkpointer``: a ``core.runs.checkpoint.Checkpointer`` (resumes from its last checkpoint when it holds one)."""
     timer, peak = phases or PhaseTimer(), PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -256,48 +296,75 @@ def execute_structured(
         curve.append(p)
         hooks.metric(p)
 
-    dense_params = _count(model)
+    example = xv[:1]
+    latency = latency or default_latency()
+    runtimes = runtimes_for(not _is_hf(model), "unstructured")
+    resume = checkpointer.load() if checkpointer is not None else None
+    if resume is not None:  # the dense model's numbers come from the checkpoint; the model is shrunk as it was
+        tensors, meta = resume
+        results = _restore(model, families, tensors, meta)
+        dense, before = meta["dense"], meta["before"]
+        curve.extend(meta["curve"])
+        hooks.event("resumed", {"epoch": meta["epoch"], "phase": "trained" if meta["epoch"] >= 0 else "pruned"})
+    else:
+        dense = {"params": _count(model)}
+        before = {"validation": metric(xv, yv), "train": metric(x, y)}
+        for split, m in before.items():
+            check_metrics(m, f"before any pruning, on the {split} split", "check the model and the data")
+        dense["macs"] = count_macs(model, example)[0]
+        names = getattr(model, "source_names", None) or {}
+        with timer("export"):
+            state = {names.get(k, k): v.to("cpu", torch.float32) for k, v in model.state_dict().items()}
+            dense["safetensors_bytes"] = dense_safetensors_bytes(state, Path(out_dir) / ".dense.safetensors")
+        dense["latency"] = {}
+        if latency.enabled:
+            with timer("latency"):
+                cpu_example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
+                dense["latency"] = _latency(model, xv, latency, runtimes, Path(out_dir) / ".dense.onnx", cpu_example)
+    dense_params = dense["params"]
 
     def removed_fraction() -> float:
         return 1.0 - _count(model) / dense_params
 
-    before = {"validation": metric(xv, yv), "train": metric(x, y)}
-    for split, m in before.items():
-        check_metrics(m, f"before any pruning, on the {split} split", "check the model and the data")
-    example = xv[:1]
-    dense_macs = count_macs(model, example)[0]
-    latency = latency or default_latency()
-    runtimes = runtimes_for(not _is_hf(model), "unstructured")
-    names = getattr(model, "source_names", None) or {}
-    with timer("export"):
-        state = {names.get(k, k): v.to("cpu", torch.float32) for k, v in model.state_dict().items()}
-        dense_bytes = dense_safetensors_bytes(state, Path(out_dir) / ".dense.safetensors")
-    dense_latency = {}
-    if latency.enabled:
-        with timer("latency"):
-            cpu_example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
-            dense_latency = _latency(model, xv, latency, runtimes, Path(out_dir) / ".dense.onnx", cpu_example)
-    point(0, 0, "dense", before["validation"])
-    hooks.event("started", {"structure": spec.structure, "families": len(families)})
-    hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
-    with timer("obs"):
-        results = prune_structured(
-            model,
-            families,
-            spec.sparsity,
-            _calibration(x, spec) if info.group_saliency == "obs" else None,
-            saliency=info.group_saliency,
-            damp=spec.layerwise.damp,
-            batch=spec.layerwise.batch_size,
-            progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
-        )
-    where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
-    check_weights(model, where, _HINT)
-    pruned = metric(xv, yv)
-    check_metrics(pruned, where, _HINT)
-    point(1, 0, "prune", pruned)
-    hooks.event("pruned", {"step": 1, "sparsity": removed_fraction()})
-    _finetune(model, x, y, spec, hooks, timer, lambda epoch, m: point(2 + epoch, epoch, "epoch", m), metric, (xv, yv))
+    def save(epoch: int, optimizer) -> None:
+        meta = {"epoch": epoch, "results": [dataclasses.asdict(r) for r in results], "dense": dense}
+        _save(checkpointer, timer, hooks, model, optimizer, meta | {"before": before, "curve": curve})
+
+    if resume is None:
+        point(0, 0, "dense", before["validation"])
+        hooks.event("started", {"structure": spec.structure, "families": len(families)})
+        hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
+        with timer("obs"):
+            results = prune_structured(
+                model,
+                families,
+                spec.sparsity,
+                _calibration(x, spec) if info.group_saliency == "obs" else None,
+                saliency=info.group_saliency,
+                damp=spec.layerwise.damp,
+                batch=spec.layerwise.batch_size,
+                progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
+            )
+        where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
+        check_weights(model, where, _HINT)
+        pruned = metric(xv, yv)
+        check_metrics(pruned, where, _HINT)
+        point(1, 0, "prune", pruned)
+        hooks.event("pruned", {"step": 1, "sparsity": removed_fraction()})
+        save(-1, None)
+    _finetune(
+        model,
+        x,
+        y,
+        spec,
+        hooks,
+        timer,
+        lambda epoch, m: point(2 + epoch, epoch, "epoch", m),
+        metric,
+        (xv, yv),
+        resume if resume is not None and resume[1]["epoch"] >= 0 else None,
+        save,
+    )
     after = {"validation": metric(xv, yv), "train": metric(x, y)}
     model = model.to("cpu", torch.float32).eval()
     example = example.to("cpu", torch.float32) if example.is_floating_point() else example.cpu()
@@ -319,7 +386,7 @@ def execute_structured(
     if latency.enabled:
         with timer("latency"):
             pruned_latency = _latency(model, xv, latency, runtimes, out.get("onnx"), None)
-        speed = speed_report(latency, dense_latency, pruned_latency, "unstructured", True)
+        speed = speed_report(latency, dense["latency"], pruned_latency, "unstructured", True)
     total = _count(model)
     report = {
         "version": 1,
@@ -329,7 +396,7 @@ def execute_structured(
         "structure": structure,
         "sparsity": {"target": spec.sparsity, "pruned_layers": removed_fraction(), "global": removed_fraction()},
         "parameters": {"total": total, "nonzero": total, "dense": dense_params},
-        "macs": {"dense": dense_macs, "sparse": count_macs(model, example)[0]},
+        "macs": {"dense": dense["macs"], "sparse": count_macs(model, example)[0]},
         "metrics": {
             "before": before,
             "after": after,
@@ -345,7 +412,7 @@ def execute_structured(
         "device": str(device),
         "onnx_error": onnx_error,
         "speed": speed,
-        "size": _size(dense_bytes, out["pruned"]),
+        "size": _size(dense["safetensors_bytes"], out["pruned"]),
     }
     report = json_safe(report)
     atomic_write(out["curve_csv"], curve_csv(curve).encode())
