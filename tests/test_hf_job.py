@@ -79,3 +79,26 @@ def test_merges_without_vocab_is_a_clear_refusal(tmp_path: Path) -> None:
     (folder / "vocab.json").unlink()
     with pytest.raises(InvalidInput, match=r"merges\.txt alone is not a tokenizer: .* needs vocab\.json and merges"):
         load_tokenizer(read_folder(folder))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_lambda_auto_on_a_hf_model(tmp_path: Path, kind: str) -> None:
+    """λ 'auto' on a Hugging Face model: the calibration split is carved from the text examples (never the
+    validation split), every λ of the grid is tried on it with the objective's metric, and the chosen one is the
+    best there (distillation for the encoder: the lowest MSE to the dense embeddings; the causal LM: the lowest
+    token loss)."""
+    folder = write_model(tmp_path / kind, kind)
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(sentences(40)))
+    spec = PruneSpec(sparsity=0.5, fisher={"samples": 4, "block_size": 16, "recompute": 1, "lambda": "auto",
+                                            "lambda_grid": [1e-8, 1e-4, 1.0]})  # fmt: skip
+    run_spec, model, ds = load_hf_job(spec, zip_folder(folder, tmp_path / "m.zip"), data, "txt")
+    result = Run(run_spec, model, ds, tmp_path / "out").execute()
+    report = result.report
+    splits = report["metrics"]["splits"]
+    assert splits["calibration"]["examples"] >= 1 and splits["calibration"]["used_for"] == "lambda 'auto'"
+    assert splits["calibration"]["examples"] + splits["train"]["examples"] + splits["validation"]["examples"] == 40
+    sweep = report["lambda_sweep"]
+    assert {1e-8, 1e-4, 1.0} <= {s["lambda"] for s in sweep}
+    best = min(sweep, key=lambda s: s["loss"])
+    assert report["lambda"] == best["lambda"] and "lambda_sweep_png" in result.artifacts
