@@ -99,3 +99,40 @@ def test_a_graph_input_the_data_lacks_is_named(tmp_path: Path) -> None:
     data = _write(tmp_path / "d.jsonl", _rows(4, labels=False))
     with pytest.raises(InvalidInput, match=r"inputs \['pixels'\] are not in a pre-tokenized dataset"):
         load_onnx_text_job(PruneSpec(sparsity=0.5), path, data, "jsonl")
+
+
+def test_named_inputs_npz_feeds_a_two_input_graph(tmp_path: Path) -> None:
+    """Float and int data for several inputs in general: an .npz of ``x.<name>`` arrays (any order) and ``y`` is
+    packed into one float tensor, the graph gets each input by name in its own dtype (a float input and an int64
+    one here), and a run prunes it; names that are not the graph's are a 422 naming both."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from core.io.data import load_dataset
+    from core.runs.onnx_job import bind_named_inputs
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "fc.weight")
+    nodes = [helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+             helper.make_node("Concat", ["feats", "idsf"], ["cat"], axis=1),
+             helper.make_node("MatMul", ["cat", "fc.weight"], ["out"])]  # fmt: skip
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])], [w],
+    )  # fmt: skip
+    model_path = tmp_path / "m.onnx"
+    model_path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    feats, ids = rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 9, size=(40, 2))
+    np.savez(tmp_path / "d.npz", **{"x.ids": ids, "x.feats": feats}, y=rng.integers(0, 3, size=40))
+    data = load_dataset(tmp_path / "d.npz")
+    assert data.named_inputs == (("ids", (2,)), ("feats", (4,))) and tuple(data.x_train.shape) == (40, 6)
+    model = bind_named_inputs(onnx_to_torch(model_path).eval(), data)
+    want = ort.InferenceSession(str(model_path)).run(None, {"feats": feats[:5], "ids": ids[:5]})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(model(data.x_train[:5]).numpy(), want, atol=1e-5, rtol=1e-5)
+    result = Run(PruneSpec.model_validate(SPEC | {"sparsity": 0.5}), model, data, tmp_path / "out").execute()
+    assert result.report["sparsity"]["pruned_layers"] == pytest.approx(0.5, abs=0.1)
+    np.savez(tmp_path / "bad.npz", **{"x.ids": ids, "x.pixels": feats}, y=rng.integers(0, 3, size=40))
+    with pytest.raises(InvalidInput, match=r"named inputs \['ids', 'pixels'\] are not the ONNX model's inputs"):
+        bind_named_inputs(onnx_to_torch(model_path), load_dataset(tmp_path / "bad.npz"))

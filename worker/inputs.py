@@ -13,7 +13,7 @@ from core.io.data.text import TEXT_FORMATS
 from core.io.model_files import load_model
 from core.io.uris import local_path
 from core.runs.hf_job import load_hf_job
-from core.runs.onnx_job import load_onnx_text_job
+from core.runs.onnx_job import bind_named_inputs, load_onnx_text_job
 from core.runs.spec import PruneSpec
 from core.service.artifacts import ArtifactStore
 from core.service.db import attempts
@@ -53,6 +53,7 @@ def load_inputs(db: Database, store: ArtifactStore, settings: Settings, job: Job
             )
     except FileNotFoundError as exc:
         raise NotFound(f"a stored input of the job is missing: {exc.filename or exc}") from None
+    model = bind_named_inputs(model, data)  # an ONNX graph of several named inputs (core.runs.onnx_job)
     check_compatible(model, data, spec.loss.value)
     return spec, model, data
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from core.engine.grads import Loss
 from core.errors import InvalidInput
@@ -26,7 +26,7 @@ from core.io.onnx.module import OnnxModule
 from core.io.onnx.packed import InputSlot, PackedOnnxModule, pack
 from core.runs.spec import FisherKind, PruneSpec
 
-__all__ = ["NO_TOKENIZER", "load_onnx_text_job", "token_inputs"]
+__all__ = ["NO_TOKENIZER", "bind_named_inputs", "load_onnx_text_job", "token_inputs"]
 
 NO_TOKENIZER = (
     "an ONNX model has no tokenizer: its text dataset must be pre-tokenized, a .jsonl of rows with 'input_ids' "
@@ -112,3 +112,27 @@ def load_onnx_text_job(
         loss, metric = Loss.MSE, "loss"
         fisher = fisher.model_copy(update={"kind": FisherKind.TRUE})
     return spec.model_copy(update={"loss": loss, "metric": metric, "fisher": fisher}), packed, data
+
+
+def bind_named_inputs(model: nn.Module, data: Dataset) -> nn.Module:
+    """``model`` as it runs on ``data``: an ONNX graph of several inputs on a dataset of named inputs (``x.<name>``
+    arrays, :mod:`core.io.data.formats`) becomes a :class:`PackedOnnxModule` fed by name, each input in the graph's
+    dtype; plain features leave it as is. Names that do not match the graph's inputs are a 422 naming both."""
+    if data.named_inputs is None:
+        return model
+    names = [n for n, _ in data.named_inputs]
+    if not isinstance(model, OnnxModule):
+        raise _bad(
+            f"the dataset holds named inputs {names}: they feed an ONNX model of those inputs, not this model",
+            ["dataset_id"],
+        )
+    if sorted(names) != sorted(model.input_names):
+        raise _bad(f"the dataset's named inputs {names} are not the ONNX model's inputs {model.input_names}",
+                   ["dataset_id"])  # fmt: skip
+    slots = []
+    for name, shape in data.named_inputs:
+        dtype = model.input_types.get(name) or torch.float32
+        if dtype.is_complex or dtype == torch.bool:
+            raise _bad(f"the ONNX model's input {name!r} is {dtype}: inputs are integers or floats", ["model_id"])
+        slots.append(InputSlot(name, shape, dtype))
+    return PackedOnnxModule.from_module(model, slots).train(model.training)

@@ -57,7 +57,7 @@ class PackedOnnxModule(OnnxModule):
 
     @classmethod
     def from_module(cls, m: OnnxModule, slots: list[InputSlot], *, distill: bool = False) -> PackedOnnxModule:
-        if [s.name for s in slots] != list(m.input_names):
+        if sorted(s.name for s in slots) != sorted(m.input_names):
             raise ValueError(f"slots {[s.name for s in slots]} are not the graph's inputs {m.input_names}")
         floats = {name: getattr(m, attr) for name, attr in m._const_attrs.items()}
         out = cls(dict(m.layers.items()), m.steps, m.input_names, m.output_names, floats, m._ints)
@@ -66,13 +66,14 @@ class PackedOnnxModule(OnnxModule):
         return out.train(m.training)
 
     def unpack(self, x: Tensor) -> tuple[Tensor, ...]:
-        """The named inputs in ``x`` (see :func:`pack`), in the graph's order, shapes and dtypes."""
-        out, at = [], 0
+        """The named inputs in ``x`` (packed in the slots' order, see :func:`pack`), in the graph's order, shapes and
+        dtypes."""
+        out, at = {}, 0
         for s in self.slots:
             part = x[:, at : at + s.size].reshape(x.shape[0], *s.shape)
-            out.append(part.to(s.dtype) if s.dtype.is_floating_point else part.round().to(s.dtype))
+            out[s.name] = part.to(s.dtype) if s.dtype.is_floating_point else part.round().to(s.dtype)
             at += s.size
-        return tuple(out)
+        return tuple(out[n] for n in self.input_names)
 
     def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
         total = sum(s.size for s in self.slots)
