@@ -66,6 +66,10 @@ def main() -> None:
               f"{statistics.median(v['import_s']):.2f} s, validation min {v['min_s']:.2f} s, median "
               f"{v['median_s']:.2f} s ({v['arch']})")  # fmt: skip
     print(f"median validation without / with: {out['without']['median_s'] / out['with']['median_s']:.1f}x")
+    sys.path.insert(0, str(ROOT))
+    from bench._util import save
+
+    print("saved", save("hf_validation", [{"preload": k, **v} for k, v in out.items()]))
 
 
 if __name__ == "__main__":
