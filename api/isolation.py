@@ -41,7 +41,16 @@ BYTES_PER_FILE_BYTE = 4
 
 #: imported once by the fork server, so a child starts with torch and the validators loaded ("__main__": the
 #: server's entry script, e.g. uvicorn's, which multiprocessing would otherwise re-run in every child)
-PRELOAD = ["__main__", "core.io.data", "core.io.model_files", "core.io.zoo", "safetensors.torch", "core.io.onnx.warm"]
+PRELOAD = [
+    "__main__",
+    "core.io.data",
+    "core.io.model_files",
+    "core.io.zoo",
+    "safetensors.torch",
+    "core.io.onnx.warm",
+    "core.io.hf.validate",
+    "core.io.hf.warm",
+]
 
 _lock = threading.Lock()
 _context: BaseContext | None = None

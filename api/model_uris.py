@@ -18,7 +18,7 @@ from api.forms import default_name
 from api.isolation import memory_limit, run_isolated
 from api.schemas import ModelRegister
 from core.errors import InvalidInput
-from core.io.hf.archive import pack_folder
+from core.io.hf.archive import ArchiveLimits, pack_folder
 from core.io.hf.validate import HF_FORMAT, validate_model_upload
 from core.io.limits import LoadLimits
 from core.io.uris import resolve_uri
@@ -43,7 +43,7 @@ def register_model_uri(
     final = f"models/{tenant.id}/{model_id}.{HF_FORMAT}"
     with tempfile.TemporaryDirectory(prefix="arborist-mdl-") as tmp:
         if os.path.isdir(path):
-            archive = pack_folder(path, Path(tmp) / "model.zip")
+            archive = pack_folder(path, Path(tmp) / "model.zip", ArchiveLimits.of(limits))
         elif os.path.isfile(path):
             archive = Path(path)
         else:

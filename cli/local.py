@@ -27,6 +27,7 @@ from core.io.data import Dataset, builtin_dataset, check_compatible, load_datase
 from core.io.model_files import load_model, save_state_dict
 from core.io.zoo import build_model
 from core.runs.checkpoint import DirectoryCheckpointer
+from core.runs.onnx_job import bind_named_inputs
 from core.runs.run import RunHooks, execute
 from core.runs.spec import FinetuneSpec, PruneSpec
 from core.runs.train import evaluate, make_optimizer, train_epoch
@@ -61,6 +62,7 @@ def _load_run_file(path: Path) -> tuple[dict, torch.nn.Module, Dataset, PruneSpe
         model = load_model(base / m["weights"], "safetensors", m.get("arch"), m.get("kwargs") or {})
     data = _data(str(doc.get("data", "digits")), base)
     spec = PruneSpec(**(doc.get("spec") or {}))
+    model = bind_named_inputs(model, data)  # an ONNX graph of several named inputs
     check_compatible(model, data, spec.loss.value)
     doc["output"] = base / doc.get("output", f"runs/{path.stem}")
     return doc, model, data, spec

@@ -90,8 +90,37 @@ def write_tokenizer(folder: Path, *, causal: bool = False) -> int:
     return tok.get_vocab_size()
 
 
-def write_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """A tiny model folder: ``kind`` in bert (base), bert_cls (3 labels), bert_mlm, gpt2 (causal LM)."""
+def write_tokenizer_files(folder: Path, *, causal: bool = False) -> int:
+    """A tokenizer without tokenizer.json: GPT-2's byte-level BPE (``vocab.json`` + ``merges.txt``, trained here on
+    the sentences) or BERT's WordPiece (``vocab.txt``: specials, the words, letters and ``##`` letters); returns its
+    vocabulary size."""
+    if causal:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(sentences(200), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+        bpe.save_model(str(folder))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+        return bpe.get_vocab_size()
+    letters = sorted({c for w in WORDS for c in w})
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *dict.fromkeys(WORDS),
+        *letters,
+        *(f"##{c}" for c in letters),
+    ]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    return len(vocab)
+
+
+def write_model(folder: Path, kind: str, seed: int = 0, *, tokenizer_json: bool = True) -> Path:
+    """A tiny model folder: ``kind`` in bert (base), bert_cls (3 labels), bert_mlm, gpt2 (causal LM); without
+    ``tokenizer_json`` its tokenizer is files only (:func:`write_tokenizer_files`)."""
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -102,7 +131,7 @@ def write_model(folder: Path, kind: str, seed: int = 0) -> Path:
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(folder, causal=kind == "gpt2")
+    vocab = (write_tokenizer if tokenizer_json else write_tokenizer_files)(folder, causal=kind == "gpt2")
     torch.manual_seed(seed)
     if kind == "gpt2":
         config = GPT2Config(

@@ -64,6 +64,24 @@ def test_block_size_auto_without_a_budget_never_plans_past_half_the_machine(monk
     assert "the largest that fits" in plan.block_choice and "this machine's memory" in plan.block_choice
 
 
+def test_block_size_auto_without_a_budget_plans_within_the_memory_available_now(monkeypatch, tmp_path):
+    """On a machine shared with other processes 'auto' plans within half of what they leave (MemAvailable), not half
+    of all of it: MiniLM's whole encoder at the bare defaults planned 9.8 GB on a 24 GB machine where 11 GB were
+    free, and was killed by the kernel."""
+    import core.runs.budget as budget
+
+    whole = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {2**40 // 1024} kB\nMemAvailable: {whole.total_bytes // 1024} kB\n")
+    monkeypatch.setattr(budget, "MEMINFO", str(meminfo))
+    assert budget.available_memory_bytes() == min(budget.machine_memory_bytes(), whole.total_bytes // 1024 * 1024)
+    plan = memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET)
+    assert plan.block_size is not None and plan.total_bytes <= whole.total_bytes / 2
+    assert "available now" in plan.block_choice
+    meminfo.write_text(f"MemAvailable: {4 * whole.total_bytes // 1024} kB\n")
+    assert memory_plan(PruneSpec(sparsity=0.9, fisher={"samples": 512}), LENET).block_size is None
+
+
 def test_block_size_auto_takes_whole_layers_within_a_budget_and_the_largest_block_that_fits_else():
     spec = PruneSpec(sparsity=0.9, fisher={"samples": 512})
     whole = memory_plan(spec, LENET)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from core.errors import InvalidInput, NotFound
 from core.io.data import Dataset, check_compatible, load_dataset
+from core.io.data.text import TEXT_FORMATS
 from core.io.model_files import load_model
 from core.io.uris import local_path
 from core.runs.hf_job import load_hf_job
+from core.runs.onnx_job import bind_named_inputs, load_onnx_text_job
 from core.runs.spec import PruneSpec
 from core.service.artifacts import ArtifactStore
 from core.service.db import attempts
@@ -32,7 +35,9 @@ def load_inputs(db: Database, store: ArtifactStore, settings: Settings, job: Job
         raise InvalidInput("the job's model or dataset was deleted")
     model_row, ds_row = db.call(lambda s: attempts.job_inputs(session=s, job=job), what="load input rows")
     if model_row.format == "huggingface":
-        return _hf_inputs(store, settings, spec, model_row, ds_row)
+        return _hf_inputs(store, settings, spec, model_row, ds_row, load_hf_job)
+    if model_row.format == "onnx" and ds_row.format in TEXT_FORMATS:  # pre-tokenized data (core.runs.onnx_job)
+        return _hf_inputs(store, settings, spec, model_row, ds_row, load_onnx_text_job)
     try:
         with store.materialize(model_row.path) as path:
             model = load_model(path, model_row.format, arch=model_row.arch, arch_kwargs=model_row.arch_kwargs)
@@ -48,22 +53,24 @@ def load_inputs(db: Database, store: ArtifactStore, settings: Settings, job: Job
             )
     except FileNotFoundError as exc:
         raise NotFound(f"a stored input of the job is missing: {exc.filename or exc}") from None
+    model = bind_named_inputs(model, data)  # an ONNX graph of several named inputs (core.runs.onnx_job)
     check_compatible(model, data, spec.loss.value)
     return spec, model, data
 
 
 def _hf_inputs(
-    store: ArtifactStore, settings: Settings, spec: PruneSpec, model_row, ds_row
+    store: ArtifactStore, settings: Settings, spec: PruneSpec, model_row, ds_row, load_job: Callable
 ) -> tuple[PruneSpec, Any, Dataset]:
-    """A Hugging Face model's job: the archive and the text dataset (``core.runs.hf_job``)."""
+    """A job on a text dataset: a Hugging Face archive (``core.runs.hf_job``) or an ONNX transformer with
+    pre-tokenized rows (``core.runs.onnx_job``)."""
     try:
         with store.materialize(model_row.path) as model_path:
             if ds_row.path:
                 with store.materialize(ds_row.path) as data_path:
-                    spec, model, data = load_hf_job(spec, model_path, data_path, ds_row.format)
+                    spec, model, data = load_job(spec, model_path, data_path, ds_row.format)
             else:
                 with local_path(ds_row.uri, settings.data_allowed_roots, settings.max_upload_bytes) as data_path:
-                    spec, model, data = load_hf_job(spec, model_path, data_path, ds_row.format)
+                    spec, model, data = load_job(spec, model_path, data_path, ds_row.format)
     except FileNotFoundError as exc:
         raise NotFound(f"a stored input of the job is missing: {exc.filename or exc}") from None
     check_compatible(model, data, spec.loss.value)

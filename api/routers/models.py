@@ -50,7 +50,10 @@ UPLOAD_BODY = upload_openapi(
 def load_limits(settings: Settings) -> LoadLimits:
     """What an uploaded model may become once loaded, from the settings."""
     return LoadLimits(
-        max_parameters=settings.max_model_parameters, max_constant_elements=settings.max_constant_elements
+        max_parameters=settings.max_model_parameters,
+        max_constant_elements=settings.max_constant_elements,
+        max_archive_files=settings.max_archive_files,
+        max_archive_bytes=settings.max_archive_bytes,
     )
 
 

@@ -24,16 +24,20 @@ class LoadLimits:
 
     ``max_parameters``: parameters of the model (a zoo architecture is counted on the ``meta`` device first).
     ``max_constant_elements``: elements of the constants an ONNX import computes from the graph (folded values, all
-    together) and of any tensor a node would build from a constant shape."""
+    together) and of any tensor a node would build from a constant shape.
+    ``max_archive_files`` / ``max_archive_bytes``: entries of a model archive (a Hugging Face folder as a .zip or
+    .tar.gz) and the bytes they declare once extracted (:mod:`core.io.hf.archive`)."""
 
     max_parameters: int | None = 2**28
     max_constant_elements: int | None = 2**27
+    max_archive_files: int | None = 1000
+    max_archive_bytes: int | None = 8 * 1024**3
 
 
 #: the caps of an untrusted file when the caller names none (the service's settings default to the same numbers)
 DEFAULT_LIMITS = LoadLimits()
 #: no caps: for files that were checked when they were uploaded, or that are the caller's own
-UNLIMITED = LoadLimits(max_parameters=None, max_constant_elements=None)
+UNLIMITED = LoadLimits(max_parameters=None, max_constant_elements=None, max_archive_files=None, max_archive_bytes=None)
 
 
 def elements(shape: Sequence[int]) -> int:

@@ -35,6 +35,10 @@ class FittedPlan(MemoryPlan):
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
+#: where the memory other processes leave is read (``MemAvailable``)
+MEMINFO = "/proc/meminfo"
+
+
 def machine_memory_bytes() -> int:
     """The memory this process may use (bytes): the machine's physical memory, or its container's limit if lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -47,6 +51,20 @@ def machine_memory_bytes() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
+
+
+def available_memory_bytes() -> int:
+    """The memory this process may still take (bytes): the kernel's ``MemAvailable`` (what other processes leave),
+    at most :func:`machine_memory_bytes`; that alone where /proc/meminfo is missing."""
+    machine = machine_memory_bytes()
+    try:
+        with open(MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return min(machine, int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return machine
 
 
 def effective_budget_mb(spec: PruneSpec, server_mb: float | None) -> tuple[float | None, str]:
@@ -86,9 +104,13 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
                 chosen += f", shrunk to {p.block_size} to fit the budget of {budget_mb:g} MiB ({source})"
         return FittedPlan(**asdict(p), block_choice=chosen)
     whole = plan(*args, None, *sizing, **kw)
-    if budget is None:  # 'auto' never plans past this machine: half its memory stands in for the missing budget
-        budget = AUTO_MEMORY_FRACTION * machine_memory_bytes()
-        budget_mb, source = budget / MiB, f"{AUTO_MEMORY_FRACTION:g} of this machine's memory, no budget being set"
+    if budget is None:  # 'auto' never plans past this machine: half the memory it has free stands in for the budget
+        # (free, not installed: on a machine shared with other jobs and services, half of all of it was an OOM kill)
+        budget = AUTO_MEMORY_FRACTION * available_memory_bytes()
+        budget_mb, source = (
+            budget / MiB,
+            (f"{AUTO_MEMORY_FRACTION:g} of this machine's memory available now, no budget being set"),
+        )
     if whole.total_bytes <= budget:
         return FittedPlan(
             **asdict(whole),

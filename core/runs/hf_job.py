@@ -17,14 +17,22 @@ from core.io.data import Dataset
 from core.io.data.text import TEXT_FORMATS, read_text_dataset
 from core.io.hf.load import load_hf_archive
 from core.io.hf.prepare import prepare_text_job
+from core.runs.onnx_job import NO_TOKENIZER
 from core.runs.spec import FisherKind, PruneSpec
 
 __all__ = ["check_pairing", "load_hf_job"]
 
 
 def check_pairing(model_format: str, data_format: str) -> None:
-    """Text datasets go with Hugging Face models, and Hugging Face models with text datasets (at job creation)."""
+    """Text datasets go with Hugging Face models (tokenized with their tokenizer) or, pre-tokenized (``.jsonl`` of
+    ``input_ids``), with ONNX models; Hugging Face models go with text datasets (at job creation)."""
     hf, text = model_format == "huggingface", data_format in TEXT_FORMATS
+    if model_format == "onnx" and text:
+        if data_format != "jsonl":
+            raise InvalidInput(
+                NO_TOKENIZER, errors=[{"loc": ["dataset_id"], "msg": NO_TOKENIZER, "type": "value_error"}]
+            )
+        return
     if hf != text:
         detail = (
             f"a Hugging Face model runs on a text dataset (jsonl, txt or parquet with a text column), this one is "

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     max_constant_elements: int = Field(
         2**27, gt=0, description="elements an ONNX graph's constants may expand to when it is imported (folding)"
     )
+    max_archive_files: int = Field(1000, gt=0, description="entries of an uploaded model archive (.zip / .tar.gz)")
+    max_archive_bytes: int = Field(
+        8 * GiB, gt=0, description="bytes the entries of an uploaded model archive declare once extracted"
+    )
     validation_memory_mb: int = Field(
         4096, ge=64, description="memory (MiB) a validation process may allocate, plus 4 bytes per byte of the file"
     )

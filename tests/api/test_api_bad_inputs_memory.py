@@ -28,6 +28,7 @@ from safetensors.torch import save as st_save
 
 import test_api_bad_inputs as bad
 from _api_testkit import assert_problem
+from _hf_models import zip_bytes
 from _model_bombs import BOMBS, GENERATORS, NON_FINITE, bomb, fill, generators_graph, i64, onnx_graph, over_memory_graph
 from test_api_bad_inputs import INVALID, Case, World, dataset_upload, mlp_state, model_upload, stored
 
@@ -144,6 +145,22 @@ CASES = [
         LIMIT,
         r"^ConstantOfShape node 'c' would build a \[4, 4\] tensor of 16 elements, over the limit of 10 ",
         settings=(("max_constant_elements", 10),),
+    ),
+    SettingsCase(
+        "model/archive-files-setting",
+        model_upload(zip_bytes({"config.json": b"{}", "a.txt": b"a", "b.txt": b"b"}), "model.zip"),
+        413,
+        LIMIT,
+        r"^the archive holds 3 entries, over the limit of 2 \(ARBORIST_MAX_ARCHIVE_FILES\)$",
+        settings=(("max_archive_files", 2),),
+    ),
+    SettingsCase(
+        "model/archive-bytes-setting",
+        model_upload(zip_bytes({"config.json": b"{}", "a.txt": b"a" * 100}), "model.zip"),
+        413,
+        LIMIT,
+        r"^the archive declares 102 bytes once extracted, over the limit of 50 \(ARBORIST_MAX_ARCHIVE_BYTES\)$",
+        settings=(("max_archive_bytes", 50),),
     ),
 ]
 

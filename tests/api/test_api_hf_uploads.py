@@ -126,3 +126,26 @@ def test_hf_folder_registered_by_uri_under_the_allowed_roots(client: httpx.Clien
     assert "symbolic link" in body["detail"]
     assert_problem(client.post("/v1/models", json={"uri": str(tiny)}), 403)
     assert _state(server) == before
+
+
+def test_onnx_models_take_pre_tokenized_jsonl_only(client: httpx.Client, tmp_path: Path) -> None:
+    """An ONNX upload has no tokenizer: with a .txt dataset a job is a 422 at creation that says so; with a .jsonl
+    of input_ids (pre-tokenized) it is accepted (the worker packs the named inputs, core.runs.onnx_job)."""
+    import numpy as np
+
+    from _onnx_ops import graph, node
+
+    ids = np.zeros((2, 3), np.int64)
+    proto = graph([node("Add", ["input_ids", "attention_mask"])], {"input_ids": ids, "attention_mask": ids})
+    onnx_id = _upload(client, "m.onnx", proto.SerializeToString()).json()["id"]
+    text = client.post("/v1/datasets", files={"file": ("t.txt", b"one line\nanother line\n", "text/plain")}).json()
+    rows = jsonl([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [4, 5]}])
+    tokens = client.post("/v1/datasets", files={"file": ("t.jsonl", rows, "application/jsonl")}).json()
+    assert tokens["format"] == "jsonl", tokens
+    r = client.post("/v1/jobs", json={"model_id": onnx_id, "dataset_id": text["id"], "spec": {"sparsity": 0.5}})
+    body = assert_problem(r, 422)
+    assert "ONNX model has no tokenizer" in body["detail"] and ["body", "dataset_id"] in [
+        e["loc"] for e in body["errors"]
+    ]
+    r = client.post("/v1/jobs", json={"model_id": onnx_id, "dataset_id": tokens["id"], "spec": {"sparsity": 0.5}})
+    assert r.status_code == 202, r.text

@@ -133,3 +133,41 @@ def test_sparsegpt_on_minilm_unstructured_and_2_4(
             if "pattern" in spec:  # at most 2 kept in every group of 4 consecutive inputs of a row
                 assert bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
         assert torch.equal(loaded.embeddings.word_embeddings.weight, dense.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.timeout(1800)
+def test_onnx_bert_classifier_with_pre_tokenized_jsonl(
+    api: Api, start_worker: Callable[[str], Proc], tmp_path: Path
+) -> None:
+    """Issue #14, two-input ONNX: a BERT classifier exported to ONNX (input_ids, attention_mask) and a .jsonl of
+    pre-tokenized rows with labels, through the HTTP API and a real worker: the job succeeds and its model.onnx
+    takes the upload's two inputs, with the pruned weights' zeros."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from _hf_onnx import IdsAndMask, batch, bert_classifier, export
+
+    start_worker("onnx-text")
+    path = export(IdsAndMask(bert_classifier()).eval(), batch(2, 8), tmp_path / "bert.onnx", dynamo=False)
+    with open(path, "rb") as fh:
+        r = api.client.post("/v1/models", files={"file": ("bert.onnx", fh, "application/octet-stream")}, timeout=300)
+    assert r.status_code == 201, r.text
+    ids, mask = batch(24, 9)
+    rows = [{"input_ids": ids[i, : int(mask[i].sum())].tolist(), "label": i % 3} for i in range(24)]
+    d = api.client.post("/v1/datasets", files={"file": ("tokens.jsonl", jsonl(rows), "application/json")})
+    assert d.status_code == 201, d.text
+    job = api.submit(r.json()["id"], d.json()["id"], {"method": "woodfisher", "sparsity": 0.5, "fisher": SMALL})
+    done = api.wait_state(job["id"], {"succeeded", "failed"}, timeout=900)
+    assert done["state"] == "succeeded", json.dumps(done)[:3000]
+    assert done["result"]["sparsity"]["pruned_layers"] == pytest.approx(0.5)
+    out = tmp_path / "pruned.onnx"
+    out.write_bytes(api.download(job["id"], "model.onnx"))
+    session = ort.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    logits = session.run(None, {"input_ids": ids[:3].numpy(), "attention_mask": mask[:3].numpy()})[0]
+    assert logits.shape == (3, 3) and np.isfinite(logits).all()
+    weights = [
+        onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer if t.dims and len(t.dims) == 2
+    ]
+    assert any(float((w == 0).mean()) == pytest.approx(0.5, abs=0.02) for w in weights)

@@ -33,6 +33,9 @@ class Dataset:
     y_val: Tensor | None = None
     num_classes: int | None = None
     input_shape: tuple[int, ...] = field(default=())
+    #: the named inputs ``x`` packs, in its column order: ((name, per-example shape), ...) (``core.io.onnx.packed``:
+    #: a model of several named inputs); None for plain features
+    named_inputs: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.x_val is None) != (self.y_val is None):
@@ -108,6 +111,7 @@ class Dataset:
             y_val=self.y_train[val_idx],
             num_classes=self.num_classes,
             input_shape=self.input_shape,
+            named_inputs=self.named_inputs,
         )
 
 

@@ -78,12 +78,53 @@ def _labels(a: np.ndarray, key: str) -> Tensor:
     )
 
 
+def _named(arrays: dict[str, np.ndarray], prefix: str) -> tuple[Tensor, tuple] | None:
+    """Arrays ``{prefix}.<name>`` (a model's named inputs, ``x.input_ids``, ``x.attention_mask``): one float32
+    ``(N, D)`` of them flattened per example and concatenated in the file's order, and ((name, shape), ...)."""
+    keys = [k for k in arrays if k.startswith(prefix + ".") and len(k) > len(prefix) + 1]
+    if not keys:
+        return None
+    cols, layout = [], []
+    for k in keys:
+        a = arrays[k]
+        t = _features(a, k)
+        if a.ndim == 1:
+            t = t.reshape(-1)
+        if len(t) != len(arrays[keys[0]]):
+            raise InvalidInput(f"the named inputs differ in their number of examples ({k!r})")
+        if not np.issubdtype(a.dtype, np.floating) and a.size and float(np.abs(a).max()) >= 2**24:
+            raise InvalidInput(f"{k} holds integers of 2**24 or more, which float32 cannot carry exactly",
+                               errors=[field_error([k], "integers beyond 2**24")])  # fmt: skip
+        layout.append((k[len(prefix) + 1 :], tuple(int(d) for d in t.shape[1:])))
+        cols.append(t.reshape(len(t), -1))
+    return torch.cat(cols, 1), tuple(layout)
+
+
+def _from_named(arrays: dict[str, np.ndarray], yk: str) -> Dataset:
+    train, val = _named(arrays, "x"), _named(arrays, "x_val")
+    if (val is None) != ("y_val" not in arrays):
+        raise InvalidInput("a validation split needs both 'x_val.<name>' arrays and 'y_val'")
+    if val is not None and val[1] != train[1]:
+        raise InvalidInput("the 'x_val.<name>' arrays must be the 'x.<name>' ones, in the same order and shapes")
+    return Dataset(
+        x_train=train[0],
+        y_train=_labels(arrays[yk], "y"),
+        x_val=val[0] if val is not None else None,
+        y_val=_labels(arrays["y_val"], "y_val") if val is not None else None,
+        named_inputs=train[1],
+    )
+
+
 def _from_arrays(arrays: dict[str, np.ndarray], source: str) -> Dataset:
     xk = next((k for k in _X_KEYS if k in arrays), None)
+    yk_named = next((k for k in _Y_KEYS if k in arrays), None)
+    if xk is None and yk_named is not None and any(k.startswith("x.") for k in arrays):
+        return _from_named(arrays, yk_named)  # a model's named inputs: x.input_ids, x.attention_mask, …
     yk = next((k for k in _Y_KEYS if k in arrays), None)
     if xk is None or yk is None:
         raise InvalidInput(
-            f"the {source} file must hold arrays 'x' and 'y' (or 'inputs' and 'targets'); found {sorted(arrays)[:20]}",
+            f"the {source} file must hold arrays 'x' and 'y' (or 'inputs' and 'targets', or a model's named inputs "
+            f"'x.<name>' and 'y'); found {sorted(arrays)[:20]}",
             errors=[field_error(["file"], "missing x/y arrays", "missing")],
         )
     has_xv, has_yv = "x_val" in arrays, "y_val" in arrays

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.errors import InvalidInput, TooLarge, UnsafeFormat
+from core.io.limits import DEFAULT_LIMITS, LoadLimits, check_limit
 
 __all__ = ["DEFAULT_ARCHIVE_LIMITS", "ArchiveLimits", "archive_kind", "extract_archive", "pack_folder"]
 
@@ -43,10 +44,15 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """What one model archive may hold once extracted."""
+    """What one model archive may hold once extracted (``None``: no cap); the service fills them from its settings
+    (``ARBORIST_MAX_ARCHIVE_FILES``, ``ARBORIST_MAX_ARCHIVE_BYTES``) through :class:`~core.io.limits.LoadLimits`."""
 
-    max_files: int = 1000
-    max_total_bytes: int = 8 * 1024**3
+    max_files: int | None = DEFAULT_LIMITS.max_archive_files
+    max_total_bytes: int | None = DEFAULT_LIMITS.max_archive_bytes
+
+    @classmethod
+    def of(cls, limits: LoadLimits) -> ArchiveLimits:
+        return cls(max_files=limits.max_archive_files, max_total_bytes=limits.max_archive_bytes)
 
 
 #: the limits of an uploaded archive when the caller names none
@@ -88,12 +94,12 @@ def _check_not_archive_name(name: str) -> None:
 
 
 def _check_totals(count: int, total: int, limits: ArchiveLimits) -> None:
-    if count > limits.max_files:
-        raise TooLarge(f"the archive holds {count:,} entries, over the limit of {limits.max_files:,}")
-    if total > limits.max_total_bytes:
-        raise TooLarge(
-            f"the archive declares {total:,} bytes once extracted, over the limit of {limits.max_total_bytes:,}"
-        )
+    """Entries and declared bytes within ``limits``, else :class:`~core.errors.LimitExceeded` (a 413) naming the
+    setting that raises it."""
+    check_limit(count, limits.max_files, what="the archive holds", unit="entries", setting="ARBORIST_MAX_ARCHIVE_FILES",
+                loc=["file"])  # fmt: skip
+    check_limit(total, limits.max_total_bytes, what="the archive declares", unit="bytes once extracted",
+                setting="ARBORIST_MAX_ARCHIVE_BYTES", loc=["file"])  # fmt: skip
 
 
 def _unreadable(name: str, e: BaseException) -> str:

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from core.io.hf.archive import DEFAULT_ARCHIVE_LIMITS, ArchiveLimits, extract_archive
+from core.io.hf.archive import ArchiveLimits, extract_archive
 from core.io.hf.build import BuiltModel, build_model
 from core.io.hf.files import INDEX, HFFolder, read_folder
 from core.io.hf.source import HFSource
@@ -68,13 +68,13 @@ def load_hf_folder(
 def load_hf_archive(
     path: str | os.PathLike,
     limits: LoadLimits = UNLIMITED,
-    archive_limits: ArchiveLimits = DEFAULT_ARCHIVE_LIMITS,
+    archive_limits: ArchiveLimits | None = None,
     *,
     need_tokenizer: bool = False,
 ) -> LoadedHF:
-    """Extract the archive safely (:mod:`core.io.hf.archive`) into a staging folder in the temporary directory, load
-    the model from it, remove the folder."""
-    staging, root = extract_archive(path, None, archive_limits)
+    """Extract the archive safely (:mod:`core.io.hf.archive`, within ``archive_limits``, by default those of
+    ``limits``) into a staging folder in the temporary directory, load the model from it, remove the folder."""
+    staging, root = extract_archive(path, None, archive_limits or ArchiveLimits.of(limits))
     try:
         return load_hf_folder(root, limits, need_tokenizer=need_tokenizer)
     finally:

@@ -1,6 +1,10 @@
-"""The model's own tokenizer, from ``tokenizer.json`` (or ``vocab.txt`` for WordPiece models): never a pickle.
+"""The model's own tokenizer, from ``tokenizer.json``, or without one from ``vocab.txt`` (BERT's WordPiece) or
+``vocab.json`` + ``merges.txt`` (GPT-2's byte-level BPE): never a pickle, never a sentencepiece ``.model``.
 
-``tokenizers`` parses these files in Rust; nothing here runs code from the folder.
+``tokenizers`` parses these files in Rust; nothing here runs code from the folder. The files-only tokenizers are
+built the way transformers' fast tokenizers convert them: WordPiece with BERT's normaliser (``do_lower_case`` from
+``tokenizer_config.json``, default true) and ``[CLS] … [SEP]``; byte-level BPE with GPT-2's pre-tokenizer
+(``add_prefix_space`` from ``tokenizer_config.json``, default false) and no special tokens added.
 """
 
 from __future__ import annotations
@@ -50,14 +54,28 @@ def _from_config(folder: HFFolder, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _flag(folder: HFFolder, key: str, default: bool) -> bool:
+    """A boolean of ``tokenizer_config.json`` (else config.json), ``default`` when neither holds one."""
+    if "tokenizer_config.json" in folder.files:
+        try:
+            value = json.loads((folder.root / "tokenizer_config.json").read_text("utf-8")).get(key)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            value = None
+        if isinstance(value, bool):
+            return value
+    value = folder.config.get(key)
+    return value if isinstance(value, bool) else default
+
+
 def load_tokenizer(folder: HFFolder) -> TextTokenizer:
     """The folder's tokenizer; a folder without one, or a file ``tokenizers`` cannot read, is a 422."""
     from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
     if folder.tokenizer is None:
         raise InvalidInput(
-            "the model folder has no tokenizer (tokenizer.json or vocab.txt): text cannot be tokenized",
+            "the model folder has no tokenizer (tokenizer.json, vocab.txt, or vocab.json with merges.txt): text cannot "
+            "be tokenized",
             errors=[{"loc": ["file", "tokenizer.json"], "msg": "missing", "type": "missing"}],
         )
     path = str(folder.root / folder.tokenizer)
@@ -65,10 +83,18 @@ def load_tokenizer(folder: HFFolder) -> TextTokenizer:
         if folder.tokenizer == "tokenizer.json":
             tok = Tokenizer.from_file(path)
         elif folder.tokenizer == "vocab.txt":
-            lower = folder.config.get("do_lower_case", True)
-            tok = BertWordPieceTokenizer(path, lowercase=bool(lower))._tokenizer
+            lower = _flag(folder, "do_lower_case", True)
+            tok = BertWordPieceTokenizer(path, lowercase=lower)._tokenizer
+        elif folder.tokenizer == "vocab.json" and "merges.txt" in folder.files:
+            prefix = _flag(folder, "add_prefix_space", False)
+            bpe = ByteLevelBPETokenizer(path, str(folder.root / "merges.txt"), add_prefix_space=prefix)
+            tok = bpe._tokenizer  # its post-processor adds no special tokens, as GPT-2's does not
         else:
-            raise InvalidInput(f"{folder.tokenizer} without tokenizer.json is not supported: add tokenizer.json")
+            need = "vocab.json and merges.txt" if folder.tokenizer in ("vocab.json", "merges.txt") else "tokenizer.json"
+            raise InvalidInput(
+                f"{folder.tokenizer} alone is not a tokenizer: a byte-level BPE needs {need} (or add tokenizer.json)",
+                errors=[{"loc": ["file", folder.tokenizer], "msg": f"needs {need}", "type": "value_error"}],
+            )
     except InvalidInput:
         raise
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files

@@ -7,7 +7,7 @@ import zipfile
 from dataclasses import dataclass
 
 from core.errors import InvalidInput
-from core.io.hf.archive import DEFAULT_ARCHIVE_LIMITS, ArchiveLimits, archive_kind
+from core.io.hf.archive import ArchiveLimits, archive_kind
 from core.io.hf.load import load_hf_archive
 from core.io.limits import DEFAULT_LIMITS, LoadLimits
 from core.io.model_files import ModelInfo, validate_model_file
@@ -47,9 +47,10 @@ def validate_model_upload(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     limits: LoadLimits = DEFAULT_LIMITS,
-    archive_limits: ArchiveLimits = DEFAULT_ARCHIVE_LIMITS,
+    archive_limits: ArchiveLimits | None = None,
 ) -> ModelInfo | HFModelInfo:
-    """A Hugging Face archive loaded as a run would (every check, within the limits), else
+    """A Hugging Face archive loaded as a run would (every check, within ``limits``; the archive within
+    ``archive_limits``, by default those of ``limits``), else
     :func:`core.io.model_files.validate_model_file`."""
     if fmt == HF_FORMAT or (fmt is None and is_hf_archive(path)):
         if archive_kind(path) is None:

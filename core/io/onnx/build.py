@@ -151,6 +151,7 @@ class _Builder:
             s.free = tuple(sorted({n for n in s.inputs if n and last[n] == i and n not in outputs}))
         module = OnnxModule(self.layers, self.steps, inputs, outputs, floats, ints)
         module.source_names = self._source_names(module)
+        module.input_types = {v.name: _dtype(v) for v in self.graph.input if v.name not in inits}
         return module
 
     def _add(self, op: str, fn: Fn, inputs: Any, outputs: Any) -> None:
@@ -322,6 +323,15 @@ class _Builder:
                 p.copy_(v)
         key = self._layer(node.input[1], bn)
         self._add("BatchNormalization", lambda m, x: m.layers[key](x), node.input[:1], node.output[:1])
+
+
+def _dtype(value: onnx.ValueInfoProto) -> torch.dtype | None:
+    """The torch dtype of a graph input (``None`` when the graph does not say, or torch has no such dtype)."""
+    elem = value.type.tensor_type.elem_type
+    try:
+        return torch.from_numpy(np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(elem))).dtype
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def onnx_to_torch(source: str | Path | onnx.ModelProto, limits: LoadLimits = DEFAULT_LIMITS) -> OnnxModule:

@@ -55,25 +55,36 @@ def _tidy(model_ir) -> onnx.ModelProto:
     return proto
 
 
+def _inputs(model: nn.Module, x: Tensor) -> tuple[tuple[Tensor, ...], list[str]]:
+    """The example inputs and their names: a packed model's named inputs (:mod:`core.io.onnx.packed`), else ``x``."""
+    unpack = getattr(model, "unpack", None)
+    if unpack is None:
+        return (x,), ["input"]
+    return unpack(x), list(model.input_names)
+
+
 def _dynamo(model: nn.Module, x: Tensor) -> onnx.ModelProto:
     if x.shape[0] == 1:  # torch.export specialises size-1 dims, which would pin the batch to 1
         x = torch.cat([x, x])
+    args, names = _inputs(model, x)
     batch = {0: torch.export.Dim("batch")}
     params = list(inspect.signature(model.forward).parameters.values())
     varargs = bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL  # e.g. OnnxModule.forward(*args)
+    dims = tuple(batch for _ in args)
     program = torch.onnx.export(
-        model, (x,), dynamo=True, optimize=False, verbose=False, input_names=["input"], output_names=["output"],
-        dynamic_shapes=((batch,),) if varargs else (batch,),
+        model, args, dynamo=True, optimize=False, verbose=False, input_names=names, output_names=["output"],
+        dynamic_shapes=(dims,) if varargs else dims,
     )  # fmt: skip
     return _tidy(program.model)
 
 
 def _legacy(model: nn.Module, x: Tensor, tmp: Path) -> onnx.ModelProto:
+    args, names = _inputs(model, x)
     with warnings.catch_warnings():  # deprecation and tracer warnings: expected on this fallback path
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (x,), str(tmp), dynamo=False, do_constant_folding=False, input_names=["input"],
-            output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            model, args, str(tmp), dynamo=False, do_constant_folding=False, input_names=names,
+            output_names=["output"], dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
         )  # fmt: skip
     return onnx.load(str(tmp))
 

@@ -100,6 +100,8 @@ class OnnxModule(nn.Module):
         #: {state-dict name: the ONNX initializer it was copied from}: the names of the user's own module, which
         #: the pruned weights and masks are saved under (set by :func:`core.io.onnx.build.onnx_to_torch`)
         self.source_names: dict[str, str] = {}
+        #: {graph input: its torch dtype, None when the graph does not say} (set by ``onnx_to_torch``)
+        self.input_types: dict[str, Any] = {}
 
     def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
         if len(args) != len(self.input_names):  # e.g. (input_ids, attention_mask) fed one tensor of features
