@@ -40,6 +40,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from core.io.files import atomic_write
+from core.io.model_files import own_storage
 
 __all__ = [
     "BITMASK",
@@ -155,7 +156,7 @@ def write_compressed(
     tensors, done = compress_state(state, targets, fmt)
     shapes = {n: list(state[n].shape) for n in done if state[n].dim() > 2}
     meta = {"format": "pt", "sparsity_format": fmt, "compressed": json.dumps(done), "shapes": json.dumps(shapes)}
-    atomic_write(Path(path), save_bytes(tensors, metadata=meta))
+    atomic_write(Path(path), save_bytes(own_storage(tensors), metadata=meta))
     return {"format": fmt, "compressed": done, "kept_dense": sorted(set(targets) - set(done))}
 
 

@@ -513,10 +513,9 @@ def validate_model_file(
     )
 
 
-def save_state_dict(
-    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> Path:
-    """Write ``tensors`` as safetensors atomically (:func:`core.io.files.atomic_path`)."""
+def own_storage(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` on the CPU, contiguous, each with its own storage (safetensors refuses shared storage, e.g. tied
+    embeddings): a tensor whose storage an earlier one already holds is cloned."""
     out: dict[str, Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
@@ -524,11 +523,19 @@ def save_state_dict(
             raise TypeError(f"{name!r} is not a tensor")
         t = t.detach().to("cpu").contiguous()
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key in seen and t.numel():  # safetensors refuses shared storage: give each tensor its own
+        if key in seen and t.numel():
             t = t.clone()
         else:
             seen.add(key)
         out[name] = t
+    return out
+
+
+def save_state_dict(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as safetensors atomically (:func:`core.io.files.atomic_path`)."""
+    out = own_storage(tensors)
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=metadata)
     return Path(path)
