@@ -94,6 +94,9 @@ class MethodInfo:
     #: λ and R (recompute sub-steps) when the spec sets none, measured per method (bench/defaults.py)
     default_lambda: float = 1e-5
     default_recompute: int = 16
+    #: α of the default relative λ (λ = α × the estimate's mean diagonal over the live weights); None: the method
+    #: takes an absolute λ only (its default is then ``default_lambda``)
+    default_lambda_relative: float | None = None
     #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
     #: the methods that have one; the memory plan chooses the path
     streamed: tuple[MemoryFormula, PeakFormula] | None = None
@@ -292,6 +295,7 @@ METHODS: dict[Method, MethodInfo] = {
             _block_memory,
             _block_peak,
             uses_blocks=True,
+            default_lambda_relative=0.1,  # λ = 0.1 × mean diag F̂ (bench/defaults.py, bench/hf_quality.py)
             streamed=(_streamed_memory, _streamed_peak),
         ),
         MethodInfo(
