@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from core.engine.curvature.base import FisherConfig, effective_lambdas, generator
 from core.engine.curvature.fisher import DiagonalFisher, WoodFisher
@@ -16,8 +17,24 @@ ALPHA = 0.3
 M = 120
 
 
-def _setup(tiny_task, block: int | None):
-    model, x, y = tiny_task
+@pytest.fixture(scope="module")
+def task():
+    """A small float64 MLP, briefly trained (any point has a Fisher; these tests only compare it with its oracle)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(6, 3, generator=g, dtype=torch.float64)).argmax(-1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def _setup(task, block: int | None):
+    model, x, y = task
     names = select_parameters(model)
     layout = BlockLayout.for_model(model, names, block)
     g = torch.Generator().manual_seed(1)
@@ -51,8 +68,8 @@ def _oracle(f: torch.Tensor, layout: BlockLayout, mask: torch.Tensor, per_layer:
 
 @pytest.mark.parametrize("scale", ["relative", "relative_layer"])
 @pytest.mark.parametrize("path,block", [("buffered", 7), ("streamed", 7), ("buffered", None), ("streamed", None)])
-def test_woodfisher_resolves_a_relative_lambda_from_the_explicit_fishers_mean_diagonal(tiny_task, scale, path, block):
-    model, x, y, layout, mask = _setup(tiny_task, block)
+def test_woodfisher_resolves_a_relative_lambda_from_the_explicit_fishers_mean_diagonal(task, scale, path, block):
+    model, x, y, layout, mask = _setup(task, block)
     cfg = FisherConfig(m=M, lam=ALPHA, seed=3, path=path, chunk=32, lam_scale=scale)
     curvature = WoodFisher(cfg, block).estimate(model, layout, mask, (x, y))
     f = _explicit_fisher(model, layout, x, y, mask, seed=3)
@@ -68,8 +85,8 @@ def test_woodfisher_resolves_a_relative_lambda_from_the_explicit_fishers_mean_di
             torch.testing.assert_close(seg.inv.diag()[b], want, rtol=1e-7, atol=1e-9)
 
 
-def test_diagonal_fisher_resolves_the_same_mean_diagonal(tiny_task):
-    model, x, y, layout, mask = _setup(tiny_task, None)
+def test_diagonal_fisher_resolves_the_same_mean_diagonal(task):
+    model, x, y, layout, mask = _setup(task, None)
     cfg = FisherConfig(m=M, lam=ALPHA, seed=3, lam_scale="relative")
     curvature = DiagonalFisher(cfg).estimate(model, layout, mask, (x, y))
     f = _explicit_fisher(model, layout, x, y, mask, seed=3)
@@ -81,8 +98,8 @@ def test_diagonal_fisher_resolves_the_same_mean_diagonal(tiny_task):
     torch.testing.assert_close(got[live], 1.0 / (f.diagonal()[live] + lam), rtol=1e-10, atol=0)
 
 
-def test_kfac_resolves_the_mean_diagonal_of_its_kronecker_product(tiny_task):
-    model, x, y, layout, mask = _setup(tiny_task, None)
+def test_kfac_resolves_the_mean_diagonal_of_its_kronecker_product(task):
+    model, x, y, layout, mask = _setup(task, None)
     cfg = FisherConfig(m=M, lam=ALPHA, seed=3, chunk=32, lam_scale="relative_layer")
     curvature = KFAC(cfg).estimate(model, layout, mask, (x, y))
     factors = kfac_factors(model, layout.names, x, y, cfg)
