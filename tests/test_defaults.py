@@ -65,7 +65,11 @@ def test_lambda_scale_reads_lambda_and_the_grid():
     absolute = PruneSpec(sparsity=0.9, fisher={"lambda": "auto", "lambda_scale": "absolute"}).fisher
     assert absolute.lambda_grid == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     with pytest.raises(ValueError, match="absolute lambda only"):
-        PruneSpec(method="woodtaylor", sparsity=0.9, fisher={"lambda_scale": "relative"})
+        PruneSpec(method="exact_obs", sparsity=0.9, fisher={"lambda_scale": "relative"})
+    kfac = PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda_scale": "relative"}).fisher
+    assert (kfac.damping, kfac.lambda_scale) == (0.1, "relative")  # no relative default of its own: α = 0.1
+    assert PruneSpec(method="kfac", sparsity=0.9).fisher.lambda_scale == "absolute"  # its default λ is absolute
+    assert PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda": "auto"}).fisher.lambda_scale == "relative"
     assert PruneSpec(method="magnitude", sparsity=0.9, fisher={"lambda_scale": "relative"})  # uses no λ at all
 
 

@@ -94,8 +94,9 @@ class MethodInfo:
     #: λ and R (recompute sub-steps) when the spec sets none, measured per method (bench/defaults.py)
     default_lambda: float = 1e-5
     default_recompute: int = 16
-    #: α of the default relative λ (λ = α × the estimate's mean diagonal over the live weights); None: the method
-    #: takes an absolute λ only (its default is then ``default_lambda``)
+    #: takes a relative λ (α × its estimate's mean diagonal over the live weights; ``FisherConfig.lam_scale``)
+    relative_lambda: bool = False
+    #: α of the default relative λ; None: the default is the absolute ``default_lambda``
     default_lambda_relative: float | None = None
     #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
     #: the methods that have one; the memory plan chooses the path
@@ -295,6 +296,7 @@ METHODS: dict[Method, MethodInfo] = {
             _block_memory,
             _block_peak,
             uses_blocks=True,
+            relative_lambda=True,
             default_lambda_relative=0.1,  # λ = 0.1 × mean diag F̂ (bench/defaults.py, bench/hf_quality.py)
             streamed=(_streamed_memory, _streamed_peak),
         ),
@@ -305,6 +307,7 @@ METHODS: dict[Method, MethodInfo] = {
             _block_peak,
             taylor=True,
             uses_blocks=True,
+            relative_lambda=True,
             default_lambda=1e-1,  # its Newton step is long at small λ (README, Quality)
             streamed=(_streamed_memory, _streamed_peak),
         ),
@@ -323,6 +326,7 @@ METHODS: dict[Method, MethodInfo] = {
             lambda f, c: DiagonalFisher(f),
             _diagonal_memory,
             _diagonal_peak,
+            relative_lambda=True,
             default_lambda=1e-4,
         ),
         MethodInfo(
@@ -331,6 +335,7 @@ METHODS: dict[Method, MethodInfo] = {
             _kfac_memory,
             _kfac_peak,
             supports_joint=False,
+            relative_lambda=True,
             default_lambda=1e-3,
             default_recompute=64,  # its estimate is cheap: more sub-steps pay
         ),

@@ -46,6 +46,8 @@ DEFAULT_SAMPLES = 512
 #: the grids λ = 'auto' sweeps when the spec gives none: relative factors α (scale-free), or absolute values
 RELATIVE_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
 ABSOLUTE_GRID = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+#: α of a relative λ the spec asks for where the method has no relative default (kfac: the best α measured)
+DEFAULT_RELATIVE_LAMBDA = 0.1
 #: the engine's reading of a relative λ (``FisherConfig.lam_scale``): the mean diagonal over all pruned layers
 RELATIVE_ENGINE_SCALE = "relative"
 MEMORY_BUDGET_MB_MAX = float(2**30)
@@ -125,8 +127,8 @@ class FisherSpec(_Strict):
         None,
         description="how lambda and lambda_grid are read: 'absolute' (λ itself) or 'relative' (a factor α: λ = α × "
         "the mean diagonal of the Fisher estimate over the live pruned weights, recomputed with every estimate); "
-        "default: 'absolute' when lambda is a number or lambda_grid is given, else 'relative' where the method has "
-        "a relative default (woodfisher, kfac, diag_fisher)",
+        "default: 'absolute' when lambda is a number or lambda_grid is given; else 'relative' for 'auto' (methods that "
+        "take it) and for a default λ where the method has a relative default (woodfisher)",
     )
     lambda_grid: list[GridLambda] | None = Field(
         None,
@@ -308,17 +310,21 @@ class PruneSpec(_Strict):
                 raise ValueError("schedule.initial_sparsity must be ≤ sparsity")
         info = method_info(self.method)
         f = self.fisher
-        if f.lambda_scale == "relative" and info.needs_gradients and info.default_lambda_relative is None:
+        if f.lambda_scale == "relative" and info.needs_gradients and not info.relative_lambda:
             raise ValueError(f"{self.method.value} takes an absolute lambda only (lambda_scale 'absolute')")
-        scale = f.lambda_scale or (
-            "absolute"
-            if isinstance(f.damping, float) or f.lambda_grid is not None or info.default_lambda_relative is None
-            else "relative"
-        )
+        if f.lambda_scale is not None:
+            scale = f.lambda_scale
+        elif isinstance(f.damping, float) or f.lambda_grid is not None:
+            scale = "absolute"  # as before lambda_scale existed
+        elif f.damping == "auto":
+            scale = "relative" if info.relative_lambda else "absolute"
+        else:
+            scale = "relative" if info.default_lambda_relative is not None else "absolute"
         relative = scale == "relative"
+        alpha = info.default_lambda_relative or DEFAULT_RELATIVE_LAMBDA
         defaults = {  # the method's own defaults where the spec sets none; a copy: the caller's FisherSpec stays
             "update": Update.JOINT if info.supports_joint else Update.SUMMED,
-            "damping": info.default_lambda_relative if relative else info.default_lambda,
+            "damping": alpha if relative else info.default_lambda,
             "recompute": info.default_recompute,
             "lambda_scale": scale,
             "lambda_grid": list(RELATIVE_GRID if relative else ABSOLUTE_GRID),
