@@ -72,11 +72,14 @@ class Setting:
     joint: bool = True
     block: int | None = 128
     schedule: str = "linear"  # sub-step targets: linear s·r/R (the engine's) or geometric 1 − (1 − s)^(r/R)
+    scale: str = "absolute"  # λ absolute, or α × mean diag F̂ ('relative': over all layers, 'relative_layer')
 
     def label(self) -> str:
         upd = "joint" if self.joint else "summed"
         c = "layer" if self.block is None else self.block
         geo = " geometric" if self.schedule == "geometric" else ""
+        if self.scale != "absolute":
+            geo += f" {self.scale}"
         if self.method == "woodfisher":
             return f"m={self.m} λ={self.lam:g} R={self.recompute}{geo} {upd} c={c}"
         return f"{self.method} m={self.m} λ={self.lam:g} R={self.recompute}{geo}"
@@ -146,7 +149,7 @@ def make_case(model_key: str, seed: int) -> Case:
 def prune(st: Setting, c: Case, sparsity: float, seed: int) -> None:
     """One-shot prune of c.model in place. The geometric schedule is the engine's own ``recompute`` (what a job
     runs); the linear one (s·r/R, the engine's spacing before this wave) calls the engine once per sub-step."""
-    cfg = FisherConfig(m=min(st.m, len(c.fit[0])), lam=st.lam, chunk=128, seed=seed)
+    cfg = FisherConfig(m=min(st.m, len(c.fit[0])), lam=st.lam, chunk=128, seed=seed, lam_scale=st.scale)
     if st.schedule == "geometric":
         make_pruner(st.method, cfg, block_size=st.block, joint=st.joint, recompute=st.recompute).prune(
             c.model, c.names, sparsity, c.fit
@@ -314,6 +317,26 @@ def stage_confirm(b: Bench, models: list[str], seeds: list[int], extra: dict[str
     return verdict
 
 
+_KFAC = Setting("kfac", m=512, lam=1e-3, recompute=64, joint=False, block=None, schedule="geometric")
+_DIAG = Setting("diag_fisher", m=512, lam=1e-4, recompute=16, joint=False, block=None, schedule="geometric")
+#: the relative-λ candidates (λ = α × mean diag F̂): the digits models' mean diagonal is 2.6e-4 (LeNet-5) to 4.6e-4
+#: (MLP), MiniLM's ~1e-8 (bench/hf_quality.py)
+RELATIVE = {
+    "rel α=0.1": DEFAULT.replace(lam=0.1, scale="relative"),
+    "rel α=1": DEFAULT.replace(lam=1.0, scale="relative"),
+    "rel/layer α=1": DEFAULT.replace(lam=1.0, scale="relative_layer"),
+    # K-FAC (its default: absolute λ = 1e-3, R = 64, summed), where its absolute default missed the bar (80 %)
+    **{f"kfac rel α={a:g}": _KFAC.replace(lam=a, scale="relative") for a in (0.1, 0.3, 1.0)},
+}
+
+
+def stage_relative(b: Bench, models: list[str], seeds: list[int], sps: list[float], settings: list[str]) -> None:
+    """λ = α × mean diag F̂ (over all pruned weights, or per layer), at the other defaults (compare with the
+    absolute default's row of the confirm stage)."""
+    for mk in models:
+        print(settings_table(b, mk, seeds, {k: RELATIVE[k] for k in settings or RELATIVE}, sps), flush=True)
+
+
 def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting]) -> dict:
     """The candidate a calibration sweep picks: highest calibration accuracy, ties by lower calibration loss."""
     rows = [b.run(mk, seed, st, sp) for st in candidates]
@@ -398,8 +421,6 @@ def stage_auto(b: Bench, models: list[str], seeds: list[int], all_sparsities: bo
         )
 
 
-_KFAC = Setting("kfac", m=512, lam=1e-3, recompute=64, joint=False, block=None, schedule="geometric")
-_DIAG = Setting("diag_fisher", m=512, lam=1e-4, recompute=16, joint=False, block=None, schedule="geometric")
 OTHER = {  # method: (recommended default, λ grid, R grid), every R geometric (the engine's sub-steps)
     "kfac": (_KFAC, [1e-4, 1e-3, 1e-2], [16, 64]),  # K-FAC is cheap: R = 64 too
     "diag_fisher": (_DIAG, [1e-5, 1e-4, 1e-3], [4, 16]),
@@ -467,6 +488,8 @@ def main() -> None:
     ap.add_argument("--stages", default="confirm,other,cost")
     ap.add_argument("--auto-all", action="store_true", help="auto-λ at every sparsity on every model (slow)")
     ap.add_argument("--auto-r", action="store_true", help="also choose R on the calibration split (R × cost)")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative stage's")
+    ap.add_argument("--relative", default="", help="the relative stage's settings (default: all of RELATIVE)")
     ap.add_argument("--cache", help="pickle memoising prunes across runs (same code, same results; off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -482,6 +505,9 @@ def main() -> None:
         stage_explore(b, seeds)
     if "confirm" in stages:
         verdict = stage_confirm(b, models, seeds, {})
+    if "relative" in stages:
+        sps = [float(x) for x in args.sparsities.split(",")]
+        stage_relative(b, models, seeds, sps, [x for x in args.relative.split(",") if x])
     if "auto" in stages:
         stage_auto(b, models, seeds, args.auto_all, args.auto_r)
     if "other" in stages:

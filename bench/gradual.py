@@ -7,7 +7,7 @@ epoch) and fine-tuning epochs = end_epoch + 2 (6), WoodFisher at its defaults. E
 reported as validation accuracy at the end of the run, mean over seeds, next to the one-shot default (no
 fine-tuning). Results saved with ``bench._util.save`` as ``bench/results/gradual.json``.
 
-Usage: python bench/gradual.py [--seeds 1] [--sparsities 0.95] [--model mlp]
+Usage: python bench/gradual.py [--seeds 1] [--sparsities 0.95] [--model mlp] [--settings 'sgd lr=0.05 cosine,...']
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--sparsities", default="0.95")
     ap.add_argument("--model", default="mlp")
+    ap.add_argument("--settings", default="", help="comma-separated labels of CANDIDATES (default: all, and one-shot)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = []
     settings = {"one-shot default (no fine-tuning)": None, **CANDIDATES}
+    if args.settings:
+        settings = {k: settings[k] for k in args.settings.split(",")}
     lines = []
     for label, ft in settings.items():
         cells, secs = [], []

@@ -7,7 +7,8 @@ blocks (10.6M), no fine-tuning. The Fisher is the *true* one (targets sampled ar
 model the distillation residuals are zero, and so is every empirical-Fisher gradient (measured: mean g² 2.6e-21,
 against 1e-8 for the true Fisher's diagonal), which would leave WoodFisher with λI, i.e. magnitude.
 Usage: python bench/hf_quality.py [--samples 32] [--recompute 2] [--block 32] [--lam 1e-8] [--train 128] [--test 128]
-[--max-length 32] [--methods woodfisher,magnitude,global_magnitude] [--name hf_quality]
+[--max-length 32] [--methods woodfisher,magnitude,global_magnitude] [--name hf_quality] [--alpha 1]
+(neither --lam nor --alpha: the spec's default λ, relative since #13)
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--methods", default="woodfisher,magnitude,global_magnitude")
     ap.add_argument("--name", default="hf_quality")
-    ap.add_argument("--lam", type=float, default=1e-8, help="about the Fisher's mean diagonal on MiniLM")
+    ap.add_argument("--lam", type=float, default=None, help="an absolute λ (MiniLM's mean Fisher diagonal is ~1e-8)")
+    ap.add_argument("--alpha", type=float, default=None, help="a relative λ: α × the mean Fisher diagonal")
     args = ap.parse_args()
     texts = stdlib_sentences()
     train, test = texts[: args.train], texts[args.train : args.train + args.test]
@@ -122,8 +124,11 @@ def main() -> None:
                 "block_size": args.block,
                 "recompute": args.recompute,
                 "kind": "true",
-                "lambda": args.lam,
             }
+            if args.lam is not None:  # neither: the method's default (relative)
+                fisher.update({"lambda": args.lam, "lambda_scale": "absolute"})
+            elif args.alpha is not None:
+                fisher.update({"lambda": args.alpha, "lambda_scale": "relative"})
             spec = PruneSpec(
                 method=method,
                 sparsity=sparsity,
@@ -132,7 +137,7 @@ def main() -> None:
                 fisher=fisher if method == "woodfisher" else {},
             )
             t = time.perf_counter()
-            Run(spec, prep.model, prep.data, Path(tempfile.mkdtemp(prefix="hfq-"))).execute()
+            report = Run(spec, prep.model, prep.data, Path(tempfile.mkdtemp(prefix="hfq-"))).execute().report
             seconds = time.perf_counter() - t
             m = evaluate(prep.model, held.data.x_train, held.data.y_train, "mse")
             row = {
@@ -142,6 +147,9 @@ def main() -> None:
                 "mse_held_out": m["loss"],
                 "seconds": seconds,
                 **({"fisher": fisher} if method == "woodfisher" else {}),
+                "lambda": report["lambda"],
+                "lambda_scale": report["lambda_scale"],
+                "lambda_effective": report["lambda_effective"],
             }
             print(row, flush=True)
             rows.append(row)

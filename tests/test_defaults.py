@@ -1,6 +1,7 @@
 """Defaults that work (#13): the update and m resolved from the method and the data, λ 'auto' on a calibration
 split with a grid that widens past a winning edge, and reports that name the split of every metric."""
 
+import copy
 import json
 import math
 import os
@@ -8,6 +9,9 @@ import os
 import pytest
 import torch
 
+from core.engine.curvature.base import generator
+from core.engine.grads import fisher_gradients
+from core.engine.layout import BlockLayout
 from core.engine.methods import METHODS, Method, method_info
 from core.errors import InvalidInput
 from core.runs.budget import memory_plan
@@ -24,22 +28,49 @@ def test_the_update_defaults_to_joint_where_the_method_has_it(method):
     expected = Update.JOINT if method_info(method).supports_joint else Update.SUMMED
     assert spec.fisher.update is expected
     info = method_info(method)
-    assert spec.fisher.recompute == info.default_recompute and spec.fisher.damping == info.default_lambda
+    relative = info.default_lambda_relative is not None
+    assert spec.fisher.lambda_scale == ("relative" if relative else "absolute")
+    lam = info.default_lambda_relative if relative else info.default_lambda
+    assert spec.fisher.recompute == info.default_recompute and spec.fisher.damping == lam
     assert spec.fisher.samples is None and spec.fisher.block_size == "auto"
 
 
 @pytest.mark.parametrize(
-    "method,lam,recompute",
-    [("woodfisher", 1e-5, 16), ("kfac", 1e-3, 64), ("diag_fisher", 1e-4, 16), ("woodtaylor", 1e-1, 16)],
+    "method,scale,lam,recompute",
+    [
+        ("woodfisher", "relative", 0.1, 16),
+        ("kfac", "absolute", 1e-3, 64),
+        ("diag_fisher", "absolute", 1e-4, 16),
+        ("woodtaylor", "absolute", 1e-1, 16),
+    ],
 )
-def test_each_curvature_method_gets_its_own_measured_lambda_and_r(method, lam, recompute):
+def test_each_curvature_method_gets_its_own_measured_lambda_and_r(method, scale, lam, recompute):
     spec = PruneSpec(method=method, sparsity=0.9)
-    assert (spec.fisher.damping, spec.fisher.recompute) == (lam, recompute)
-    # what the spec sets stays, and the stored spec validates back to the same values
+    assert (spec.fisher.lambda_scale, spec.fisher.damping, spec.fisher.recompute) == (scale, lam, recompute)
+    # what the spec sets stays (a number alone is absolute, as before), and the stored spec validates back
     mine = PruneSpec(method=method, sparsity=0.9, fisher={"lambda": 0.5, "recompute": 3})
-    assert (mine.fisher.damping, mine.fisher.recompute) == (0.5, 3)
+    assert (mine.fisher.lambda_scale, mine.fisher.damping, mine.fisher.recompute) == ("absolute", 0.5, 3)
     again = PruneSpec.model_validate(spec.model_dump(mode="json", by_alias=True))
-    assert (again.fisher.damping, again.fisher.recompute) == (lam, recompute)
+    assert (again.fisher.lambda_scale, again.fisher.damping, again.fisher.recompute) == (scale, lam, recompute)
+
+
+def test_lambda_scale_reads_lambda_and_the_grid():
+    rel = PruneSpec(sparsity=0.9, fisher={"lambda": 0.1, "lambda_scale": "relative"})
+    assert rel.fisher_config(0.1, 0).lam_scale == "relative" and rel.fisher.damping == 0.1
+    assert PruneSpec(sparsity=0.9, fisher={"lambda": 1e-4}).fisher_config(1e-4, 0).lam_scale == "absolute"
+    auto = PruneSpec(sparsity=0.9, fisher={"lambda": "auto"}).fisher  # scale-free grid by default
+    assert (auto.lambda_scale, auto.lambda_grid) == ("relative", [1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    given = PruneSpec(sparsity=0.9, fisher={"lambda": "auto", "lambda_grid": [1e-4, 1e-2]}).fisher
+    assert (given.lambda_scale, given.lambda_grid) == ("absolute", [1e-4, 1e-2])  # a given grid: absolute, as before
+    absolute = PruneSpec(sparsity=0.9, fisher={"lambda": "auto", "lambda_scale": "absolute"}).fisher
+    assert absolute.lambda_grid == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    with pytest.raises(ValueError, match="absolute lambda only"):
+        PruneSpec(method="exact_obs", sparsity=0.9, fisher={"lambda_scale": "relative"})
+    kfac = PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda_scale": "relative"}).fisher
+    assert (kfac.damping, kfac.lambda_scale) == (0.1, "relative")  # no relative default of its own: α = 0.1
+    assert PruneSpec(method="kfac", sparsity=0.9).fisher.lambda_scale == "absolute"  # its default λ is absolute
+    assert PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda": "auto"}).fisher.lambda_scale == "relative"
+    assert PruneSpec(method="magnitude", sparsity=0.9, fisher={"lambda_scale": "relative"})  # uses no λ at all
 
 
 LENET = {"c1.weight": (6, 1, 5, 5), "c3.weight": (16, 6, 5, 5), "f5.weight": (120, 400), "f6.weight": (84, 120)}
@@ -178,22 +209,30 @@ def _fake_sweep(monkeypatch, run: Run, best_lambda: float) -> list[tuple[float, 
 
 
 @pytest.mark.parametrize(
-    "best,chosen,widened",
+    "scale,best,chosen,widened",
     [
-        (1e-4, 1e-4, []),  # inside the grid: no widening
-        (1e-9, 1e-9, [1e-8, 1e-9, 1e-10, 1e-11]),  # below: widened twice, the second time past 1e-9
-        (1e-12, 1e-11, [1e-8, 1e-9, 1e-10, 1e-11]),  # further below: at most twice
-        (1.0, 1.0, [1.0, 10.0]),  # above: widened once, then 1 wins inside
-        (1e2, 1e2, [1.0, 10.0, 1e2, 1e3]),  # further above: twice
+        ("absolute", 1e-4, 1e-4, []),  # inside the grid: no widening
+        ("absolute", 1e-9, 1e-9, [1e-8, 1e-9, 1e-10, 1e-11]),  # below: widened twice, the second time past 1e-9
+        ("absolute", 1e-12, 1e-11, [1e-8, 1e-9, 1e-10, 1e-11]),  # further below: at most twice
+        ("absolute", 1.0, 1.0, [1.0, 10.0]),  # above: widened once, then 1 wins inside
+        ("absolute", 1e2, 1e2, [1.0, 10.0, 1e2, 1e3]),  # further above: twice
+        ("relative", 0.1, 0.1, []),  # the relative grid (α: 1e-3 … 10) brackets it
+        ("relative", 1e-4, 1e-4, [1e-4, 1e-5]),  # below: widened once, then 1e-4 wins inside
+        ("relative", 1e-9, 1e-7, [1e-4, 1e-5, 1e-6, 1e-7]),  # further below: at most twice
+        ("relative", 1e2, 1e2, [1e2, 1e3]),  # above: once
     ],
 )
-def test_the_lambda_sweep_widens_past_a_winning_edge(monkeypatch, digits, digits_mlp, tmp_path, best, chosen, widened):
-    spec = PruneSpec(sparsity=0.5, fisher={"lambda": "auto", "samples": 16, "recompute": 1})
+def test_the_lambda_sweep_widens_past_a_winning_edge(
+    monkeypatch, digits, digits_mlp, tmp_path, scale, best, chosen, widened
+):
+    spec = PruneSpec(sparsity=0.5, fisher={"lambda": "auto", "samples": 16, "recompute": 1, "lambda_scale": scale})
     run = Run(spec, digits_mlp, digits, tmp_path)
     seen = _fake_sweep(monkeypatch, run, best)
     assert run._choose_lambda() == pytest.approx(chosen)
     sweep = run.state.lambda_sweep
-    assert [s["lambda"] for s in sweep if not s["widened"]] == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    grid = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1] if scale == "absolute" else [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    assert [s["lambda"] for s in sweep if not s["widened"]] == grid
+    assert {s["lambda_scale"] for s in sweep} == {scale}
     assert [s["lambda"] for s in sweep if s["widened"]] == pytest.approx(widened)
     # every candidate scored on the calibration split, never on the validation split
     assert {split for _, split in seen} == {"calibration"} and len(seen) == len(sweep)
@@ -229,13 +268,30 @@ def test_magnitude_reports_no_lambda_no_fisher_plan_and_names_its_splits(method,
 
 
 def test_woodfisher_reports_its_lambda_and_plan(digits, digits_mlp, tmp_path):
+    """The default λ is relative: the report gives α, the scale and the effective λ = α × mean diag F̂, checked
+    against the mean squared per-example gradient of the same Fisher samples (float64)."""
     spec = PruneSpec(sparsity=0.5, fisher={"samples": 32, "recompute": 1})
-    report = execute(spec, digits_mlp, digits, tmp_path).report
-    assert report["lambda"] == 1e-5 and report["memory_plan"]["total_bytes"] > 0
+    run = Run(spec, copy.deepcopy(digits_mlp), digits, tmp_path)
+    layout = BlockLayout.for_model(run.model, run.names, None)
+    cfg = run.spec.fisher_config(1.0, spec.seed * 1000)  # the first pruning step's seed
+    model64 = copy.deepcopy(run.model).double()
+    grads = fisher_gradients(
+        model64, layout, run.x.double(), run.y, m=32, generator=generator(cfg.seed), dtype=torch.float64
+    ).grads
+    mean_diag = float(grads.square().sum() / 32 / layout.numel)  # diag F̂ = Σᵢ gᵢ² / m, averaged over the weights
+    report = run.execute().report
+    alpha = method_info("woodfisher").default_lambda_relative
+    assert (report["lambda"], report["lambda_scale"]) == (alpha, "relative") and report["memory_plan"][
+        "total_bytes"
+    ] > 0
+    assert report["lambda_effective"] == pytest.approx(alpha * mean_diag, rel=1e-4)
+    assert report["quadratic_model"]["steps"][0]["lambda_effective"] == report["lambda_effective"]
     assert report["spec"]["fisher"]["samples"] == 32 and report["spec"]["fisher"]["update"] == "joint"
-    from worker.runner import summarize  # the job result names the splits too
+    from worker.runner import summarize  # the job result names the splits and the effective λ too
 
-    assert summarize(report, {})["metrics"]["splits"]["validation"]["name"] == "validation"
+    result = summarize(report, {})
+    assert result["metrics"]["splits"]["validation"]["name"] == "validation"
+    assert (result["lambda_scale"], result["lambda_effective"]) == ("relative", report["lambda_effective"])
 
 
 def test_gradual_mode_without_epochs_fine_tunes_two_epochs_past_the_schedule():
@@ -286,7 +342,11 @@ def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
     report = json.loads((tmp_path / "o" / "kfac-0.5" / "report.json").read_text())
     assert report["spec"]["fisher"]["update"] == "summed"
     assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == (1e-3, 64)
-    assert json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())["lambda"] == 1e-5
+    woodfisher = json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())
+    assert (woodfisher["lambda"], woodfisher["lambda_scale"]) == (
+        method_info("woodfisher").default_lambda_relative,
+        "relative",
+    )
 
 
 def test_machine_memory_is_the_containers_limit_when_lower(monkeypatch, tmp_path):

@@ -142,8 +142,9 @@ def test_the_ranges_edges_are_accepted_and_read_back_unchanged() -> None:
 def test_the_json_schema_states_the_ranges() -> None:
     defs = PruneSpec.model_json_schema(by_alias=True)["$defs"]
     fisher = defs["FisherSpec"]["properties"]
-    assert fisher["lambda_grid"]["minItems"] == 1 and fisher["lambda_grid"]["maxItems"] == 32
-    assert fisher["lambda_grid"]["items"] == {"maximum": 1e12, "minimum": 1e-12, "type": "number"}
+    grid = next(s for s in fisher["lambda_grid"]["anyOf"] if s.get("type") == "array")  # or null: the default grid
+    assert grid["minItems"] == 1 and grid["maxItems"] == 32
+    assert grid["items"] == {"maximum": 1e12, "minimum": 1e-12, "type": "number"}
     assert {"maximum": 1e12, "minimum": 1e-12, "type": "number"} in fisher["lambda"]["anyOf"]
     finetune = defs["FinetuneSpec"]["properties"]
     assert finetune["lr"]["maximum"] == 10 and finetune["weight_decay"]["maximum"] == 1

@@ -27,6 +27,10 @@ STEPS = [
 def test_plot_title_names_model_method_target_and_lambda() -> None:
     assert plot_title("mlp", "woodfisher", 0.8, 1e-5) == "mlp · woodfisher · to 80% sparsity · λ = 1e-05"
     assert plot_title(None, "magnitude", 0.9, None) == "magnitude · to 90% sparsity"
+    assert (
+        plot_title("m", "woodfisher", 0.8, 0.1, "relative")
+        == "m · woodfisher · to 80% sparsity · λ = 1e-01 × mean diag F"
+    )
 
 
 def test_one_shot_curve_is_not_auto_zoomed_and_names_its_axes_and_split() -> None:

@@ -77,7 +77,20 @@ FINISH_DEADLINE_S = 300.0
 
 def summarize(report: dict, artifacts: dict[str, str]) -> dict[str, Any]:
     """What ``Job.result`` holds: the headline numbers (the full report is the ``report.json`` artifact)."""
-    keys = ("method", "lambda", "sparsity", "parameters", "macs", "metrics", "seconds", "phases", "memory", "device")
+    keys = (
+        "method",
+        "lambda",
+        "lambda_scale",
+        "lambda_effective",
+        "sparsity",
+        "parameters",
+        "macs",
+        "metrics",
+        "seconds",
+        "phases",
+        "memory",
+        "device",
+    )
     keys += ("onnx_error", "structure")
     return {**{k: report.get(k) for k in keys}, "artifacts": artifacts}
 

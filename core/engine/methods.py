@@ -96,6 +96,10 @@ class MethodInfo:
     #: λ and R (recompute sub-steps) when the spec sets none, measured per method (bench/defaults.py)
     default_lambda: float = 1e-5
     default_recompute: int = 16
+    #: takes a relative λ (α × its estimate's mean diagonal over the live weights; ``FisherConfig.lam_scale``)
+    relative_lambda: bool = False
+    #: α of the default relative λ; None: the default is the absolute ``default_lambda``
+    default_lambda_relative: float | None = None
     #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
     #: the methods that have one; the memory plan chooses the path
     streamed: tuple[MemoryFormula, PeakFormula] | None = None
@@ -318,6 +322,8 @@ METHODS: dict[Method, MethodInfo] = {
             _block_memory,
             _block_peak,
             uses_blocks=True,
+            relative_lambda=True,
+            default_lambda_relative=0.1,  # λ = 0.1 × mean diag F̂ (bench/defaults.py, bench/hf_quality.py)
             streamed=(_streamed_memory, _streamed_peak),
         ),
         MethodInfo(
@@ -327,6 +333,7 @@ METHODS: dict[Method, MethodInfo] = {
             _block_peak,
             taylor=True,
             uses_blocks=True,
+            relative_lambda=True,
             default_lambda=1e-1,  # its Newton step is long at small λ (README, Quality)
             streamed=(_streamed_memory, _streamed_peak),
         ),
@@ -346,6 +353,7 @@ METHODS: dict[Method, MethodInfo] = {
             lambda f, c: DiagonalFisher(f),
             _diagonal_memory,
             _diagonal_peak,
+            relative_lambda=True,
             default_lambda=1e-4,
         ),
         MethodInfo(
@@ -354,6 +362,7 @@ METHODS: dict[Method, MethodInfo] = {
             _kfac_memory,
             _kfac_peak,
             supports_joint=False,
+            relative_lambda=True,
             default_lambda=1e-3,
             default_recompute=64,  # its estimate is cheap: more sub-steps pay
         ),

@@ -21,6 +21,7 @@ from core.engine.phases import phase
 class StepLog:
     sparsity: float
     predicted_loss_change: float
+    lambdas: dict[str, float] = field(default_factory=dict)  # the effective λ per layer (absolute)
 
 
 def substep_targets(start: float, sparsity: float, steps: int) -> list[float]:
@@ -87,12 +88,13 @@ class Pruner:
                     grad=curvature.grad if self.taylor else None,
                     pattern=self.pattern,
                 )
+            lambdas = curvature.lambdas
             del curvature
             with torch.no_grad():
                 for n, t in layout.unflatten(result.weights).items():
                     params[n].copy_(t)
             mask = result.mask
-            self.log.append(StepLog(target, result.predicted_loss_change))
+            self.log.append(StepLog(target, result.predicted_loss_change, lambdas))
         return {n: t.to(params[n].dtype) for n, t in layout.unflatten(mask).items()}
 
 

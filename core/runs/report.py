@@ -51,13 +51,16 @@ def curve_csv(points: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_title(model: str | None, method: str, target: float | None, lam: float | None) -> str:
-    """The title every plot of a run carries: model, method, target sparsity and λ."""
+def plot_title(
+    model: str | None, method: str, target: float | None, lam: float | None, scale: str | None = None
+) -> str:
+    """The title every plot of a run carries: model, method, target sparsity and λ (a relative λ as its factor α of
+    the mean Fisher diagonal)."""
     parts = [p for p in (model, method) if p]
     if target is not None:
         parts.append(f"to {target:.0%} sparsity")
     if lam is not None:
-        parts.append(f"λ = {lam:.0e}")
+        parts.append(f"λ = {lam:.0e} × mean diag F" if scale == "relative" else f"λ = {lam:.0e}")
     return " · ".join(parts)
 
 

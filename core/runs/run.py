@@ -106,6 +106,7 @@ class _State:
     fidelity: list[dict] = field(default_factory=list)
     before: dict = field(default_factory=dict)
     lambda_sweep: list[dict] = field(default_factory=list)
+    lambda_effective: float | dict | None = None  # the absolute λ of the first estimate (relative λ resolved)
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds per phase (core.runs.phases), over every attempt
     dense: dict = field(default_factory=dict)  # the dense model before pruning: shapes, safetensors bytes, latency
@@ -137,6 +138,16 @@ def calibration_split(x: Tensor, y: Tensor, seed: int) -> tuple[tuple[Tensor, Te
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1))
     cal, train = perm[:n_cal].sort().values, perm[n_cal:].sort().values
     return (x[train], y[train]), (x[cal], y[cal])
+
+
+def effective_lambda(pruner) -> float | dict[str, float] | None:
+    """The absolute λ of a pruner's first estimate (a relative λ resolved against its Fisher's mean diagonal): one
+    number when every layer has the same, else per layer; None when the method uses none (layer-wise)."""
+    lambdas = getattr(pruner.log[0], "lambdas", {}) if getattr(pruner, "log", None) else {}
+    if not lambdas:
+        return None
+    values = set(lambdas.values())
+    return values.pop() if len(values) == 1 else dict(lambdas)
 
 
 def pruned_names(model: nn.Module, spec: PruneSpec) -> list[str]:
@@ -317,9 +328,11 @@ class Run:
         def sweep(lams: list[float], widened: bool) -> None:
             for lam in lams:
                 self._check_cancel()
+                effective = None
                 try:
                     where = f"the λ sweep's prune with λ = {lam:g}"
-                    self._prune_numerically(lam, self.spec.seed, first, where)
+                    pruner, _ = self._prune_numerically(lam, self.spec.seed, first, where)
+                    effective = effective_lambda(pruner)
                     metrics = self._metric(self.xc, self.yc)
                     check_metrics(metrics, where, prune_hint(lam))
                     score, reason = self._score(metrics), None
@@ -329,6 +342,8 @@ class Run:
                 results.append(
                     {
                         "lambda": lam,
+                        "lambda_scale": self.spec.fisher.lambda_scale,
+                        "lambda_effective": effective,
                         "sparsity": first,
                         "split": "calibration",
                         "metric": self.spec.metric,
@@ -367,7 +382,14 @@ class Run:
         self.state.lambda_sweep = json_safe(results)
         self._event(
             "lambda_chosen",
-            {"lambda": top["lambda"], "split": "calibration", "widened": top["widened"], "sweep": results},
+            {
+                "lambda": top["lambda"],
+                "lambda_scale": self.spec.fisher.lambda_scale,
+                "lambda_effective": top["lambda_effective"],
+                "split": "calibration",
+                "widened": top["widened"],
+                "sweep": results,
+            },
         )
         return top["lambda"]
 
@@ -452,7 +474,8 @@ class Run:
             else:
                 self.state.lam = self.spec.fisher.damping
             self._point(0, 0, "dense", self.state.before["validation"], started)
-        self._event("started", {"lambda": self.state.lam, "memory_plan": self._plan_dict()})
+        scale = self.spec.fisher.lambda_scale if self.curvature else None
+        self._event("started", {"lambda": self.state.lam, "lambda_scale": scale, "memory_plan": self._plan_dict()})
         fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
         fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
         step = len(self.state.curve) - 1
@@ -492,8 +515,17 @@ class Run:
             after = evaluate(self.model, fx, fy, self.spec.loss)["loss"]
         check_metrics({"loss": after}, where, prune_hint(lam))
         predicted = sum(s.predicted_loss_change for s in pruner.log)
+        effective = effective_lambda(pruner) if self.curvature else None
+        if self.state.lambda_effective is None:
+            self.state.lambda_effective = effective
         self.state.fidelity.append(
-            {"step": step, "sparsity": target, "predicted_loss_change": predicted, "actual_loss_change": after - before}
+            {
+                "step": step,
+                "sparsity": target,
+                "predicted_loss_change": predicted,
+                "actual_loss_change": after - before,
+                "lambda_effective": effective,
+            }
         )
         metrics = self._metric(self.xv, self.yv)
         check_metrics(metrics, where, prune_hint(lam))
@@ -627,7 +659,8 @@ class Run:
     def _plots(self, out: dict[str, Path]) -> None:
         """curve.png, quadratic.png (the loss change the quadratic model predicted per pruning step against the one
         measured on a training subset) and, for λ = 'auto', lambda_sweep.png; titled with model, method, target, λ."""
-        title = plot_title(self.model_name, self.spec.method.value, self.spec.sparsity, self.state.lam)
+        scale = self.spec.fisher.lambda_scale
+        title = plot_title(self.model_name, self.spec.method.value, self.spec.sparsity, self.state.lam, scale)
         atomic_write(out["curve_png"], curve_png(self.state.curve, self.spec.metric, title))
         if "quadratic_png" in out:
             atomic_write(out["quadratic_png"], quadratic_png(self.state.fidelity, title, split="train"))
@@ -659,6 +692,8 @@ class Run:
             "spec": self.spec.model_dump(mode="json", by_alias=True),
             "method": self.spec.method.value,
             "lambda": self.state.lam,
+            "lambda_scale": self.spec.fisher.lambda_scale if self.curvature else None,
+            "lambda_effective": self.state.lambda_effective,
             "block_size": self.plan.block_size if self.curvature else None,
             "memory_plan": self._plan_dict(),
             "lambda_sweep": self.state.lambda_sweep,

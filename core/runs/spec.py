@@ -5,7 +5,8 @@ Every number is bounded: floats are finite (no NaN or ±Infinity, which JSON par
 hold. A value outside is a field error at job creation, never a run that goes non-finite or a server error later.
 
 * ``fisher.lambda`` (λ): [1e-12, 1e12], or ``"auto"`` (λ·m and 1/λ stay finite and meaningful in float32);
-  ``fisher.lambda_grid``: 1 to 32 such values (each one is a whole one-shot prune);
+  ``fisher.lambda_grid``: 1 to 32 such values (each one is a whole one-shot prune); with ``fisher.lambda_scale``
+  'relative' both are factors α of the Fisher estimate's mean diagonal (the effective λ is α × that mean);
 * ``finetune.lr``: (0, 10]; ``finetune.weight_decay``: [0, 1]; ``finetune.momentum``: [0, 1);
   ``schedule.exponent``: (0, 10]; ``memory_budget_mb``: (0, 2^30] (1 PiB);
 * ``seed``: [0, 2^32 − 1] (the run seeds torch generators with seed · 7919 + epoch, which must fit 64 bits);
@@ -42,6 +43,13 @@ BLOCK_SIZE_MAX = 2**31 - 1
 #: update where the method has it; λ and R from ``MethodInfo.default_lambda``/``default_recompute``); whole-layer
 #: blocks where the memory budget allows (:mod:`core.runs.budget`)
 DEFAULT_SAMPLES = 512
+#: the grids λ = 'auto' sweeps when the spec gives none: relative factors α (scale-free), or absolute values
+RELATIVE_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+ABSOLUTE_GRID = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+#: α of a relative λ the spec asks for where the method has no relative default (kfac: the best α measured)
+DEFAULT_RELATIVE_LAMBDA = 0.1
+#: the engine's reading of a relative λ (``FisherConfig.lam_scale``): the mean diagonal over all pruned layers
+RELATIVE_ENGINE_SCALE = "relative"
 MEMORY_BUDGET_MB_MAX = float(2**30)
 
 
@@ -111,16 +119,24 @@ class FisherSpec(_Strict):
     damping: Lambda | Literal["auto"] | None = Field(
         None,
         alias="lambda",
-        description="λ (dampening), in [1e-12, 1e12]; 'auto' sweeps lambda_grid (widened past an edge that wins) "
-        "on a calibration split carved out of the training data; default: the method's (1e-5 for woodfisher, "
-        "1e-3 kfac, 1e-4 diag_fisher, 1e-1 woodtaylor)",
+        description="λ (dampening), in [1e-12, 1e12], absolute or relative (lambda_scale); 'auto' sweeps "
+        "lambda_grid (widened past an edge that wins) on a calibration split carved out of the training data; "
+        "default: the method's (core.engine.methods: default_lambda_relative, else default_lambda)",
     )
-    lambda_grid: list[GridLambda] = Field(
-        default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+    lambda_scale: Literal["absolute", "relative"] | None = Field(
+        None,
+        description="how lambda and lambda_grid are read: 'absolute' (λ itself) or 'relative' (a factor α: λ = α × "
+        "the mean diagonal of the Fisher estimate over the live pruned weights, recomputed with every estimate); "
+        "default: 'absolute' when lambda is a number or lambda_grid is given; else 'relative' for 'auto' (methods that "
+        "take it) and for a default λ where the method has a relative default (woodfisher)",
+    )
+    lambda_grid: list[GridLambda] | None = Field(
+        None,
         min_length=1,
         max_length=LAMBDA_GRID_MAX,
         description="the λ values 'auto' tries (1 to 32), each in [1e-12, 1e12]; when the best is the smallest or "
-        "largest, two more decades past it are tried, at most twice",
+        "largest, two more decades past it are tried, at most twice; default: relative "
+        f"{RELATIVE_GRID}, absolute {ABSOLUTE_GRID}",
     )
     recompute: int | None = Field(
         None,
@@ -309,10 +325,25 @@ class PruneSpec(_Strict):
             if self.schedule.initial_sparsity > self.sparsity:
                 raise ValueError("schedule.initial_sparsity must be ≤ sparsity")
         info = method_info(self.method)
+        f = self.fisher
+        if f.lambda_scale == "relative" and info.needs_gradients and not info.relative_lambda:
+            raise ValueError(f"{self.method.value} takes an absolute lambda only (lambda_scale 'absolute')")
+        if f.lambda_scale is not None:
+            scale = f.lambda_scale
+        elif isinstance(f.damping, float) or f.lambda_grid is not None:
+            scale = "absolute"  # as before lambda_scale existed
+        elif f.damping == "auto":
+            scale = "relative" if info.relative_lambda else "absolute"
+        else:
+            scale = "relative" if info.default_lambda_relative is not None else "absolute"
+        relative = scale == "relative"
+        alpha = info.default_lambda_relative or DEFAULT_RELATIVE_LAMBDA
         defaults = {  # the method's own defaults where the spec sets none; a copy: the caller's FisherSpec stays
             "update": Update.JOINT if info.supports_joint else Update.SUMMED,
-            "damping": info.default_lambda,
+            "damping": alpha if relative else info.default_lambda,
             "recompute": info.default_recompute,
+            "lambda_scale": scale,
+            "lambda_grid": list(RELATIVE_GRID if relative else ABSOLUTE_GRID),
         }
         if missing := {k: v for k, v in defaults.items() if getattr(self.fisher, k) is None}:
             self.fisher = self.fisher.model_copy(update=missing)
@@ -374,4 +405,5 @@ class PruneSpec(_Strict):
             seed=seed,
             path=f.path,
             buffer_dtype=getattr(torch, f.buffer_dtype) if f.buffer_dtype else None,
+            lam_scale=RELATIVE_ENGINE_SCALE if f.lambda_scale == "relative" else "absolute",
         )

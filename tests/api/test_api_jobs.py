@@ -26,7 +26,8 @@ def test_create_job_202_location_and_enqueue(server, client, inputs):
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["state"] == "queued" and job["progress"] == 0 and job["attempts"] == 0
     assert job["spec"]["sparsity"] == 0.5 and job["spec"]["method"] == "woodfisher"
-    assert job["spec"]["fisher"]["lambda"] == 1e-5  # stored by alias, the way the spec reads
+    assert job["spec"]["fisher"]["lambda"] == 0.1  # stored by alias, the way the spec reads (relative α)
+    assert job["spec"]["fisher"]["lambda_scale"] == "relative"
     assert "idempotency_key" not in job and "task_id" not in job
     assert server.queue.queues_of(job["id"]) == ["cpu"]
     got = client.get(resp.headers["location"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,6 +35,37 @@ class FisherConfig:
     groups: list[list[str]] | None = None
     #: dtype of the held gradients (buffered path, or Woodbury layers): bfloat16/float16 halve it; None: the run's
     buffer_dtype: torch.dtype | None = None
+    #: how ``lam`` is read: 'absolute' (λ itself), 'relative' (λ = lam × the mean diagonal of the estimate F̂ over
+    #: the live weights of all layers) or 'relative_layer' (the same per layer); see :func:`effective_lambdas`
+    lam_scale: str = "absolute"
+
+
+LAM_SCALES = ("absolute", "relative", "relative_layer")
+
+
+def effective_lambdas(cfg: FisherConfig, diag_sums: dict[str, float], live: dict[str, float]) -> dict[str, float]:
+    """λ per layer: ``cfg.lam`` (absolute), or ``cfg.lam`` × mean diag F̂ with the mean over the live weights of all
+    layers ('relative') or of each layer ('relative_layer'). ``diag_sums``: per layer, the sum of diag F̂ (without
+    λ) over its weights; ``live``: per layer, its weights still alive. A mean that is zero or not finite (no
+    gradient at all) leaves ``cfg.lam`` as it is."""
+    if cfg.lam_scale not in LAM_SCALES:
+        raise ValueError(f"lam_scale must be one of {LAM_SCALES}, not {cfg.lam_scale!r}")
+    if cfg.lam_scale == "absolute":
+        return dict.fromkeys(diag_sums, cfg.lam)
+
+    def scaled(total: float, count: float) -> float:
+        mean = total / count if count > 0 else 0.0
+        return cfg.lam * mean if math.isfinite(mean) and mean > 0 else cfg.lam
+
+    if cfg.lam_scale == "relative_layer":
+        return {n: scaled(diag_sums[n], live[n]) for n in diag_sums}
+    lam = scaled(sum(diag_sums.values()), sum(live.values()))
+    return dict.fromkeys(diag_sums, lam)
+
+
+def live_counts(layout: BlockLayout, mask: Tensor) -> dict[str, float]:
+    """Per layer, the weights the 0/1 ``mask`` (layout order) keeps."""
+    return {layer.name: float(mask[layer.offset : layer.offset + layer.numel].sum()) for layer in layout.layers}
 
 
 @dataclass
@@ -41,6 +73,8 @@ class Curvature:
     segments: list[Segment]
     grad: Tensor | None = None  # mean gradient in layout order (first-order term), if measured
     info: dict = field(default_factory=dict)
+    #: the effective λ of each layer (absolute; the relative forms resolved), for the report
+    lambdas: dict[str, float] = field(default_factory=dict)
 
 
 class CurvatureEstimator(Protocol):

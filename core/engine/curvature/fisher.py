@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.buffers import map_large_allocations
-from core.engine.curvature.base import Curvature, FisherConfig, Progress, generator, layer_segments
+from core.engine.curvature.base import (
+    Curvature,
+    FisherConfig,
+    Progress,
+    effective_lambdas,
+    generator,
+    layer_segments,
+    live_counts,
+)
 from core.engine.curvature.hessian import release_free_memory
 from core.engine.curvature.inverse import DiagonalInverse, Segment, fisher_block_inverse, gram_block_inverse
 from core.engine.curvature.streaming import stream_fisher
@@ -97,9 +105,17 @@ class WoodFisher:
         cfg = self.config
         if not streams(cfg, layout):
             s = _samples(cfg, model, layout, mask, data, progress)
+            sums = {
+                layer.name: _square_sum(s.grads[:, layer.offset : layer.offset + layer.numel]) / cfg.m
+                for layer in layout.layers
+            }
+            lams = effective_lambdas(cfg, sums, live_counts(layout, mask))
             with phase("inverse"):
-                segments = layer_segments(layout, lambda layer: _woodbury_or_dense(layer.blocks(s.grads), cfg, mask))
-            return Curvature(segments, grad=s.mean.to(mask.dtype) if self.taylor else None, info={"path": "buffered"})
+                segments = layer_segments(
+                    layout, lambda layer: _woodbury_or_dense(layer.blocks(s.grads), lams[layer.name], mask)
+                )
+            grad = s.mean.to(mask.dtype) if self.taylor else None
+            return Curvature(segments, grad=grad, info={"path": "buffered"}, lambdas=lams)
         release_free_memory()  # what earlier work (the evaluation's batches) left resident on the heap
         map_large_allocations()  # freed chunks and slices leave the process, so its peak is the plan's sum
         with phase("gradients"):
@@ -115,22 +131,30 @@ class WoodFisher:
                 progress=progress,
             )
         release_free_memory()  # what the chunks' smaller temporaries left on the heap, before the blocks' work
+        sums = {n: float(a.diagonal(dim1=-2, dim2=-1).sum()) / cfg.m for n, a in sf.grams.items()}
+        sums.update({n: _square_sum(rows) / cfg.m for n, rows in sf.buffers.items()})
+        lams = effective_lambdas(cfg, sums, live_counts(layout, mask))
         with phase("inverse"):
             segments = []
             for layer in layout.layers:
                 if layer.name in sf.grams:
-                    inv = gram_block_inverse(sf.grams.pop(layer.name), cfg.m, cfg.lam)
+                    inv = gram_block_inverse(sf.grams.pop(layer.name), cfg.m, lams[layer.name])
                 else:
                     rows = sf.buffers.pop(layer.name)  # (m, nb·c): this layer's own buffer
-                    inv = _woodbury_or_dense(rows.unflatten(-1, (layer.nb, layer.block)), cfg, mask)
+                    inv = _woodbury_or_dense(rows.unflatten(-1, (layer.nb, layer.block)), lams[layer.name], mask)
                 segments.append(Segment(layer.offset, inv))
-        return Curvature(segments, grad=sf.mean if self.taylor else None, info={"path": "streamed"})
+        return Curvature(segments, grad=sf.mean if self.taylor else None, info={"path": "streamed"}, lambdas=lams)
 
 
-def _woodbury_or_dense(g: Tensor, cfg: FisherConfig, mask: Tensor):
+def _square_sum(g: Tensor) -> float:
+    """Σ g² over a block of gradient rows, accumulated in float64 without a squared copy (mean diag F̂ × m·live)."""
+    return float(torch.linalg.vector_norm(g, dtype=torch.float64).square())
+
+
+def _woodbury_or_dense(g: Tensor, lam: float, mask: Tensor):
     """The inverse of one layer's blocks from its gradient rows ``g`` (m, nb, c), cast to the run's dtype (a
     bfloat16/float16 buffer is widened one layer at a time)."""
-    return fisher_block_inverse(g.movedim(0, 1).to(mask.dtype), cfg.lam)
+    return fisher_block_inverse(g.movedim(0, 1).to(mask.dtype), lam)
 
 
 @dataclass
@@ -143,7 +167,13 @@ class DiagonalFisher:
     def estimate(
         self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
     ) -> Curvature:
-        s = _samples(self.config, model, layout, mask, data, progress)
+        cfg = self.config
+        s = _samples(cfg, model, layout, mask, data, progress)
         with phase("inverse"):
-            diag = s.grads.square().mean(dim=0, dtype=mask.dtype).add_(self.config.lam)
-        return Curvature(layer_segments(layout, lambda layer: DiagonalInverse(1.0 / layer.blocks(diag))))
+            diag = s.grads.square().mean(dim=0, dtype=mask.dtype)
+            sums = {layer.name: float(diag[layer.offset : layer.offset + layer.numel].sum()) for layer in layout.layers}
+            lams = effective_lambdas(cfg, sums, live_counts(layout, mask))
+            for layer in layout.layers:
+                diag[layer.offset : layer.offset + layer.width] += lams[layer.name]
+        segments = layer_segments(layout, lambda layer: DiagonalInverse(1.0 / layer.blocks(diag)))
+        return Curvature(segments, lambdas=lams)

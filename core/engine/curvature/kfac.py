@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.engine.curvature.base import Curvature, FisherConfig, Progress, generator
+from core.engine.curvature.base import Curvature, FisherConfig, Progress, effective_lambdas, generator
 from core.engine.curvature.inverse import Segment
 from core.engine.grads import loss_fn, sample_labels
 from core.engine.layout import BlockLayout
@@ -150,10 +150,13 @@ class KFAC:
         self, model: nn.Module, layout: BlockLayout, mask: Tensor, data, progress: Progress | None = None
     ) -> Curvature:
         factors = kfac_factors(model, layout.names, *data, self.config)
+        # diag(B ⊗ A) sums to tr(B)·tr(A); K-FAC keeps no mask, so every weight of a layer counts as live
+        sums = {n: float(b.trace()) * float(a.trace()) for n, (b, a) in factors.items()}
+        lams = effective_lambdas(self.config, sums, {layer.name: float(layer.numel) for layer in layout.layers})
         segments = [
-            Segment(layer.offset, KroneckerInverse.from_factors(b.to(mask.dtype), a.to(mask.dtype), self.config.lam))
+            Segment(layer.offset, KroneckerInverse.from_factors(b.to(mask.dtype), a.to(mask.dtype), lams[layer.name]))
             for layer, (b, a) in zip(layout.layers, (factors[n] for n in layout.names))
         ]
         if progress:
             progress(1, 1)
-        return Curvature(segments)
+        return Curvature(segments, lambdas=lams)
