@@ -294,3 +294,28 @@ def test_names_are_text(page: Any, key: str, client: httpx.Client, digits_files:
     page.wait_for_selector(f"[data-delete='{model_id}']", state="detached")
     assert page.dialogs == [("confirm", f"Delete {XSS}?")]
     assert client.get(f"/v1/models/{model_id}").status_code == 404
+
+
+def test_a_slow_view_never_covers_the_next_one(page: Any, key: str) -> None:
+    """The jobs view waits for /v1/models; the user moves on to #/models before it answers. The late answer must
+    not render the jobs page over the models page (it did: the sign-in → #/jobs → #/models race of the journey)."""
+    sign_in(page, key, "#/models")
+    page.wait_for_selector("#models-upload")
+    held = []
+
+    def hold_first(route):
+        if not held:  # the jobs view's call: answered once the models view is on the page
+            held.append(route)
+            return
+        route.continue_()
+
+    page.route("**/v1/models?*", hold_first)
+    page.goto("/ui/#/jobs")
+    page.wait_for_function("() => !document.querySelector('#models-upload')")  # the jobs view started
+    page.goto("/ui/#/models")
+    page.wait_for_selector("#models-upload")
+    assert held, "the jobs view never asked for the models"
+    held[0].continue_()
+    page.wait_for_timeout(500)  # let the held answer arrive and the stale view run to its end
+    assert page.locator("#models-upload").count() == 1 and page.locator("#jobs-list").count() == 0
+    assert page.console_errors == [] and page.csp_violations == []

@@ -46,20 +46,25 @@ async function route() {
   const [path, query = ""] = (location.hash.slice(1) || "/jobs").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.getAttribute("href") === `#/${parts[0]}`);
+  // Each view renders into its own slot: a view still awaiting the API when the route changes renders into a slot
+  // that is no longer in the page, never over the view that replaced it.
+  const slot = h("div", { className: "view-slot" });
+  clear(root).append(slot);
   try {
-    if (parts[0] === "jobs" && parts[1]) await jobView(root, parts[1]);
-    else if (parts[0] === "new") await newJobView(root);
-    else if (parts[0] === "models" || parts[0] === "datasets") await inputsView(root, parts[0]);
-    else if (parts[0] === "compare") await compareView(root, new URLSearchParams(query));
-    else await jobsView(root);
+    if (parts[0] === "jobs" && parts[1]) await jobView(slot, parts[1]);
+    else if (parts[0] === "new") await newJobView(slot);
+    else if (parts[0] === "models" || parts[0] === "datasets") await inputsView(slot, parts[0]);
+    else if (parts[0] === "compare") await compareView(slot, new URLSearchParams(query));
+    else await jobsView(slot);
   } catch (e) {
+    if (!slot.isConnected) return; // a later route owns the page
     if (e instanceof ApiError && e.status === 401) {
       clearKey();
       signIn(root);
       root.prepend(problemBox(e));
       return;
     }
-    clear(root).append(problemBox(e));
+    clear(slot).append(problemBox(e));
   }
 }
 
