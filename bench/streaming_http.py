@@ -69,6 +69,11 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=4096, help="ARBORIST_MEMORY_BUDGET_MB of the server")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait for the job")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (server log)")
+    ap.add_argument(
+        "--spec",
+        help='post this JSON spec instead (e.g. the bare defaults: \'{"method": "woodfisher", "sparsity": 0.5}\'); '
+        "--budget-mb 0 sets no server budget",
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server
 
@@ -81,8 +86,9 @@ def main() -> None:
     env.update(
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        ARBORIST_MEMORY_BUDGET_MB=str(args.budget_mb),
     )
+    if args.budget_mb:
+        env["ARBORIST_MEMORY_BUDGET_MB"] = str(args.budget_mb)
     log = open(workdir / "serve.log", "wb")
     server = subprocess.Popen(
         [
@@ -128,12 +134,16 @@ def main() -> None:
         )
         assert r.status_code == 201, r.text
         dataset_id = r.json()["id"]
-        spec = {
-            "method": "woodfisher",
-            "sparsity": 0.5,
-            "fisher": {"samples": args.samples, "block_size": args.block, "recompute": 1},
-            "text": {"max_length": args.max_length},
-        }
+        spec = (
+            json.loads(args.spec)
+            if args.spec
+            else {
+                "method": "woodfisher",
+                "sparsity": 0.5,
+                "fisher": {"samples": args.samples, "block_size": args.block, "recompute": 1},
+                "text": {"max_length": args.max_length},
+            }
+        )
         r = client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": spec})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
@@ -181,6 +191,11 @@ def summarize(report: dict, wall: float) -> None:
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
     print(f"phases (s): {seconds} (total {report['phases']['total']:.0f})")
     print(f"plan: {plan.get('block_choice')}; {plan.get('reason')}")
+    print(
+        f"λ {report.get('lambda')} ({report.get('lambda_scale')}; effective {report.get('lambda_effective')}), "
+        f"m = {report['spec']['fisher'].get('samples')}, R = {report['spec']['fisher'].get('recompute')}; "
+        f"metrics after: {json.dumps(report['metrics']['after'])}"
+    )
     peak, planned = memory["peak_extra_bytes"], memory["planned_bytes"]
     print(
         f"memory: peak {memory['peak_rss_bytes'] / MiB:.0f} MiB, start {memory['start_rss_bytes'] / MiB:.0f} MiB, "
