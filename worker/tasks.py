@@ -17,6 +17,8 @@ from worker.turns import DEFER_S, Deferred, job_for_turn
 #: seconds before a task whose database was unreachable is tried again (doubling, capped)
 RETRY_BASE_S = 15
 RETRY_MAX_S = 300
+#: jobs a turn tries to claim when concurrent turns keep taking the one it chose (each loss is another turn's start)
+MAX_CLAIM_RACES = 8
 
 
 @shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
@@ -40,9 +42,21 @@ def run_job(self: Any, job_id: str) -> str:
         raise self.retry(exc=exc, countdown=RETRY_BASE_S, max_retries=None) from exc
     try:
         outcome = _run(self, job_id, settings)
-        if outcome is runner.Outcome.SKIPPED and job_id != own:
-            # another turn claimed the job this one chose at the same moment: the turn is not lost, it runs its own
-            outcome = _run(self, own, settings)
+        tried = {job_id}
+        while outcome is runner.Outcome.SKIPPED and len(tried) < MAX_CLAIM_RACES:
+            # Another turn claimed the job this one chose at the same moment. The turn is not lost: it takes the next
+            # fairest queued job (its own, when nothing else is queued), else a queued job whose message the other
+            # turn spent would wait for the reaper's resend.
+            try:
+                job_id = job_for_turn(own, settings)
+            except Deferred:
+                raise self.retry(countdown=DEFER_S, max_retries=None) from None
+            if job_id in tried:
+                if own in tried:
+                    break
+                job_id = own
+            tried.add(job_id)
+            outcome = _run(self, job_id, settings)
         return outcome.value
     except Exception as exc:
         if not is_transient_db_error(exc):

@@ -89,3 +89,34 @@ def test_lost_messages_is_true_once_per_loss_of_redis_data(redis_db: Redis) -> N
     assert queue.lost_messages() is True
     memory = CeleryQueue.from_settings(Settings(_env_file=None, broker_url="memory://"))
     assert memory.lost_messages() is False
+
+
+def test_a_turn_that_loses_its_claim_takes_the_next_queued_job(monkeypatch) -> None:
+    """Turns T1 (message of A) and T2 (message of B) both pick A, the fairest; T2 claims it. T1 must not end as
+    'skipped': its own job A is taken too, and B, whose message T2 spent on A, would wait for the reaper's resend."""
+    from worker import runner, tasks
+
+    queued = ["A", "B"]  # fairest first
+    ran: list[str] = []
+
+    def pick(own: str, settings) -> str:
+        return queued[0] if queued else own
+
+    def run(task, job_id: str, settings) -> runner.Outcome:
+        if job_id == "A":  # T2 claimed A between T1's pick and T1's claim
+            if "A" in queued:
+                queued.remove("A")
+            return runner.Outcome.SKIPPED
+        if job_id in queued:
+            queued.remove(job_id)
+            ran.append(job_id)
+            return runner.Outcome.SUCCEEDED
+        return runner.Outcome.SKIPPED
+
+    monkeypatch.setattr(tasks, "job_for_turn", pick)
+    monkeypatch.setattr(tasks, "_run", run)
+    monkeypatch.setattr(tasks, "settings_of", lambda app: None)
+    assert tasks.run_job.run("A") == "succeeded"
+    assert ran == ["B"] and queued == []
+    # nothing else queued: the turn ends 'skipped' after trying its own job once
+    assert tasks.run_job.run("A") == "skipped"
