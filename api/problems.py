@@ -9,6 +9,7 @@ only sends them.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,15 +92,27 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method some route takes at the request's path. Starlette's 405 names only those of the first route
-    that matched the path, while e.g. ``GET`` and ``DELETE /v1/models/{model_id}`` are two routes."""
-    routes = request.app.router.routes
-    allowed = [
-        method
-        for method in HTTP_METHODS
-        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
-    ]
-    return ", ".join(allowed)
+    """Every method the API documents at the request's path (its OpenAPI paths; a path that is a documented path as
+    it stands is that path's alone: ``/v1/jobs/plan`` (POST) is no job id of ``GET /v1/jobs/{job_id}``). Starlette's
+    405 names only the first route that matched, while e.g. ``GET`` and ``DELETE /v1/models/{model_id}`` are two.
+    Paths left out of the schema fall back to every route that takes the path."""
+    path = request.scope.get("path", "")
+    paths = request.app.openapi().get("paths", {})
+    if path in paths:
+        documented = [paths[path]]
+    else:
+        documented = [
+            ops
+            for template, ops in paths.items()
+            if "{" in template and re.fullmatch(re.sub(r"\{[^/}]+\}", "[^/]+", template), path)
+        ]
+    allowed = {m.upper() for ops in documented for m in ops}
+    if not allowed:
+        routes = request.app.router.routes
+        allowed = {
+            m for m in HTTP_METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+        }
+    return ", ".join(m for m in HTTP_METHODS if m in allowed)
 
 
 async def _http_error(request: Request, exc: Exception) -> ProblemResponse:

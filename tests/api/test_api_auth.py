@@ -77,6 +77,11 @@ def test_status_poll_answers_only_its_tenant(server, account, make_account, seed
 def test_unknown_route_and_method_are_problems(server, client):
     assert_problem(client.get("/v1/nope"), 404, "not-found")
     assert_problem(client.put("/v1/jobs"), 405, "method-not-allowed")
+    # Allow names every route's methods at the path; a static path is its own route's, not a job id's
+    assert client.delete("/v1/models/x").status_code != 405
+    assert set(client.put("/v1/models/x").headers["allow"].split(", ")) == {"GET", "DELETE"}
+    plan = client.options("/v1/jobs/plan")
+    assert plan.status_code == 405 and plan.headers["allow"] == "POST", plan.headers
 
 
 def test_healthz_readyz(server):

@@ -114,9 +114,17 @@ def start_host(s3_env: dict[str, str], host_dirs: Path, module_processes: list[P
     return start
 
 
+#: what libraries leave in $TMPDIR by being imported, not by a job: onnxruntime writes a 51-byte `.ses` id file
+LIBRARY_FILES = {".ses"}
+
+
 def _local_files(directory: Path) -> list[Path]:
-    """The files under a worker's home, but for library caches (matplotlib's font list)."""
-    return [p for p in directory.rglob("*") if p.is_file() and ".cache" not in p.relative_to(directory).parts]
+    """The files under a worker's home, but for library caches (matplotlib's font list) and library id files."""
+    return [
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(directory).parts and p.name not in LIBRARY_FILES
+    ]
 
 
 def test_happy_path_with_the_artifact_root_on_s3(
