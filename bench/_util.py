@@ -47,6 +47,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(server, base: str, log: Path, timeout: float = 120.0, poll: float = 0.3) -> None:
+    """Wait until the ``arborist serve`` process ``server`` (a Popen) answers ``GET {base}/readyz`` with 200; a
+    RuntimeError naming ``log`` if it exits first, or after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited; see {log}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(poll)
+
+
 def save(name: str, rows: list[dict]) -> Path:
     import torch
 

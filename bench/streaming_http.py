@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import free_port  # noqa: E402 (after the sys.path line above)
+from bench._util import free_port, wait_ready  # noqa: E402 (after the sys.path line above)
 from bench.streaming import WORDS  # noqa: E402 (after the sys.path line above)
 
 VENV_BIN = Path(sys.executable).parent
@@ -104,18 +104,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     print(f"server log: {workdir / 'serve.log'}", flush=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited; see {workdir / 'serve.log'}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.3)
+        wait_ready(server, base, workdir / "serve.log", timeout=120, poll=0.3)
         db = f"sqlite:///{data_dir / 'arborist.db'}"
         key = subprocess.run(
             [str(VENV_BIN / "arborist"), "keys", "create", "--tenant", "bench", "--url", db],

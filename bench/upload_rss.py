@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import free_port  # noqa: E402 (after the sys.path line above)
+from bench._util import free_port, wait_ready  # noqa: E402 (after the sys.path line above)
 
 VENV_BIN = Path(sys.executable).parent
 FEATURES = 64
@@ -178,18 +178,7 @@ def main() -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited; see {workdir / 'serve.log'}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.2)
+        wait_ready(server, base, workdir / "serve.log", timeout=90, poll=0.2)
         key = (
             subprocess.run(
                 [
