@@ -116,3 +116,28 @@ def test_gram_inverse_in_place_slices_matches_the_float64_inverse(monkeypatch):
     bad[2] = -torch.eye(16, dtype=torch.float64)
     with pytest.raises(NumericalError, match="not positive definite even in float64"):
         inverse.gram_block_inverse(bad, m, lam)
+
+
+@pytest.mark.parametrize("m", [16, 4])  # dense (c ≤ m) and Woodbury (c > m)
+def test_block_inverse_factors_on_one_thread_and_restores_the_count(monkeypatch, m):
+    """The per-block LAPACK calls of the buffered inverse run on one intra-op thread (on shared cores two were
+    5–15× slower, ``_one_thread``); the GEMM before them and the caller keep the thread count they had."""
+    seen = []
+    real = torch.linalg.cholesky_ex
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.randn(3, m, 8, dtype=torch.float64)
+        inv = fisher_block_inverse(g, 1e-2)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    f = g.mT @ g / m + 1e-2 * torch.eye(8, dtype=torch.float64)
+    assert rel(explicit(inv, 8), torch.linalg.inv(f)) < 1e-10

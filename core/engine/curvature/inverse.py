@@ -156,15 +156,14 @@ def _gram(g: Tensor, lam: float, small_side: bool) -> Tensor:
     return a
 
 
-def _cholesky(g: Tensor, lam: float, small_side: bool) -> tuple[Tensor, Tensor | None]:
-    """Batched Cholesky of the Gram matrices, in place; blocks that fail in g's precision
-    (rounding can make λI + GᵀG/m indefinite in float32 when gradients are large) are rebuilt
-    from their gradients in float64. Returns (factors, indices of the rebuilt blocks or None)."""
-    a = _gram(g, lam, small_side)
+def _cholesky(a: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Batched Cholesky of the Gram matrices ``a`` (from gradients of ``dtype``), in place; blocks that fail in that
+    precision (rounding can make λI + GᵀG/m indefinite in float32 when gradients are large) are for the caller to
+    rebuild from their gradients in float64. Returns (factors, indices of those blocks or None)."""
     info = torch.empty(a.shape[0], dtype=torch.int32, device=a.device)
     chol, info = torch.linalg.cholesky_ex(a, out=(a, info))
     bad = (info != 0).nonzero().flatten()
-    if bad.numel() == 0 or g.dtype == torch.float64:
+    if bad.numel() == 0 or dtype == torch.float64:
         if bad.numel():
             raise NumericalError(f"{bad.numel()} Fisher block(s) not positive definite even in float64: raise λ")
         return chol, None
@@ -181,18 +180,22 @@ def fisher_block_inverse(g: Tensor, lam: float) -> DenseInverse | WoodburyInvers
         raise ValueError("the dampening λ must be positive")
     _nb, m, c = g.shape
     dense = c <= m
-    chol, bad = _cholesky(g, lam, small_side=not dense)
-    if bad is not None:  # placeholder factors; these blocks are redone in float64 below
-        chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    if dense:
-        inv = torch.cholesky_inverse(chol).mul_(m)  # (GᵀG + mλI)⁻¹·m = F⁻¹
-    else:
-        inv = torch.linalg.solve_triangular(chol, g, upper=False)
-    if bad is not None:  # redo the failed blocks in float64
-        g64 = g[bad].double()
-        chol64 = torch.linalg.cholesky(_gram(g64, lam, small_side=not dense))
-        redo = torch.cholesky_inverse(chol64) * m if dense else torch.linalg.solve_triangular(chol64, g64, upper=False)
-        inv[bad] = redo.to(inv.dtype)
+    a = _gram(g, lam, small_side=not dense)  # the GEMM: every intra-op thread
+    with _one_thread(g.device):  # LAPACK, once per block: one thread (see _one_thread)
+        chol, bad = _cholesky(a, g.dtype)
+        if bad is not None:  # placeholder factors; these blocks are redone in float64 below
+            chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        if dense:
+            inv = torch.cholesky_inverse(chol).mul_(m)  # (GᵀG + mλI)⁻¹·m = F⁻¹
+        else:
+            inv = torch.linalg.solve_triangular(chol, g, upper=False)
+        if bad is not None:  # redo the failed blocks in float64
+            g64 = g[bad].double()
+            chol64 = torch.linalg.cholesky(_gram(g64, lam, small_side=not dense))
+            redo = (
+                torch.cholesky_inverse(chol64) * m if dense else torch.linalg.solve_triangular(chol64, g64, upper=False)
+            )
+            inv[bad] = redo.to(inv.dtype)
     return DenseInverse(inv) if dense else WoodburyInverse(inv, lam)
 
 
@@ -227,7 +230,9 @@ def gram_block_inverse(gram: Tensor, m: int, lam: float) -> DenseInverse:
 def _one_thread(device: torch.device) -> Iterator[None]:
     """One intra-op thread on the CPU: LAPACK on a 64 × 64 block is over before a second thread helps, and where
     the cores are shared a thread that waits for its partner waits for the scheduler (measured: 4096 blocks in 1.0 s
-    on one thread, 9.7–12.3 s on two, load ≈ 12 on 2 cores)."""
+    on one thread, 9.7–12.3 s on two, load ≈ 12 on 2 cores; Cholesky + inverse at load 3–6, one thread vs two:
+    4096 blocks of 64 1.3–1.9 s vs 9.4–10.1 s, 1024 of 128 1.3–2.5 s vs 13–15 s, 32 of 512 0.7–0.8 s vs 2.5–4.1 s,
+    8 of 1024 0.9–1.0 s vs 7.6–16.4 s). Used by both the streamed (Gram) and the buffered (gradient) inverse."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
