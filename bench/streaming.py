@@ -13,7 +13,8 @@ time per phase comes from the engine's phase hook (gradients, gram accumulation,
   what the old path could do with it.
 
 ``python bench/streaming.py [--m 1024] [--chunk 16] [--seq-len 16]``; ``--zoo resnet50 --block 128`` runs the
-same on the zoo's ResNet-50 (random weights, random images, cross-entropy to random labels).
+same on the zoo's ResNet-50 (random weights, random images, cross-entropy to random labels); ``--compare-malloc``
+times the streamed run with and without the engine's 1 MiB mmap threshold (``map_large_allocations``).
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def child(cfg: dict) -> dict:
     from core.runs.phases import PhaseTimer
 
     torch.set_num_threads(cfg["threads"])
+    if cfg.get("malloc_default"):  # glibc's own mmap threshold (--compare-malloc): what map_large_allocations costs
+        import core.engine.curvature.fisher as fisher_module
+
+        fisher_module.map_large_allocations = lambda: False
     if cfg["zoo"]:
         model, x, y, names, loss = zoo_task(cfg["m"], cfg["zoo"], cfg.get("include"))
     else:
@@ -163,6 +168,35 @@ def run_child(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compare_malloc(base: dict, m: int) -> None:
+    """The streamed run twice, alternating, in fresh processes: with the 1 MiB mmap threshold the engine sets
+    (``map_large_allocations``) and with glibc's default (a threshold that grows up to 32 MiB); the step's time and
+    peak extra memory of each, best of two runs each."""
+    from bench._util import save
+
+    runs = {"mmap 1 MiB": [], "glibc default": []}
+    for _ in range(2):
+        for label, default in (("mmap 1 MiB", False), ("glibc default", True)):
+            runs[label].append(run_child({**base, "m": m, "path": "streamed", "malloc_default": default}))
+    rows = []
+    for label, rs in runs.items():
+        rows.append(
+            {
+                "setting": label,
+                "step_s": min(
+                    sum(r["seconds"].get(k, 0.0) for k in ("gradients", "gram", "inverse", "obs")) for r in rs
+                ),
+                "gradients_s": min(r["seconds"].get("gradients", 0.0) for r in rs),
+                "peak_extra_MiB": min(r["peak_extra_bytes"] for r in rs) / 2**20,
+                "plan_MiB": rs[0]["plan_bytes"] / 2**20,
+            }
+        )
+    a, b = rows
+    summary = {"time_ratio": a["step_s"] / b["step_s"], "peak_ratio": a["peak_extra_MiB"] / b["peak_extra_MiB"]}
+    save("streaming-malloc", [*rows, {"summary": summary}])
+    print(json.dumps([*rows, summary], indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
@@ -175,6 +209,11 @@ def main() -> None:
     ap.add_argument("--zoo", default=None, help="a zoo architecture (resnet50) instead of MiniLM")
     ap.add_argument("--include", default=None, help="zoo: prune only the weights matching this glob (layer4.2.*)")
     ap.add_argument("--buffered-m", type=int, default=None, help="m of the buffered run (default: same memory)")
+    ap.add_argument(
+        "--compare-malloc",
+        action="store_true",
+        help="instead: the streamed run with and without map_large_allocations (its time and memory cost)",
+    )
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -184,6 +223,8 @@ def main() -> None:
     base = {"block": args.block, "chunk": args.chunk, "seq_len": args.seq_len, "threads": args.threads}
     base["zoo"], base["include"] = args.zoo, args.include
     base["layers"] = [int(i) for i in args.layers.split(",")] if args.layers else None
+    if args.compare_malloc:
+        return compare_malloc(base, args.m)
     streamed = run_child({**base, "m": args.m, "path": "streamed"})
     m_buf = args.buffered_m or max(1, min(args.m, streamed["peak_extra_bytes"] // (streamed["D"] * 4)))
     buffered = run_child({**base, "m": m_buf, "path": "buffered"})
