@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from _hf_models import jsonl, sentences, write_model, zip_folder
 from core.engine.grads import Loss
@@ -22,8 +23,19 @@ def test_classifier_job_runs_and_exports(tmp_path: Path) -> None:
     run_spec, model, ds = load_hf_job(spec, archive, data, "jsonl")
     assert run_spec.loss is Loss.CROSS_ENTROPY and run_spec.metric == "accuracy" and ds.num_classes == 3
     result = Run(run_spec, model, ds, tmp_path / "out").execute()
-    assert "hf_model" in result.artifacts and "onnx" not in result.artifacts
-    assert result.report["sparsity"]["global"] > 0
+    assert "hf_model" in result.artifacts and result.report["sparsity"]["global"] > 0
+    # the ONNX graph of the pruned adapter: ONNX Runtime gives its logits, and the report times both runtimes
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.artifacts["onnx"]), providers=["CPUExecutionProvider"])
+    x = ds.x_train[:5]
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape and abs(got - expected).max() < 1e-4
+    assert result.report["onnx_error"] is None
+    ort_speed = result.report["speed"]["runtimes"]["onnxruntime_cpu"]
+    assert ort_speed["speedup"] and ort_speed["verdict"] == "size only"
 
 
 def test_fisher_kind_per_objective(tmp_path: Path) -> None:

@@ -589,15 +589,16 @@ class Run:
         return RunResult(out, report)
 
     def _export(self, model: nn.Module, masks: dict, example: Tensor, out: dict) -> tuple[dict, str | None]:
-        """The pruned weights and the masks (under the upload's own names), and the model's own format
-        (``hf_model.zip``) or the ONNX graph; (the artifacts written, why ONNX failed or None)."""
+        """The pruned weights and the masks (under the upload's own names), the model's own format where it has one
+        (``hf_model.zip``), and the ONNX graph (of a Hugging Face model: its adapter, the one tensor of token ids and
+        attention mask in, as the run feeds it); (the artifacts written, why ONNX failed or None)."""
         names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
         save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
         save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
         onnx_error = None
         export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
         if export is not None:
-            return {k: v for k, v in out.items() if k != "onnx"} | export(self.out_dir, masks), None
+            out |= export(self.out_dir, masks)
         try:
             from core.io.onnx.export import export_onnx
 
@@ -609,7 +610,7 @@ class Run:
 
     # -- latency and size (core.runs.speed, core.runs.sizes) --------------------------------------
     def _runtimes(self) -> list[str]:
-        return runtimes_for(getattr(self.model, "export_artifacts", None) is None, self.spec.pattern)
+        return runtimes_for(True, self.spec.pattern)  # every run exports ONNX (a failed export: not measured)
 
     def _dense_baseline(self) -> None:
         """The dense model's shapes, safetensors bytes and latency, measured before any pruning (kept in the state, so
