@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from core.engine.layout import BlockLayout
-from core.engine.methods import Method, Sizing, method_info
+from core.engine.methods import Method, Sizing, chunk_elements, method_info
 from core.errors import DoesNotFit
 
 MiB = 2**20
@@ -34,6 +34,7 @@ class MemoryPlan:
     chunk: int | None = None  # k: samples per chunk of per-example gradients
     groups: list[list[str]] | None = None  # layer groups, one pass over the data each (None: one pass)
     reason: str = ""  # why this path, chunk and grouping
+    activations: int | None = None  # bytes per Fisher sample its forward saves for the backward (None: not known)
 
     @property
     def total_bytes(self) -> int:
@@ -61,18 +62,22 @@ def plan(
     joint: bool = False,
     path: str = "auto",
     groups: list[list[str]] | None = None,
+    activations: int | None = None,
 ) -> MemoryPlan:
     """The bytes a pruning step of the method takes for these weights, by the formulas of its table entry; for a
-    method with a streamed path, ``path`` 'auto' streams when some block is dense (c ≤ m)."""
+    method with a streamed path, ``path`` 'auto' streams when some block is dense (c ≤ m). ``activations``: what
+    the forward of one Fisher sample saves for the backward (:func:`core.engine.activations.saved_bytes_per_sample`;
+    None: not known, not counted), held by every sample of a gradient chunk."""
     info = method_info(method)
     layout = BlockLayout(shapes, block_size)
     streamed = _streams(method, layout, m, path)
     memory, peak = info.streamed if streamed else (info.memory, info.peak)
-    widths = {layer.name: layer.width for layer in layout.layers}
-    chunk_width = max(sum(widths[n] for n in g) for g in groups) if streamed and groups else None
+    by_name = {layer.name: layer for layer in layout.layers}
+    chunk_width = max(chunk_elements(by_name[n] for n in g) for g in groups) if streamed and groups else None
     gradient, inverse = memory(layout, m, itemsize)
-    total = peak(layout, Sizing(m=m, itemsize=itemsize, chunk=chunk, joint=joint, chunk_width=chunk_width))
-    p = MemoryPlan(block_size, gradient, inverse, max(0, total - gradient - inverse))
+    sizing = Sizing(m, itemsize, chunk, joint, chunk_width, activations or 0)
+    total = peak(layout, sizing)
+    p = MemoryPlan(block_size, gradient, inverse, max(0, total - gradient - inverse), activations=activations)
     if info.streamed is None:
         return p
     p.path, p.chunk = ("streamed" if streamed else "buffered"), min(chunk, m)
@@ -131,24 +136,26 @@ def fit(
     joint: bool = False,
     budget_name: str = "memory_budget_mb",
     path: str = "auto",
+    activations: int | None = None,
 ) -> MemoryPlan:
     """The plan for the spec; with a budget, a streamed plan lowers its chunk size and then splits the layers into
     groups; then the block size shrinks (if allowed), or the job is refused with the numbers. ``budget_name`` says
     where the budget comes from (the spec's field or the server's setting)."""
-    p = plan(method, shapes, block_size, m, itemsize, chunk=chunk, joint=joint, path=path)
+    same = {"joint": joint, "path": path, "activations": activations}
+    p = plan(method, shapes, block_size, m, itemsize, chunk=chunk, **same)
     if budget_bytes is None or p.total_bytes <= budget_bytes:
         return p
     if p.path == "streamed":
         k = p.chunk or chunk
         while k > 1:
             k //= 2
-            q = plan(method, shapes, block_size, m, itemsize, chunk=k, joint=joint, path=path)
+            q = plan(method, shapes, block_size, m, itemsize, chunk=k, **same)
             if q.total_bytes <= budget_bytes:
                 q.reason += f"; k lowered from {min(chunk, m)} to fit the budget ({budget_name})"
                 return q
         for n in range(2, len(shapes) + 1):
             groups = layer_groups(shapes, n)
-            q = plan(method, shapes, block_size, m, itemsize, chunk=1, joint=joint, path=path, groups=groups)
+            q = plan(method, shapes, block_size, m, itemsize, chunk=1, groups=groups, **same)
             if q.total_bytes <= budget_bytes:
                 q.reason += f"; k = 1 and the layer groups to fit the budget ({budget_name})"
                 return q
@@ -156,7 +163,7 @@ def fit(
         c = block_size or max(math.prod(s) for s in shapes.values())
         while c > 1:
             c //= 2
-            p = plan(method, shapes, c, m, itemsize, chunk=chunk, joint=joint, path=path)
+            p = plan(method, shapes, c, m, itemsize, chunk=chunk, **same)
             if p.total_bytes <= budget_bytes:
                 p.reason += f"; blocks shrunk from {block_size or 'whole layers'} to {c} to fit the budget"
                 return p

@@ -15,7 +15,7 @@ measures the peak of a real step of every method against ``peak`` (within ±50 %
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,7 +28,7 @@ from core.engine.curvature.kfac import KFAC
 from core.engine.layerwise.obc import held_bytes, obc
 from core.engine.layerwise.sparsegpt import sparsegpt
 from core.engine.layerwise.wanda import wanda
-from core.engine.layout import BlockLayout
+from core.engine.layout import BlockLayout, LayerSlice
 from core.engine.obs import Scope
 
 
@@ -59,7 +59,11 @@ class Sizing:
     itemsize: int  # bytes per element of the run's dtype
     chunk: int = 64  # Fisher samples per vmap chunk (fisher.chunk)
     joint: bool = False  # the joint OBS update (its solve factors P F⁻¹ P per block)
-    chunk_width: int | None = None  # widest layer group differentiated in one pass (streamed; None: all layers)
+    #: the widest layer group differentiated in one pass, in chunk elements per sample (``chunk_elements``; streamed
+    #: path; None: all layers)
+    chunk_width: int | None = None
+    #: bytes the forward of one Fisher sample saves for the backward (``core.engine.activations``; 0: not known)
+    activations: int = 0
 
 
 #: bytes a pruning step holds at its peak, on top of the model and the data
@@ -72,6 +76,25 @@ STEP_VECTORS = 11
 #: per-example gradients of one vmap chunk, in chunk × D elements: the chunk and the autograd temporaries (measured
 #: 1.04 with vmap on an MLP, k = 32; 1.16 on MiniLM, whose in-place ops take the per-sample loop, k = 16)
 VMAP_CHUNK_FACTOR = 1.5
+#: the same for convolution weights: vmap's per-sample weight gradient of a convolution is a grouped convolution
+#: whose output is copied once more (measured 1.85 on ResNet-50's last block at k = 16)
+VMAP_CONV_FACTOR = 2.0
+#: a chunk's activations, in multiples of what the forward of its samples saves for the backward (the saved
+#: tensors, and the backward's gradients with respect to them; measured 1.9 on ResNet-50's first stage at 64 × 64,
+#: 2.8–3.0 on two 3 × 3 convolutions at 64 × 64, both k = 16–32; tests/test_activations.py)
+ACTIVATION_FACTOR = 3.5
+
+
+def chunk_elements(layers: Iterable[LayerSlice]) -> int:
+    """Per sample, the elements one chunk of per-sample gradients of these layers holds (``VMAP_CHUNK_FACTOR`` ×
+    the width of a Linear, ``VMAP_CONV_FACTOR`` × that of a convolution)."""
+    return math.ceil(sum((VMAP_CONV_FACTOR if len(x.shape) > 2 else VMAP_CHUNK_FACTOR) * x.width for x in layers))
+
+
+def _chunk_bytes(layout: BlockLayout, z: Sizing) -> int:
+    """One vmap chunk at its peak: its per-sample gradients and its activations."""
+    width = z.chunk_width if z.chunk_width is not None else chunk_elements(layout.layers)
+    return min(z.chunk, z.m) * (width * z.itemsize + math.ceil(ACTIVATION_FACTOR * z.activations))
 
 
 @dataclass(frozen=True)
@@ -165,8 +188,7 @@ def _step(layout: BlockLayout, z: Sizing) -> int:
 
 def _gradients(layout: BlockLayout, z: Sizing) -> tuple[int, int]:
     """(the m × D gradient buffer, the largest transient while it is filled: one vmap chunk's gradients)."""
-    chunk = math.ceil(VMAP_CHUNK_FACTOR * min(z.chunk, z.m) * layout.width * z.itemsize)
-    return z.m * layout.width * z.itemsize, chunk
+    return z.m * layout.width * z.itemsize, _chunk_bytes(layout, z)
 
 
 def _magnitude_peak(layout: BlockLayout, z: Sizing) -> int:
@@ -220,9 +242,9 @@ def _streamed_memory(layout: BlockLayout, m: int, itemsize: int) -> tuple[int, i
 
 def _streamed_peak(layout: BlockLayout, z: Sizing) -> int:
     """Streamed estimate: the mask and the gradient sum, the Woodbury rows, every block (Gram matrices, then
-    inverses) and the larger of one chunk of per-example gradients (k × the widest group's width, × the measured
-    ``VMAP_CHUNK_FACTOR``) or one layer's factorization (dense layers: a slice of blocks, inverted in place, see
-    ``gram_slice_bytes``; Woodbury layers: their m × m Gram matrices); then the OBS step as buffered."""
+    inverses) and the larger of one chunk of per-example gradients and activations (``_chunk_bytes``: k × the
+    widest group's ``chunk_elements``) or one layer's factorization (dense layers: a slice of blocks, inverted in
+    place, see ``gram_slice_bytes``; Woodbury layers: their m × m Gram matrices); then the OBS step as buffered."""
     held, _build, joint = _block_inverses(layout, z)
     build = max(
         gram_slice_bytes(layer.nb, layer.block, z.itemsize)
@@ -230,8 +252,7 @@ def _streamed_peak(layout: BlockLayout, z: Sizing) -> int:
         else layer.nb * z.m * z.m * z.itemsize
         for layer in layout.layers
     )
-    width = z.chunk_width or layout.width
-    chunk = math.ceil(VMAP_CHUNK_FACTOR * min(z.chunk, z.m) * width * z.itemsize)
+    chunk = _chunk_bytes(layout, z)
     estimate = 2 * layout.width * z.itemsize + _woodbury_rows(layout, z.m, z.itemsize) + held + max(chunk, build)
     return max(estimate, _block_step(layout, z, held, joint))
 

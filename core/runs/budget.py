@@ -74,11 +74,17 @@ def effective_budget_mb(spec: PruneSpec, server_mb: float | None) -> tuple[float
     return spec.memory_budget_mb, SPEC_BUDGET
 
 
-def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: float | None = None) -> FittedPlan:
+def memory_plan(
+    spec: PruneSpec,
+    shapes: dict[str, tuple[int, ...]],
+    server_mb: float | None = None,
+    activations: int | None = None,
+) -> FittedPlan:
     """The plan of a pruning step of ``spec`` over the weights ``shapes``, fitted to the effective budget (blocks
     shrunk if the spec allows it; with ``block_size = 'auto'``, whole layers or the largest block size that fits);
     :class:`core.errors.DoesNotFit` with the numbers when it cannot fit, and :class:`core.errors.InvalidInput` for
-    more weights than the method takes."""
+    more weights than the method takes. ``activations``: the bytes one Fisher sample's forward saves for the
+    backward (:func:`core.engine.activations.saved_bytes_per_sample`), held k times by a gradient chunk."""
     info = method_info(spec.method)
     width = sum(torch.Size(s).numel() for s in shapes.values())
     if info.max_weights is not None and width > info.max_weights:
@@ -94,7 +100,12 @@ def memory_plan(spec: PruneSpec, shapes: dict[str, tuple[int, ...]], server_mb: 
         spec.fisher_samples(None),
         torch.finfo(torch.float64 if spec.dtype == "float64" else torch.float32).bits // 8,
     )
-    kw = {"chunk": spec.fisher.chunk, "joint": spec.fisher.update is Update.JOINT, "path": spec.fisher.path}
+    kw = {
+        "chunk": spec.fisher.chunk,
+        "joint": spec.fisher.update is Update.JOINT,
+        "path": spec.fisher.path,
+        "activations": activations,
+    }
     if spec.fisher.block_size != "auto" or not info.uses_blocks:
         p = fit(*args, spec.block_size, *sizing, budget, spec.allow_block_shrink, **kw, budget_name=source)
         chosen = None

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
+from core.engine.activations import saved_bytes_per_sample
 from core.engine.memory import MemoryPlan
 from core.engine.methods import method_info
 from core.errors import InvalidInput
@@ -85,12 +87,20 @@ def _check_fit(model: nn.Module, spec: PruneSpec, input_shape: Sequence[int], nu
         ) from None
 
 
-def _check_plan(model: nn.Module, spec: PruneSpec, server_budget_mb: float | None) -> MemoryPlan | None:
-    """The plan of a pruning step (``None`` for methods that take no gradients, as in the run's report)."""
+def _check_plan(
+    model: nn.Module, spec: PruneSpec, server_budget_mb: float | None, input_shape: Sequence[int] | None
+) -> MemoryPlan | None:
+    """The plan of a pruning step (``None`` for methods that take no gradients, as in the run's report); with the
+    input shape known, a gradient chunk's activations counted as the run counts them."""
     params = dict(model.named_parameters())
-    shapes = {n: tuple(params[n].shape) for n in pruned_names(model, spec)}
+    names = pruned_names(model, spec)
+    shapes = {n: tuple(params[n].shape) for n in names}
     check_pattern(spec, shapes)
-    plan = memory_plan(spec, shapes, server_budget_mb)
+    activations = None
+    if input_shape and method_info(spec.method).needs_gradients:
+        example = torch.empty(spec.fisher.batch_size, *input_shape, device="meta")
+        activations = saved_bytes_per_sample(model, example, names)
+    plan = memory_plan(spec, shapes, server_budget_mb, activations)
     return plan if method_info(spec.method).needs_gradients else None
 
 
@@ -136,7 +146,7 @@ def check_job(
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
     if spec.structure != "unstructured":
         return None  # no Fisher estimate: the layer-wise Hessians of one family at a time
-    return _check_plan(model, spec, server_budget_mb) if model is not None else None
+    return _check_plan(model, spec, server_budget_mb, input_shape) if model is not None else None
 
 
 def warm_up() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from core.engine.activations import saved_bytes_per_sample
 from core.engine.layerwise.sequential import LayerwiseConfig
 from core.engine.layout import select_parameters
 from core.engine.memory import MemoryPlan
@@ -219,7 +220,10 @@ class Run:
             )
         shapes = {n: tuple(params[n].shape) for n in self.names}
         check_pattern(spec, shapes)
-        self.plan: MemoryPlan = memory_plan(spec, shapes, memory_budget_mb)
+        activations = None
+        if self.curvature:  # what a gradient chunk's samples save for the backward, counted on the meta device
+            activations = saved_bytes_per_sample(self.model, self.x[: spec.fisher.batch_size], self.names)
+        self.plan: MemoryPlan = memory_plan(spec, shapes, memory_budget_mb, activations)
         self.state = _State()
         self._units = len(self.events) + self.epochs + 1
 
