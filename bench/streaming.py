@@ -114,6 +114,7 @@ def child(cfg: dict) -> dict:
     """One configuration in this (fresh) process: the step's peak extra memory and its phase times."""
     import torch
 
+    from core.engine.activations import saved_bytes_per_sample
     from core.engine.curvature.base import FisherConfig
     from core.engine.curvature.hessian import release_free_memory
     from core.engine.layout import BlockLayout
@@ -136,7 +137,10 @@ def child(cfg: dict) -> dict:
     layout = BlockLayout(shapes, cfg["block"])
     fisher = FisherConfig(m=cfg["m"], lam=1e-5, chunk=cfg["chunk"], path=cfg["path"], loss=loss)
     pruner = make_pruner("woodfisher", fisher, block_size=cfg["block"], joint=False)
-    predicted = plan("woodfisher", shapes, cfg["block"], cfg["m"], 4, chunk=cfg["chunk"], path=cfg["path"])
+    activations = saved_bytes_per_sample(model, x[:1], names)  # as the run counts them (core.engine.activations)
+    predicted = plan(
+        "woodfisher", shapes, cfg["block"], cfg["m"], 4, chunk=cfg["chunk"], path=cfg["path"], activations=activations
+    )
     gc.collect()
     release_free_memory()
     before = _status("VmRSS")
