@@ -264,3 +264,38 @@ def test_constructor_checks_the_new_arguments():
     model = build_model("resnet20")  # the dense default: the paper's zero-padding, no buffer in the state dict
     assert arch_kwargs(model)["shortcut_index"] == [[8 + j for j in range(16)], [16 + j for j in range(32)]]
     assert not any("source" in k for k in model.state_dict())
+
+
+def test_resumed_resnet_run_rebuilds_the_same_shortcut_maps(tmp_path):
+    """A run canceled after the prune's checkpoint and resumed (the fresh dense model shrunk family by family as the
+    checkpoint says, the option A index maps renumbered again: they are not in the state dict) ends with the
+    uninterrupted run's weights and arch_kwargs."""
+    from core.errors import Canceled
+    from core.runs.checkpoint import DirectoryCheckpointer
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+    from test_structured import _StopAfter
+
+    base = {"in_channels": 1, "num_classes": 4, "width": 4}
+    torch.manual_seed(0)
+    dense = build_model("resnet20", **base).state_dict()
+
+    def fresh():
+        model = build_model("resnet20", **base)
+        model.load_state_dict(dense)
+        return model
+
+    spec = PruneSpec(
+        method="obc", sparsity=0.5, structure="channels", fisher={"samples": 32}, finetune={"epochs": 1}, device="cpu"
+    )
+    whole_ck = DirectoryCheckpointer(tmp_path / "a_ck")
+    whole = execute(spec, fresh(), _digits_image(), tmp_path / "a", _StopAfter(), whole_ck)
+    ck = DirectoryCheckpointer(tmp_path / "b_ck")
+    with pytest.raises(Canceled):
+        execute(spec, fresh(), _digits_image(), tmp_path / "b", _StopAfter(1), ck)
+    hooks = _StopAfter()
+    resumed = execute(spec, fresh(), _digits_image(), tmp_path / "b", hooks, ck)
+    assert "resumed" in hooks.events and "pruned" not in hooks.events
+    assert resumed.report["structure"]["arch_kwargs"] == whole.report["structure"]["arch_kwargs"]
+    a, b = load_file(whole.artifacts["pruned"]), load_file(resumed.artifacts["pruned"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
