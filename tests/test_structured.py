@@ -118,12 +118,16 @@ def test_shrunk_model_equals_the_masked_one(arch, kwargs, kind, shape, count):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    families = find_families(model, kind)
+
+    def inner(m):  # the residual stream's families: tests/test_structured_residual.py (a masked stream oracle)
+        return [f for f in find_families(m, kind) if not f.name.startswith("stream.")]
+
+    families = inner(model)
     assert len(families) == count
     x = torch.randn(*shape, dtype=torch.float64)
     reference = model
     shrunk = _copy(model)
-    results = prune_structured(shrunk, find_families(shrunk, kind), 0.5, None, saliency="l2")
+    results = prune_structured(shrunk, inner(shrunk), 0.5, None, saliency="l2")
     for fam, res in zip(families, results, strict=True):
         reference = _mask_equivalent(reference, fam, res.removed)
         assert res.kept == fam.units - units_to_remove(fam.units, 0.5)
@@ -142,9 +146,12 @@ def test_resnet20_inner_default_is_todays_model_and_rebuilds_the_shrunk_one():
     model = build_model("resnet20", in_channels=1, width=8).eval()
     x = torch.randn(16, 1, 8, 8)
     prune_structured(model, find_families(model, "channels"), 0.5, x, saliency="obs")
-    inner = [blk.conv1.out_channels for blk in model.blocks]
-    assert inner == [4] * 3 + [8] * 3 + [16] * 3
-    rebuilt = build_model("resnet20", in_channels=1, width=8, inner=inner).eval()
+    from core.runs.structured import arch_kwargs
+
+    kwargs = arch_kwargs(model)
+    assert kwargs["inner"] == [4] * 3 + [8] * 3 + [16] * 3
+    assert kwargs["widths"] == [4, 8, 16]  # and the stage widths
+    rebuilt = build_model("resnet20", in_channels=1, width=8, **kwargs).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(rebuilt(x), model(x))
 
@@ -272,11 +279,11 @@ def test_structured_spec_and_model_checks():
     with pytest.raises(InvalidInput, match="supports: neurons") as e:
         check_structure(build_model("mlp"), spec)
     assert e.value.errors[0]["loc"] == ["spec", "structure"]
-    assert len(check_structure(build_model("resnet20"), spec)) == 9
+    assert len(check_structure(build_model("resnet20"), spec)) == 12  # 9 blocks' inner channels, 3 stage widths
     only = spec.model_copy(update={"layers": spec.layers.model_copy(update={"include": ["blocks.0.*", "blocks.8.*"]})})
     assert [f.name for f in check_structure(build_model("resnet20"), only)] == ["blocks.0.conv1", "blocks.8.conv1"]
-    none = spec.model_copy(update={"layers": spec.layers.model_copy(update={"exclude": ["blocks.*"]})})
-    with pytest.raises(InvalidInput, match="select 0 of the model's 9 channels families"):
+    none = spec.model_copy(update={"layers": spec.layers.model_copy(update={"exclude": ["blocks.*", "conv1.*"]})})
+    with pytest.raises(InvalidInput, match="select 0 of the model's 12 channels families"):
         check_structure(build_model("resnet20"), none)
 
 

@@ -152,5 +152,5 @@ def test_describe_lists_arguments_and_defaults():
     assert d["resnet20"]["args"]["shortcut"]["default"] == "A"
     assert d["mlp"]["args"]["hidden"]["default"] == [256, 128]
     assert d["mobilenet_v1"]["args"]["width_mult"]["type"] == "float"
-    assert set(d["resnet50"]["args"]) == {"in_channels", "num_classes", "small_input", "inner"}
+    assert set(d["resnet50"]["args"]) == {"in_channels", "num_classes", "small_input", "inner", "widths"}
     assert all(d[a]["doc"] for a in d)

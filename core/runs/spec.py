@@ -248,8 +248,8 @@ class PruneSpec(_Strict):
         "unstructured",
         description="'unstructured' (single weights, masked) or whole units removed and the model physically "
         "shrunk: 'neurons' (MLP hidden units, transformer FFN units), 'channels' (conv channels, ResNet blocks' inner "
-        "channels), 'heads' (attention heads); methods obc and sparsegpt score units by OBS group saliency on the "
-        "layer-wise Hessian with the joint update, magnitude by their L2 norm",
+        "channels and stage widths), 'heads' (attention heads); methods obc and sparsegpt score units by OBS group "
+        "saliency on the layer-wise Hessian with the joint update, magnitude by their L2 norm",
     )
     mode: Literal["one_shot", "gradual"] = "one_shot"
     scope: Scope | None = Field(None, description="global or per-layer threshold; default by method")

@@ -9,7 +9,8 @@ custom code:
 
 * ``pruned.safetensors``: the smaller model's state dict (new shapes, the model's own names);
 * zoo models: the constructor arguments that build it (``report.structure.arch_kwargs``, merged over the upload's:
-  ``hidden`` for ``mlp``, ``inner`` for the ResNets, ``channels`` and ``fc`` for ``lenet5``), and ``model.onnx``;
+  ``hidden`` for ``mlp``, ``inner`` and ``widths`` for the ResNets (and ``shortcut_index`` for the CIFAR ones'
+  zero-padding shortcuts), ``channels`` and ``fc`` for ``lenet5``), and ``model.onnx``;
 * Hugging Face models: ``hf_model.zip`` with ``config.json``'s ``intermediate_size`` updated
   (``from_pretrained`` as is). Heads are refused there: transformers 5 sizes a head as ``hidden_size /
   num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in a config.
@@ -43,7 +44,7 @@ from core.io.model_files import save_state_dict
 from core.io.zoo.lenet import LeNet5
 from core.io.zoo.mlp import MLP
 from core.io.zoo.resnet import Bottleneck, ResNet
-from core.io.zoo.resnet_cifar import CifarResNet
+from core.io.zoo.resnet_cifar import CifarResNet, cifar_arch_kwargs
 from core.runs.checkpoint import optimizer_state, restore_optimizer
 from core.runs.numerics import TRAIN_HINT, check_metrics, check_weights, json_bytes, json_safe
 from core.runs.phases import PeakMemory, PhaseTimer
@@ -104,11 +105,16 @@ def arch_kwargs(model: nn.Module) -> dict | None:
         linears = [m for m in model.layers if isinstance(m, nn.Linear)]
         return {"hidden": [m.out_features for m in linears[:-1]]}
     if isinstance(model, CifarResNet):
-        return {"inner": [b.conv1.out_channels for b in model.blocks]}
+        return cifar_arch_kwargs(model)
     if isinstance(model, ResNet):
         blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
         convs = ("conv1", "conv2") if isinstance(blocks[0], Bottleneck) else ("conv1",)
-        return {"inner": [getattr(b, c).out_channels for b in blocks for c in convs]}
+        stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+        last = "conv3" if isinstance(blocks[0], Bottleneck) else "conv2"
+        return {
+            "inner": [getattr(b, c).out_channels for b in blocks for c in convs],
+            "widths": [model.conv1.out_channels] + [getattr(stage[-1], last).out_channels for stage in stages],
+        }
     if isinstance(model, LeNet5):
         convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
         linears = [m for m in model.classifier if isinstance(m, nn.Linear)]

@@ -15,9 +15,10 @@ Found by :func:`find_families`, per kind:
 * ``channels``: inside an ``nn.Sequential``, a Conv2d → (BatchNorm2d) → element-wise/pooling → Conv2d (or
   → Flatten → Linear, a channel then owning its spatial positions' columns); and a residual block's inner
   channels (``conv1`` rows → ``bn1`` → ``conv2`` columns, as in ResNet basic blocks; and ``conv2`` → ``bn2`` →
-  ``conv3`` in a bottleneck). Channels that write to the
-  residual stream (a stage's width, shared by every block of the stage and its shortcut) are not a family: they
-  stay, so every residual sum keeps equal widths;
+  ``conv3`` in a bottleneck); then, after every block's, the residual stream's channels
+  (:mod:`core.engine.structured.residual`: a stage's width, written by the stem or every block's last conv + BN
+  and a projection shortcut, read by every block's first conv, the shortcut and finally the classifier), so every
+  residual sum keeps equal widths;
 * ``heads``: BERT-style self-attention: a head's d_head rows of query, key and value (weights and biases) and its
   d_head columns of ``attention.output.dense``.
 """
@@ -27,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from core.engine.structured.residual import Stage, stream_stages
 
 __all__ = ["KINDS", "Family", "Slice", "find_families"]
 
@@ -48,12 +51,19 @@ class Family:
     name: str  # where it lives: the producer's module, or the block/layer that holds it
     kind: str  # one of KINDS
     units: int
-    slices: tuple[Slice, ...]  # every tensor a unit owns a slice of (producers, BatchNorm, the consumer's columns)
-    consumer: str  # the module whose input columns the units are; its input Hessian scores them
+    slices: tuple[Slice, ...]  # every tensor a unit owns a slice of (producers, BatchNorm, the consumers' columns)
+    consumer: str  # the (first) module whose input columns the units are; its input Hessian scores them
+    more_consumers: tuple[str, ...] = ()  # further readers (a residual stream's): every consumer's Hessian scores
+    renumber: tuple[str, ...] = ()  # index buffers whose values are this family's units (a zero-pad shortcut's)
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        """Every module whose input columns the units are (one, except for a residual stream)."""
+        return (self.consumer, *self.more_consumers)
 
     @property
     def producer_slices(self) -> tuple[Slice, ...]:
-        return tuple(s for s in self.slices if not s.name.startswith(self.consumer + "."))
+        return tuple(s for s in self.slices if not any(s.name.startswith(c + ".") for c in self.consumers))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -165,4 +175,14 @@ def find_families(model: nn.Module, kind: str) -> list[Family]:
             out += _residual_block(prefix, module)
         if kind in ("neurons", "heads") and _submodule(module, "attention.self") is not None:
             out += _transformer_layer(prefix, module, kind)
+    if kind == "channels":
+        out += [_stream_family(model, i, stage) for i, stage in enumerate(stream_stages(model))]
     return out
+
+
+def _stream_family(model: nn.Module, i: int, stage: Stage) -> Family:
+    """The residual stream's ``i``-th width (:mod:`core.engine.structured.residual`) as a family ``stream.<i>``."""
+    producers = [s for name in stage.producers for s in _tensors(name, model.get_submodule(name))]
+    slices = (*producers, *(Slice(n, 0) for n in stage.sliced), *(Slice(c + ".weight", 1) for c in stage.consumers))
+    consumers = tuple(stage.consumers)
+    return Family(f"stream.{i}", "channels", stage.width, slices, consumers[0], consumers[1:], tuple(stage.renumber))

@@ -5,7 +5,8 @@ model *as already shrunk* (so later layers see the pruned outputs, as in sequent
 family loses the same fraction of its units (rounded, at least one unit kept): a uniform width per kind, which a
 Hugging Face config (one ``intermediate_size``) requires. ``saliency``: ``"obs"`` (OBS group saliency with the joint
 update of the consumer's remaining columns; a consumer Linear's bias is an extra, never removed input column of
-ones, so the update can move it too) or ``"l2"`` (the groups' L2 norm over all their weights, no update).
+ones, so the update can move it too; a residual stream's units: summed over its consumers, each one updated) or
+``"l2"`` (the groups' L2 norm over all their weights, no update).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from core.engine.layerwise.hessian import Hessian, input_columns
 from core.engine.structured.groups import Family
-from core.engine.structured.saliency import column_groups, l2_groups, obs_groups
+from core.engine.structured.saliency import column_groups, l2_groups, obs_groups, obs_groups_coupled
 from core.engine.structured.shrink import shrink
 
 __all__ = ["SALIENCIES", "FamilyResult", "prune_structured", "units_to_remove"]
@@ -33,7 +34,7 @@ class FamilyResult:
     units: int
     kept: int
     removed: list[int]  # unit indices, in the order chosen
-    loss: float | None  # OBS: the summed saliency of the removals (½·ΔW H ΔWᵀ of the consumer); l2: None
+    loss: float | None  # OBS: the summed saliency of the removals (½·ΔW H ΔWᵀ, summed over consumers); l2: None
 
 
 def units_to_remove(units: int, fraction: float) -> int:
@@ -64,6 +65,63 @@ def _hessian(model: nn.Module, consumer: nn.Module, x: Tensor, batch: int, bias:
     if acc is None:
         raise ValueError(f"the calibration pass never reached {type(consumer).__name__} layer")
     return acc.h
+
+
+def _hessians(model: nn.Module, consumers: list[nn.Module], x: Tensor, batch: int) -> list[Tensor]:
+    """Every consumer's input Hessian from one calibration pass (a Linear's bias as an extra column of ones)."""
+    accs: list[Hessian | None] = [None] * len(consumers)
+
+    def hook_for(k: int, consumer: nn.Module):
+        bias = isinstance(consumer, nn.Linear) and consumer.bias is not None
+
+        def hook(_mod, args):
+            (rows,) = input_columns(consumer, args[0].detach())
+            rows = rows.to(torch.float64)
+            if bias:
+                rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
+            if accs[k] is None:
+                accs[k] = Hessian(rows.shape[1], torch.float64, rows.device)
+            accs[k].add(rows)
+
+        return hook
+
+    handles = [c.register_forward_pre_hook(hook_for(k, c)) for k, c in enumerate(consumers)]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model(x[i : i + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for c, acc in zip(consumers, accs, strict=True):
+        if acc is None:
+            raise ValueError(f"the calibration pass never reached {type(c).__name__} layer")
+    return [acc.h for acc in accs]
+
+
+def _obs_coupled(
+    model: nn.Module, fam: Family, x: Tensor, remove: int, damp: float, batch: int
+) -> tuple[list[int], float]:
+    """OBS over every consumer of ``fam`` (a residual stream): the units removed and the summed saliency; each
+    consumer's remaining columns (and a Linear's bias) updated in place."""
+    consumers = [model.get_submodule(c) for c in fam.consumers]
+    hs = _hessians(model, consumers, x, batch)
+    ws, groups, biases = [], [], []
+    for c in consumers:
+        bias = isinstance(c, nn.Linear) and c.bias is not None
+        w = c.weight.detach().flatten(1)
+        ws.append(torch.cat([w, c.bias.detach()[:, None]], 1) if bias else w)
+        groups.append(column_groups(fam.units, ws[-1].shape[1], skip_last=int(bias)))
+        biases.append(bias)
+    news, removed, losses = obs_groups_coupled(ws, hs, groups, remove, damp=damp)
+    with torch.no_grad():
+        for c, new, bias in zip(consumers, news, biases, strict=True):
+            new = new.to(c.weight.dtype)
+            if bias:
+                c.bias.copy_(new[:, -1])
+                new = new[:, :-1]
+            c.weight.copy_(new.reshape(c.weight.shape))
+    return removed, sum(losses)
 
 
 def _l2_norms(model: nn.Module, family: Family) -> Tensor:
@@ -100,6 +158,8 @@ def prune_structured(
             loss = None
             if saliency == "l2":
                 removed = l2_groups(_l2_norms(model, fam), remove)
+            elif fam.more_consumers:
+                removed, loss = _obs_coupled(model, fam, calibration, remove, damp, batch)
             else:
                 consumer = model.get_submodule(fam.consumer)
                 bias = isinstance(consumer, nn.Linear) and consumer.bias is not None

@@ -32,7 +32,8 @@ def _resize(module: nn.Module) -> None:
 
 def shrink(model: nn.Module, family: Family, keep: Tensor) -> None:
     """Keep only units ``keep`` (sorted indices) of ``family`` in ``model``, in place: every slice of the family is
-    replaced by a smaller tensor (a parameter stays a parameter), and Linear/Conv2d/BatchNorm sizes follow."""
+    replaced by a smaller tensor (a parameter stays a parameter), and Linear/Conv2d/BatchNorm sizes follow; the
+    index buffers of ``family.renumber`` (values: unit indices) are renumbered to the kept units' positions."""
     keep = keep.to(torch.long).sort().values
     touched = {}
     for s in family.slices:
@@ -45,6 +46,12 @@ def shrink(model: nn.Module, family: Family, keep: Tensor) -> None:
         else:
             module._buffers[attr] = new
         touched[id(module)] = module
+    for name in family.renumber:  # unit indices held as values: kept units move to their new positions, others −1
+        module, attr = _owner(model, name)
+        old = getattr(module, attr)
+        position = torch.full((family.units,), -1, dtype=old.dtype, device=old.device)
+        position[keep.to(old.device)] = torch.arange(len(keep), dtype=old.dtype, device=old.device)
+        module._buffers[attr] = torch.where(old >= 0, position[old.clamp(min=0)], -1)
     for module in touched.values():
         _resize(module)
     if family.kind == "heads":  # the attention module's head count (BERT-style: num_attention_heads, all_head_size)
