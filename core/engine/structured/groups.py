@@ -20,6 +20,9 @@ Found by :func:`find_families`, per kind:
   stay, so every residual sum keeps equal widths;
 * ``heads``: BERT-style self-attention: a head's d_head rows of query, key and value (weights and biases) and its
   d_head columns of ``attention.output.dense``.
+
+Llama-style decoder layers (Llama, Mistral, Qwen2: ``self_attn.*_proj``, ``mlp.{gate,up,down}_proj``) have their
+FFN units and attention heads (whole key/value groups) in :mod:`core.engine.structured.llama`.
 """
 
 from __future__ import annotations
@@ -165,4 +168,8 @@ def find_families(model: nn.Module, kind: str) -> list[Family]:
             out += _residual_block(prefix, module)
         if kind in ("neurons", "heads") and _submodule(module, "attention.self") is not None:
             out += _transformer_layer(prefix, module, kind)
+        if kind in ("neurons", "heads") and _submodule(module, "self_attn.q_proj") is not None:
+            from core.engine.structured.llama import llama_families  # it builds on this module's helpers
+
+            out += llama_families(prefix, module, kind)
     return out
