@@ -36,8 +36,7 @@ from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
-from core.engine.structured.groups import KINDS, Family, find_families
-from core.engine.structured.llama import head_config
+from core.engine.structured.groups import KINDS, Family, find_families, head_config
 from core.engine.structured.prune import FamilyResult, prune_structured
 from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
