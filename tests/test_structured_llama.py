@@ -197,3 +197,28 @@ def test_heads_of_other_hugging_face_models_are_refused_before_queueing():
         assert e.value.errors[0]["loc"] == ["spec", "structure"]
     for model_type in ("llama", "mistral", "qwen2"):
         assert check_job(spec, arch_kwargs={"model_type": model_type}, model_format="huggingface", **common) is None
+
+
+def test_heads_that_round_to_no_group_are_refused(tmp_path):
+    """Multi-query attention (one key/value head: its query heads are one group, which stays) and a sparsity that
+    rounds to no group are a 422 on ``spec.sparsity``, not a job that removes nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.errors import InvalidInput
+    from core.runs.spec import PruneSpec
+    from core.runs.structured import check_structure
+
+    def llama(kv):
+        config = LlamaConfig(
+            vocab_size=30, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=kv, head_dim=4,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    spec = PruneSpec(method="obc", sparsity=0.5, structure="heads")
+    with pytest.raises(InvalidInput, match="single key/value head") as e:
+        check_structure(llama(1), spec)
+    assert e.value.errors[0]["loc"] == ["spec", "sparsity"]
+    with pytest.raises(InvalidInput, match=r"rounds to none; raise the sparsity above 0\.25"):
+        check_structure(llama(2), spec.model_copy(update={"sparsity": 0.2}))
+    assert [f.units for f in check_structure(llama(2), spec)] == [2]

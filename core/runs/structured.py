@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
 from core.engine.structured.groups import KINDS, Family, find_families, head_config
-from core.engine.structured.prune import FamilyResult, prune_structured
+from core.engine.structured.prune import FamilyResult, prune_structured, units_to_remove
 from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
 from core.io.data import Dataset
@@ -109,7 +109,24 @@ def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
                 {"loc": ["spec", "layers"], "msg": "selects no family (or, for HF, not all)", "type": "value_error"}
             ],
         )
+    if spec.structure == "heads" and not any(units_to_remove(f.units, spec.sparsity) for f in chosen):
+        _no_head_removed(chosen, spec.sparsity)
     return chosen
+
+
+def _no_head_removed(families: list[Family], sparsity: float) -> None:
+    """422: the sparsity rounds to no whole head group in any layer (with one key/value head, multi-query attention,
+    no group can go: a layer keeps at least one)."""
+    units = min(f.units for f in families)
+    why = (
+        "each layer has a single key/value head (multi-query attention): its heads form one group, which stays"
+        if units == 1
+        else f"{sparsity:g} of {units} key/value groups rounds to none; raise the sparsity above {0.5 / units:g}"
+    )
+    raise InvalidInput(
+        f"structure 'heads' removes whole key/value groups (a key/value head and its query heads); {why}",
+        errors=[{"loc": ["spec", "sparsity"], "msg": "removes no head group", "type": "value_error"}],
+    )
 
 
 def arch_kwargs(model: nn.Module) -> dict | None:
