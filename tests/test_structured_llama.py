@@ -222,3 +222,41 @@ def test_heads_that_round_to_no_group_are_refused(tmp_path):
     with pytest.raises(InvalidInput, match=r"rounds to none; raise the sparsity above 0\.25"):
         check_structure(llama(2), spec.model_copy(update={"sparsity": 0.2}))
     assert [f.units for f in check_structure(llama(2), spec)] == [2]
+
+
+def test_llama_heads_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """Stopped after the prune's checkpoint: the resumed attempt shrinks the freshly loaded dense Llama to the kept
+    key/value groups (no attribute of the attention changes: it infers its head counts from the widths), loads the
+    checkpoint and ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from core.errors import Canceled
+    from core.runs.checkpoint import DirectoryCheckpointer
+    from core.runs.hf_job import load_hf_job
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+    from test_structured import _StopAfter
+
+    archive = zip_folder(write_model(tmp_path / "m", "llama_gqa"), tmp_path / "m.zip")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl([{"text": t} for t in sentences(20)]))
+    spec = PruneSpec(
+        method="obc", sparsity=0.5, structure="heads", fisher={"samples": 8}, finetune={"epochs": 1}, device="cpu"
+    )
+
+    def job(out, hooks, ck):
+        run_spec, model, ds = load_hf_job(spec, archive, data, "jsonl")
+        return execute(run_spec, model, ds, tmp_path / out, hooks, ck)
+
+    whole = job("a", _StopAfter(), DirectoryCheckpointer(tmp_path / "ck_a"))
+    ck = DirectoryCheckpointer(tmp_path / "ck_b")
+    with pytest.raises(Canceled):
+        job("b", _StopAfter(1), ck)
+    hooks = _StopAfter()
+    resumed = job("b", hooks, ck)
+    assert "resumed" in hooks.events and "pruned" not in hooks.events
+    a, b = load_file(whole.artifacts["pruned"]), load_file(resumed.artifacts["pruned"])
+    assert a.keys() == b.keys() and a["model.layers.0.self_attn.k_proj.weight"].shape == (6, 16)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.report["structure"]["hf_config"] == whole.report["structure"]["hf_config"]
