@@ -113,7 +113,7 @@ def main() -> None:
                 "top1_agreement": agree,
                 "prune_seconds": report["phases"]["seconds"].get("obs"),
                 "calibration_sentences": args.calibration,
-                "calibration_tokens": int(prep.data.x_train[:, 1].sum()),  # (before the run holds out its validation split)
+                "calibration_tokens": int(prep.data.x_train[:, 1].sum()),  # (before the validation split)
             }
             if method == "obc":
                 with torch.inference_mode():
