@@ -13,7 +13,7 @@ custom code:
 * Hugging Face models: ``hf_model.zip`` with ``config.json``'s ``intermediate_size`` updated, or for heads its
   ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` (``from_pretrained`` as is). Heads are taken
   from Llama-style models only (:data:`HEADS_MODEL_TYPES`, whose config states ``head_dim``: whole key/value groups,
-  :mod:`core.engine.structured.llama`); other models are refused: transformers 5 sizes their head as
+  :mod:`core.engine.structured.groups`); other models are refused: transformers 5 sizes their head as
   ``hidden_size / num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in
   their config.
 
