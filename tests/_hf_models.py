@@ -118,9 +118,44 @@ def write_tokenizer_files(folder: Path, *, causal: bool = False) -> int:
     return len(vocab)
 
 
+#: Llama-style causal LMs: 4 query heads of head_dim 6 on a hidden size of 16 (head_dim is not hidden / heads)
+LLAMA_STYLE = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),  # 2 query heads per KV head
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),  # q/k/v biases
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
+}
+
+
+def _llama_style(kind: str, vocab: int):
+    import transformers
+
+    config_cls, model_cls, extra = LLAMA_STYLE[kind]
+    config = getattr(transformers, config_cls)(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=6,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **extra,
+    )
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():  # random biases, so that pruning them is tested (from_config's are zero)
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0, 0.2)
+    return model
+
+
 def write_model(folder: Path, kind: str, seed: int = 0, *, tokenizer_json: bool = True) -> Path:
-    """A tiny model folder: ``kind`` in bert (base), bert_cls (3 labels), bert_mlm, gpt2 (causal LM); without
-    ``tokenizer_json`` its tokenizer is files only (:func:`write_tokenizer_files`)."""
+    """A tiny model folder: ``kind`` in bert (base), bert_cls (3 labels), bert_mlm, gpt2 (causal LM) or one of
+    :data:`LLAMA_STYLE` (causal LMs); without ``tokenizer_json`` its tokenizer is files only
+    (:func:`write_tokenizer_files`)."""
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -131,9 +166,12 @@ def write_model(folder: Path, kind: str, seed: int = 0, *, tokenizer_json: bool 
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = (write_tokenizer if tokenizer_json else write_tokenizer_files)(folder, causal=kind == "gpt2")
+    causal = kind == "gpt2" or kind in LLAMA_STYLE
+    vocab = (write_tokenizer if tokenizer_json else write_tokenizer_files)(folder, causal=causal)
     torch.manual_seed(seed)
-    if kind == "gpt2":
+    if kind in LLAMA_STYLE:
+        model = _llama_style(kind, vocab)
+    elif kind == "gpt2":
         config = GPT2Config(
             vocab_size=vocab,
             n_positions=64,

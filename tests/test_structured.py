@@ -330,7 +330,7 @@ def test_preflight_refuses_a_structure_the_model_lacks_before_queueing():
         check_job(spec.model_copy(update={"structure": "heads"}), arch="mlp", arch_kwargs=kwargs, **common)
     heads = spec.model_copy(update={"structure": "heads"})
     with pytest.raises(InvalidInput, match="pruned_heads"):
-        check_job(heads, arch=None, arch_kwargs=None, model_format="huggingface", **common)
+        check_job(heads, arch=None, arch_kwargs={"model_type": "bert"}, model_format="huggingface", **common)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from core.runs.budget import memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
-from core.runs.structured import check_structure, hf_heads_error
+from core.runs.structured import HEADS_MODEL_TYPES, check_structure, hf_heads_error
 
 __all__ = ["check_job"]
 
@@ -133,8 +133,9 @@ def check_job(
             _check_fit(model, spec, input_shape, num_classes)
         except InvalidInput as e:
             problems.append(e)
-    if model_format == "huggingface" and spec.structure == "heads":
-        problems.append(hf_heads_error())
+    model_type = (arch_kwargs or {}).get("model_type") if model_format == "huggingface" else None
+    if model_type is not None and spec.structure == "heads" and model_type not in HEADS_MODEL_TYPES:
+        problems.append(hf_heads_error(model_type))  # (a Hugging Face model's arch_kwargs: what its upload held)
     if model is not None and spec.structure != "unstructured":
         try:
             check_structure(model, spec)

@@ -11,9 +11,12 @@ custom code:
 * zoo models: the constructor arguments that build it (``report.structure.arch_kwargs``, merged over the upload's:
   ``hidden`` for ``mlp``, ``inner`` and ``widths`` for the ResNets (and ``shortcut_index`` for the CIFAR ones'
   zero-padding shortcuts), ``channels`` and ``fc`` for ``lenet5``), and ``model.onnx``;
-* Hugging Face models: ``hf_model.zip`` with ``config.json``'s ``intermediate_size`` updated
-  (``from_pretrained`` as is). Heads are refused there: transformers 5 sizes a head as ``hidden_size /
-  num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in a config.
+* Hugging Face models: ``hf_model.zip`` with ``config.json``'s ``intermediate_size`` updated, or for heads its
+  ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` (``from_pretrained`` as is). Heads are taken
+  from Llama-style models only (:data:`HEADS_MODEL_TYPES`, whose config states ``head_dim``: whole key/value groups,
+  :mod:`core.engine.structured.groups`); other models are refused: transformers 5 sizes their head as
+  ``hidden_size / num_attention_heads`` and has no ``pruned_heads`` any more, so fewer heads cannot be stated in
+  their config.
 
 A structured run checkpoints after the prune and after every fine-tuning epoch: the smaller model's weights, the units
 each family kept (a resumed attempt shrinks the freshly loaded dense model the same way before loading them), the
@@ -34,8 +37,8 @@ from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
-from core.engine.structured.groups import KINDS, Family, find_families
-from core.engine.structured.prune import FamilyResult, prune_structured
+from core.engine.structured.groups import KINDS, Family, find_families, head_config
+from core.engine.structured.prune import FamilyResult, prune_structured, units_to_remove
 from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
 from core.io.data import Dataset
@@ -54,7 +57,10 @@ from core.runs.spec import PruneSpec
 from core.runs.speed import ORT_CPU, LatencyConfig, default_latency, measure, runtimes_for, speed_report
 from core.runs.train import evaluate, learning_rate, make_optimizer, train_epoch
 
-__all__ = ["check_structure", "execute_structured", "shrunk_config"]
+__all__ = ["HEADS_MODEL_TYPES", "check_structure", "execute_structured", "hf_heads_error", "shrunk_config"]
+
+#: Hugging Face model types whose heads can be pruned: Llama-style decoders, whose config states ``head_dim``
+HEADS_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 _HINT = "lower the sparsity or raise layerwise.damp"
 
@@ -63,19 +69,27 @@ def _is_hf(model: nn.Module) -> bool:
     return callable(getattr(model, "export_artifacts", None))
 
 
-def hf_heads_error() -> InvalidInput:
+def hf_heads_error(model_type: str | None = None) -> InvalidInput:
+    """The 422 for ``structure: heads`` on a Hugging Face model that is not Llama-style."""
+    takes = ", ".join(HEADS_MODEL_TYPES)
     return InvalidInput(
-        "structure 'heads' cannot be exported for a Hugging Face model: transformers 5 sizes a head as hidden_size / "
-        "num_attention_heads and no longer reads pruned_heads, so a model with fewer heads would not load from its "
-        "config; use structure 'neurons' (FFN units)",
-        errors=[{"loc": ["spec", "structure"], "msg": "heads: not for Hugging Face models", "type": "value_error"}],
+        f"structure 'heads' is supported for Llama-style Hugging Face models only (model_type {takes}: their "
+        "config states head_dim, so a model with fewer heads loads from it); "
+        + (f"this {model_type!r} model" if model_type else "this model")
+        + "'s config sizes a head as hidden_size / num_attention_heads, and transformers 5 no longer reads "
+        "pruned_heads, so with fewer heads it would not load; use structure 'neurons' (FFN units)",
+        errors=[{"loc": ["spec", "structure"], "msg": f"heads: only for model_type {takes}", "type": "value_error"}],
     )
+
+
+def _hf_model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "source", None), "model_type", None) or None
 
 
 def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
     """The families ``spec.structure`` prunes in ``model``; :class:`InvalidInput` (422) naming what it supports."""
-    if spec.structure == "heads" and _is_hf(model):
-        raise hf_heads_error()
+    if spec.structure == "heads" and _is_hf(model) and _hf_model_type(model) not in HEADS_MODEL_TYPES:
+        raise hf_heads_error(_hf_model_type(model))
     families = find_families(model, spec.structure)
     if not families:
         able = [k for k in KINDS if find_families(model, k)]
@@ -96,7 +110,24 @@ def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
                 {"loc": ["spec", "layers"], "msg": "selects no family (or, for HF, not all)", "type": "value_error"}
             ],
         )
+    if spec.structure == "heads" and not any(units_to_remove(f.units, spec.sparsity) for f in chosen):
+        _no_head_removed(chosen, spec.sparsity)
     return chosen
+
+
+def _no_head_removed(families: list[Family], sparsity: float) -> None:
+    """422: the sparsity rounds to no whole head group in any layer (with one key/value head, multi-query attention,
+    no group can go: a layer keeps at least one)."""
+    units = min(f.units for f in families)
+    why = (
+        "each layer has a single key/value head (multi-query attention): its heads form one group, which stays"
+        if units == 1
+        else f"{sparsity:g} of {units} key/value groups rounds to none; raise the sparsity above {0.5 / units:g}"
+    )
+    raise InvalidInput(
+        f"structure 'heads' removes whole key/value groups (a key/value head and its query heads); {why}",
+        errors=[{"loc": ["spec", "sparsity"], "msg": "removes no head group", "type": "value_error"}],
+    )
 
 
 def arch_kwargs(model: nn.Module) -> dict | None:
@@ -123,9 +154,15 @@ def arch_kwargs(model: nn.Module) -> dict | None:
 
 
 def shrunk_config(families: list[Family], model: nn.Module) -> dict | None:
-    """The Hugging Face config fields of the shrunk model (uniform FFN width: ``intermediate_size``)."""
+    """The Hugging Face config fields of the shrunk model (uniform FFN width: ``intermediate_size``; uniform
+    attention: ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``)."""
     if not _is_hf(model):
         return None
+    if any(f.kind == "heads" for f in families):
+        try:
+            return head_config(model, families)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
     widths = {model.get_submodule(f.consumer).in_features for f in families if f.kind == "neurons"}
     if len(widths) != 1:
         raise InvalidInput(f"FFN widths differ across layers ({sorted(widths)}); a config holds one intermediate_size")

@@ -4,7 +4,10 @@ The zoo MLP of the digits files (64 → 32 → 10) through ``arborist serve`` (A
 model lacks is a 422 naming what it supports; an OBS neurons job removes half the hidden units, and the downloaded
 ``pruned.safetensors`` loads strictly into ``build_model("mlp", **arch_kwargs merged with the report's)``, with its
 accuracy. all-MiniLM-L6-v2 through the Celery ``hf`` worker: half of every layer's FFN units removed, and the
-downloaded ``hf_model.zip`` loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer`` unchanged.
+downloaded ``hf_model.zip`` loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer`` unchanged. A tiny
+grouped-query Llama through the same worker: half of every layer's key/value groups removed, and the downloaded
+``hf_model.zip`` loads with ``AutoModelForCausalLM.from_pretrained`` (fewer heads, ``head_dim`` explicit); a tiny
+GPT-2's heads are a 422 naming the model types that take heads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from safetensors.torch import load
 
 from _e2e_kit import MLP_KWARGS, Api, DigitsFiles, Proc
-from _hf_models import jsonl, minilm_dir, sentences, zip_folder
+from _hf_models import jsonl, minilm_dir, sentences, write_model, zip_folder
 from test_serve_e2e import ServeFactory, _client, start_serve  # noqa: F401 (the fixture, shared)
 
 
@@ -112,3 +115,43 @@ def test_structured_minilm_ffn_job_loads_with_from_pretrained(
     small = SentenceTransformer(str(out), device="cpu").encode(texts[:8], convert_to_tensor=True)
     cosine = torch.nn.functional.cosine_similarity(dense, small).mean()
     assert 0.5 < float(cosine) <= 1.0, float(cosine)
+
+
+@pytest.mark.timeout(600)
+def test_structured_llama_heads_job_loads_with_from_pretrained(
+    api: Api, start_worker: Callable[[str], Proc], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    start_worker("hf")
+    d = api.client.post(
+        "/v1/datasets", files={"file": ("text.jsonl", jsonl([{"text": t} for t in sentences(24)]), "application/json")}
+    )
+    assert d.status_code == 201, d.text
+    ids = {}
+    for kind in ("gpt2", "llama_gqa"):
+        with open(zip_folder(write_model(tmp_path / kind, kind), tmp_path / f"{kind}.zip"), "rb") as fh:
+            r = api.client.post("/v1/models", files={"file": (f"{kind}.zip", fh, "application/zip")}, timeout=300)
+        assert r.status_code == 201, r.text
+        ids[kind] = r.json()["id"]
+    spec = {"method": "obc", "sparsity": 0.5, "structure": "heads", "fisher": {"samples": 8}}
+    spec["text"] = {"max_length": 16}
+    refused = api.client.post("/v1/jobs", json={"model_id": ids["gpt2"], "dataset_id": d.json()["id"], "spec": spec})
+    assert refused.status_code == 422 and "model_type llama, mistral, qwen2" in refused.text, refused.text
+    assert refused.json()["errors"][0]["loc"] == ["body", "spec", "structure"]
+    job = api.submit(ids["llama_gqa"], d.json()["id"], spec)
+    done = api.wait_state(job["id"], {"succeeded", "failed"}, timeout=500)
+    assert done["state"] == "succeeded", json.dumps(done)[:3000]
+    expected = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 6}
+    assert done["result"]["structure"]["hf_config"] == expected
+    out = tmp_path / "out"
+    zipfile.ZipFile(io.BytesIO(api.download(job["id"], "hf_model.zip"))).extractall(out)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in expected} == expected and config["hidden_size"] == 16
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    attn = loaded.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (12, 16) and attn.k_proj.weight.shape == (6, 16)
+    assert attn.o_proj.weight.shape == (16, 12)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -21,6 +21,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _resize(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
@@ -54,8 +62,9 @@ def shrink(model: nn.Module, family: Family, keep: Tensor) -> None:
         module._buffers[attr] = torch.where(old >= 0, position[old.clamp(min=0)], -1)
     for module in touched.values():
         _resize(module)
-    if family.kind == "heads":  # the attention module's head count (BERT-style: num_attention_heads, all_head_size)
-        attn = model.get_submodule(f"{family.name}.attention.self" if family.name else "attention.self")
+    bert = f"{family.name}.attention.self" if family.name else "attention.self"
+    if family.kind == "heads" and _has(model, bert):  # BERT-style: num_attention_heads, all_head_size
+        attn = model.get_submodule(bert)  # (Llama-style attention infers its head counts from the widths)
         head = attn.all_head_size // attn.num_attention_heads if hasattr(attn, "all_head_size") else None
         attn.num_attention_heads = len(keep)
         if head is not None:
