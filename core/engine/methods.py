@@ -104,8 +104,9 @@ class MethodInfo:
     #: the methods that have one; the memory plan chooses the path
     streamed: tuple[MemoryFormula, PeakFormula] | None = None
     #: structured pruning (whole neurons, channels, heads; core.engine.structured): how groups are scored, "obs"
-    #: (OBS group saliency on the layer-wise input Hessian, with the joint update) or "l2" (group norm, no update);
-    #: None: the method has no structured form
+    #: (OBS group saliency on the layer-wise input Hessian, with the joint update), "fisher" (OBS group saliency on
+    #: the method's Fisher blocks of the consumer's weights, with the update; core.engine.structured.fisher) or "l2"
+    #: (group norm, no update); None: the method has no structured form
     group_saliency: str | None = None
 
     def check(self, scope: Scope | str | None, joint: bool) -> None:
@@ -325,6 +326,7 @@ METHODS: dict[Method, MethodInfo] = {
             relative_lambda=True,
             default_lambda_relative=0.1,  # λ = 0.1 × mean diag F̂ (bench/defaults.py, bench/hf_quality.py)
             streamed=(_streamed_memory, _streamed_peak),
+            group_saliency="fisher",
         ),
         MethodInfo(
             Method.WOODTAYLOR,

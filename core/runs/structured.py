@@ -3,7 +3,11 @@
 ``spec.structure`` names the units (``neurons``, ``channels``, ``heads``) and ``spec.sparsity`` the fraction of each
 family's units removed (the same in every family). The method's ``group_saliency`` (:mod:`core.engine.methods`)
 scores them: OBS group saliency on the layer-wise input Hessian of ``fisher.samples`` calibration examples (with
-``layerwise.damp`` and ``layerwise.batch_size``) with the joint update of the remaining weights, or the L2 norm.
+``layerwise.damp`` and ``layerwise.batch_size``) with the joint update of the remaining weights; for woodfisher,
+OBS group saliency on the empirical Fisher blocks of each consumer's weights (``fisher.*``: samples, λ and its
+relative default; the blocks by :mod:`core.runs.structured_plan`) with the update; or the L2 norm.
+``spec.structure_allocation`` 'global' removes the fraction of all units instead, the cheapest by a comparable
+score over all families (:mod:`core.engine.structured.allocation`), scored once on the dense model; zoo models only.
 Then ``finetune.epochs`` of plain (unmasked) training of the smaller model. The outputs load with no masks and no
 custom code:
 
@@ -33,8 +37,10 @@ from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
+from core.engine.structured.allocation import allocate
+from core.engine.structured.fisher import consumer_inverse
 from core.engine.structured.groups import KINDS, Family, find_families
-from core.engine.structured.prune import FamilyResult, prune_structured
+from core.engine.structured.prune import FamilyResult, prune_structured, removal_curves
 from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
 from core.io.data import Dataset
@@ -51,11 +57,18 @@ from core.runs.report import count_macs, curve_csv, curve_png, plot_title
 from core.runs.sizes import dense_safetensors_bytes
 from core.runs.spec import PruneSpec
 from core.runs.speed import ORT_CPU, LatencyConfig, default_latency, measure, runtimes_for, speed_report
+from core.runs.structured_plan import structured_fisher_plan
 from core.runs.train import evaluate, learning_rate, make_optimizer, train_epoch
 
-__all__ = ["check_structure", "execute_structured", "shrunk_config"]
+__all__ = ["check_structure", "execute_structured", "shrunk_config", "structured_plan"]
 
 _HINT = "lower the sparsity or raise layerwise.damp"
+#: what global allocation ranks units by, per group saliency (core.engine.structured.prune.removal_curves)
+ALLOCATION_SCORES = {
+    "fisher": "Fisher group saliency ½·δwᵀFδw: the predicted increase of the training loss",
+    "obs": "OBS group saliency over the consumer's output energy: the relative increase of its output error",
+    "l2": "squared group norm over the family's mean",
+}
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -71,10 +84,26 @@ def hf_heads_error() -> InvalidInput:
     )
 
 
+def hf_global_error() -> InvalidInput:
+    return InvalidInput(
+        "structure_allocation 'global' cannot be exported for a Hugging Face model: its config holds one "
+        "intermediate_size (one width for every layer); use structure_allocation 'uniform'",
+        errors=[
+            {
+                "loc": ["spec", "structure_allocation"],
+                "msg": "global: not for Hugging Face models",
+                "type": "value_error",
+            }
+        ],
+    )
+
+
 def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
     """The families ``spec.structure`` prunes in ``model``; :class:`InvalidInput` (422) naming what it supports."""
     if spec.structure == "heads" and _is_hf(model):
         raise hf_heads_error()
+    if spec.structure_allocation == "global" and _is_hf(model):
+        raise hf_global_error()
     families = find_families(model, spec.structure)
     if not families:
         able = [k for k in KINDS if find_families(model, k)]
@@ -96,6 +125,34 @@ def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
             ],
         )
     return chosen
+
+
+def structured_plan(model: nn.Module, spec: PruneSpec, families: list[Family], server_mb: float | None = None):
+    """The memory plan of a structured woodfisher prune (:mod:`core.runs.structured_plan`; ``None`` for the other
+    saliencies, whose layer-wise Hessians are one family's at a time), and each consumer weight's plan."""
+    if method_info(spec.method).group_saliency != "fisher":
+        return None, {}
+    params = dict(model.named_parameters())
+    consumers = {f"{f.consumer}.weight": tuple(params[f"{f.consumer}.weight"].shape) for f in families}
+    units = {f"{f.consumer}.weight": f.units for f in families}
+    return structured_fisher_plan(spec, consumers, units, server_mb)
+
+
+def _fisher_blocks(spec: PruneSpec, plans: dict, x: Tensor, y: Tensor, dtype: torch.dtype, lambdas: dict):
+    """The consumers' Fisher blocks (:data:`core.engine.structured.prune.FisherBlocks`) by the method's estimator,
+    each with its plan's block size, path and chunk; ``lambdas`` collects the effective λ of each."""
+    info = method_info(spec.method)
+
+    def blocks(model: nn.Module, name: str) -> Tensor:
+        p = plans[name]
+        cfg = dataclasses.replace(spec.fisher_config(float(spec.fisher.damping), spec.seed), chunk=p.chunk or 64)
+        if p.path is not None:
+            cfg = dataclasses.replace(cfg, path=p.path)
+        finv, lam = consumer_inverse(model, name, info.estimator(cfg, p.block_size), (x, y), dtype)
+        lambdas[name] = lam
+        return finv
+
+    return blocks
 
 
 def arch_kwargs(model: nn.Module) -> dict | None:
@@ -264,11 +321,13 @@ def execute_structured(
     phases: PhaseTimer | None = None,
     latency: LatencyConfig | None = None,
     checkpointer=None,
+    memory_budget_mb: float | None = None,
 ) -> tuple[dict[str, Path], dict]:
     """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
     ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``;
     ``latency``: what measuring the dense and the smaller model's latency may spend (:mod:`core.runs.speed`);
-    ``checkpointer``: a ``core.runs.checkpoint.Checkpointer`` (resumes from its last checkpoint when it holds one)."""
+    ``checkpointer``: a ``core.runs.checkpoint.Checkpointer`` (resumes from its last checkpoint when it holds one);
+    ``memory_budget_mb``: the server's budget (the lower of it and the spec's applies to a woodfisher prune's plan)."""
     timer, peak = phases or PhaseTimer(), PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -283,6 +342,10 @@ def execute_structured(
     spec = spec.resolved(len(x))
     families = check_structure(model, spec)
     info = method_info(spec.method)
+    plan, consumer_plans = structured_plan(model, spec, families, memory_budget_mb)
+    lambdas: dict[str, float | None] = {}
+    fisher = _fisher_blocks(spec, consumer_plans, x, y, dtype, lambdas) if plan is not None else None
+    allocation: dict = {"kind": spec.structure_allocation}
     curve: list[dict] = []
 
     def metric(xs: Tensor, ys: Tensor) -> dict:
@@ -334,16 +397,24 @@ def execute_structured(
         point(0, 0, "dense", before["validation"])
         hooks.event("started", {"structure": spec.structure, "families": len(families)})
         hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
+        calibration = _calibration(x, spec) if info.group_saliency == "obs" else None
+        scoring = {"saliency": info.group_saliency, "damp": spec.layerwise.damp, "batch": spec.layerwise.batch_size}
+        counts = None
+        if spec.structure_allocation == "global":
+            with timer("allocation"):
+                curves = removal_curves(model, families, calibration, fisher=fisher, **scoring)
+            counts = allocate(curves, [f.units for f in families], spec.sparsity)
+            allocation |= {"score": ALLOCATION_SCORES[info.group_saliency], "counts": counts}
         with timer("obs"):
             results = prune_structured(
                 model,
                 families,
                 spec.sparsity,
-                _calibration(x, spec) if info.group_saliency == "obs" else None,
-                saliency=info.group_saliency,
-                damp=spec.layerwise.damp,
-                batch=spec.layerwise.batch_size,
+                calibration,
                 progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
+                fisher=fisher,
+                counts=counts,
+                **scoring,
             )
         where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
         check_weights(model, where, _HINT)
@@ -371,6 +442,8 @@ def execute_structured(
     structure = {
         "kind": spec.structure,
         "saliency": info.group_saliency,
+        "allocation": allocation,
+        "fisher_lambdas": lambdas or None,
         "groups_total": sum(r.units for r in results),
         "groups_removed": sum(r.units - r.kept for r in results),
         "layers": [
@@ -408,7 +481,8 @@ def execute_structured(
         "curve": curve,
         "seconds": time.perf_counter() - started,
         "phases": timer.report(),
-        "memory": peak.report(None),
+        "memory": peak.report(plan.total_bytes if plan is not None else None),
+        "memory_plan": plan.as_dict() if plan is not None else None,
         "device": str(device),
         "onnx_error": onnx_error,
         "speed": speed,
