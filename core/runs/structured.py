@@ -26,6 +26,7 @@ one (every random draw is keyed by seed and epoch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -308,6 +309,27 @@ def _size(dense_bytes: int, pruned: Path) -> dict:
     }
 
 
+def _prune(model, families, spec: PruneSpec, calibration, scoring: dict, fisher, timer, hooks) -> list[FamilyResult]:
+    """The prune itself, with global allocation's scoring pass first where asked; the families' results."""
+    counts = None
+    if spec.structure_allocation == "global":
+        with timer("allocation"):
+            curves = removal_curves(model, families, calibration, fisher=fisher, **scoring)
+        counts = allocate(curves, [f.units for f in families], spec.sparsity)
+    with timer("obs"):
+        results = prune_structured(
+            model,
+            families,
+            spec.sparsity,
+            calibration,
+            progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
+            fisher=fisher,
+            counts=counts,
+            **scoring,
+        )
+    return results
+
+
 def execute_structured(
     spec: PruneSpec,
     model: nn.Module,
@@ -345,7 +367,6 @@ def execute_structured(
     plan, consumer_plans = structured_plan(model, spec, families, memory_budget_mb)
     lambdas: dict[str, float | None] = {}
     fisher = _fisher_blocks(spec, consumer_plans, x, y, dtype, lambdas) if plan is not None else None
-    allocation: dict = {"kind": spec.structure_allocation}
     curve: list[dict] = []
 
     def metric(xs: Tensor, ys: Tensor) -> dict:
@@ -399,23 +420,9 @@ def execute_structured(
         hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
         calibration = _calibration(x, spec) if info.group_saliency == "obs" else None
         scoring = {"saliency": info.group_saliency, "damp": spec.layerwise.damp, "batch": spec.layerwise.batch_size}
-        counts = None
-        if spec.structure_allocation == "global":
-            with timer("allocation"):
-                curves = removal_curves(model, families, calibration, fisher=fisher, **scoring)
-            counts = allocate(curves, [f.units for f in families], spec.sparsity)
-            allocation |= {"score": ALLOCATION_SCORES[info.group_saliency], "counts": counts}
-        with timer("obs"):
-            results = prune_structured(
-                model,
-                families,
-                spec.sparsity,
-                calibration,
-                progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
-                fisher=fisher,
-                counts=counts,
-                **scoring,
-            )
+        step = peak.section() if plan is not None else contextlib.nullcontext()  # the prune's own peak, vs the plan
+        with step:
+            results = _prune(model, families, spec, calibration, scoring, fisher, timer, hooks)
         where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
         check_weights(model, where, _HINT)
         pruned = metric(xv, yv)
@@ -442,7 +449,11 @@ def execute_structured(
     structure = {
         "kind": spec.structure,
         "saliency": info.group_saliency,
-        "allocation": allocation,
+        "allocation": {
+            "kind": spec.structure_allocation,
+            "score": ALLOCATION_SCORES[info.group_saliency] if spec.structure_allocation == "global" else None,
+            "counts": [r.units - r.kept for r in results],
+        },
         "fisher_lambdas": lambdas or None,
         "groups_total": sum(r.units for r in results),
         "groups_removed": sum(r.units - r.kept for r in results),

@@ -88,12 +88,13 @@ def fisher_groups(
     """Remove ``remove`` units greedily by Fisher group saliency, with the OBS update of the weights that remain.
 
     ``w``: the consumer's weights in blocks, (nb, c) (:meth:`core.engine.layout.LayerSlice.blocks`, padding zero);
-    ``finv``: (nb, c, c) F⁻¹ per block (:func:`dense_blocks`), not changed; ``positions``: :func:`unit_positions`.
+    ``finv``: (nb, c, c) F⁻¹ per block (:func:`dense_blocks`), consumed: a float64 one is downdated in place (no
+    second copy of the blocks); ``positions``: :func:`unit_positions`.
     Returns (the updated (nb, c) weights, float64, the removed units' weights zero; the removed units in order; the
     saliency of each removal, its increase of ½·δwᵀFδw)."""
     blk, loc, valid = (t.to(w.device) for t in positions)
     W = w.detach().to(torch.float64).clone()
-    F = finv.to(torch.float64).clone()
+    F = finv.to(torch.float64)
     c = F.shape[-1]
     alive = torch.ones(len(blk), dtype=torch.bool, device=w.device)
     removed: list[int] = []
