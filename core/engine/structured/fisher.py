@@ -82,6 +82,19 @@ def held_bytes(rows: int, cols: int, units: int, block: int) -> int:
     return 8 * (nb * c * c + 2 * n * c * c + units * n * (2 * k * k + 3 * k))
 
 
+def _downdate(F: Tensor, blocks: Tensor, cols: Tensor, solved: Tensor, real: Tensor) -> None:
+    """F[blocks] −= cols @ solved over the ``real`` (not padding) entries: in place on a strided view when the blocks
+    are evenly spaced (whole rows: every block; c dividing the row: every cols/c-th), which is one pass over them;
+    else through ``index_add_`` (a temporary of the touched blocks)."""
+    b, cols, solved = blocks[real], cols[real], solved[real]
+    step = int(b[1] - b[0]) if len(b) > 1 else 1
+    first, last = int(b[0]), int(b[-1])
+    if step > 0 and last - first == step * (len(b) - 1) and bool((b.diff() == step).all()):
+        F[first : last + 1 : step].baddbmm_(cols, solved, alpha=-1.0)
+    else:
+        F.index_add_(0, b, -(cols @ solved))
+
+
 def fisher_groups(
     w: Tensor, finv: Tensor, positions: tuple[Tensor, Tensor, Tensor], remove: int
 ) -> tuple[Tensor, list[int], list[float]]:
@@ -116,7 +129,7 @@ def fisher_groups(
         cols = F[bu[:, None, None], torch.arange(c, device=F.device)[None, :, None], pu[:, None, :]] * vu[:, None, :]
         W.index_add_(0, bu, -(cols @ s[best][..., None])[..., 0])  # δw_b = −F_b⁻¹[:, Q] s
         solved = torch.linalg.solve(a[best], cols.mT)  # ((F_b⁻¹)_QQ)⁻¹ F_b⁻¹[Q, :]
-        F.index_add_(0, bu, -(cols @ solved))
+        _downdate(F, bu, cols, solved, vu.any(-1))
         keep = valid[u]
         qb, qp = bu[:, None].expand_as(pu)[keep], pu[keep]
         W[qb, qp] = 0.0
