@@ -118,6 +118,8 @@ def test_held_bytes_bounds_the_candidates_and_blocks():
     blk, loc, valid = unit_positions(rows, cols, units, c)
     nb = -(-rows * cols // c)
     assert held_bytes(rows, cols, units, c) >= 8 * (nb * c * c + 2 * blk.shape[1] * c * c + units * valid[0].numel())
+    per = cols // units  # whole rows: in place, no downdate temporary; k = per places in each row's block
+    assert held_bytes(rows, cols, units, cols) == 8 * (rows * cols * cols + units * rows * (2 * per * per + 3 * per))
     assert int(valid.sum()) == rows * cols  # every weight belongs to exactly one unit's place
     places = {
         int(b) * c + int(p)

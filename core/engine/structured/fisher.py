@@ -72,14 +72,16 @@ def unit_positions(rows: int, cols: int, units: int, block: int) -> tuple[Tensor
 
 def held_bytes(rows: int, cols: int, units: int, block: int) -> int:
     """Bytes :func:`fisher_groups` holds at its peak for a (rows, cols) consumer in blocks of ``block``: the float64
-    blocks, one touched-block downdate and its factor (n·c² each), and every candidate's (k × k) blocks, their factors
-    and solves (an upper bound: n and k as if one unit's columns straddled a block in every row)."""
+    blocks; where a unit's blocks are not evenly spaced (a unit's columns straddle blocks), a downdate temporary of
+    the touched blocks and its negation (n·c² each; else the downdate is in place); and every candidate's (k × k)
+    blocks, their factors and solves (n and k: upper bounds)."""
     c = min(block, rows * cols)
     nb = math.ceil(rows * cols / c)
     per = cols // units
-    n = min(nb, 2 * rows) if c < cols else min(nb, rows)
+    in_place = c % cols == 0 or (cols % c == 0 and c % per == 0)
+    n = nb if c >= cols else min(nb, 2 * rows)
     k = min(c, per * max(1, math.ceil(c / cols)))
-    return 8 * (nb * c * c + 2 * n * c * c + units * n * (2 * k * k + 3 * k))
+    return 8 * (nb * c * c + (0 if in_place else 2 * n * c * c) + units * n * (2 * k * k + 3 * k))
 
 
 def _downdate(F: Tensor, blocks: Tensor, cols: Tensor, solved: Tensor, real: Tensor) -> None:
