@@ -183,7 +183,9 @@ SALIENCY_MODELS = {  # (arch, dataset, constructor arguments, structure)
 
 def saliency_rows(args) -> list[dict]:
     rows = []
-    for name, (arch, dataset, kwargs, structure) in SALIENCY_MODELS.items():
+    relative = {"lambda": args.wf_lambda, "lambda_scale": "relative"}
+    for name in args.models.split(","):
+        arch, dataset, kwargs, structure = SALIENCY_MODELS[name]
         results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
         for seed in range(args.seeds):
             data = builtin_dataset(dataset).split(0.2, seed)
@@ -193,8 +195,8 @@ def saliency_rows(args) -> list[dict]:
             for e in range(args.epochs):
                 train_epoch(dense, data.x_train, data.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
                             generator=torch.Generator().manual_seed(1000 * seed + e))  # fmt: skip
-            for method in ("woodfisher", "obc", "magnitude"):
-                for allocation in ("uniform", "global"):
+            for method in args.methods.split(","):
+                for allocation in args.allocations.split(","):
                     model = build_model(arch, **kwargs)
                     model.load_state_dict(dense.state_dict())
                     spec = PruneSpec(
@@ -202,7 +204,7 @@ def saliency_rows(args) -> list[dict]:
                         sparsity=0.5,
                         structure=structure,
                         structure_allocation=allocation,
-                        fisher={"samples": 512},
+                        fisher={"samples": 512} | (relative if method == "woodfisher" else {}),
                         seed=seed,
                         device="cpu",
                     )
@@ -227,6 +229,7 @@ def saliency_rows(args) -> list[dict]:
                 "accuracy_pruned_each": [v[1] for v in values],
                 "params": sum(v[2] for v in values) / n,
                 "epochs": args.epochs,
+                "woodfisher_lambda_relative": args.wf_lambda,
             }
             print(row, flush=True)
             rows.append(row)
@@ -240,6 +243,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--calibration", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="woodfisher,obc,magnitude")
+    ap.add_argument("--allocations", default="uniform,global")
+    ap.add_argument("--wf-lambda", type=float, default=0.1, help="woodfisher's relative λ (α)")
+    ap.add_argument("--models", default=",".join(SALIENCY_MODELS))
     ap.add_argument("--only", choices=("resnet", "minilm", "saliency"), default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -250,7 +257,9 @@ def main() -> None:
         rows += minilm_rows(args)
     if args.only in (None, "saliency"):
         rows += saliency_rows(args)
-    print(save("structured" + (f"_{args.only}" if args.only else ""), rows))
+    suffix = f"_{args.only}" if args.only else ""
+    suffix += f"_wf{args.wf_lambda:g}" if args.wf_lambda != 0.1 else ""
+    print(save("structured" + suffix, rows))
 
 
 if __name__ == "__main__":
