@@ -303,6 +303,9 @@ def test_structured_woodfisher_and_global_refusals():
     from core.runs.preflight import check_job
     from core.runs.spec import PruneSpec
 
+    structured, plain = PruneSpec(sparsity=0.5, structure="neurons"), PruneSpec(sparsity=0.5)
+    assert (structured.fisher.damping, structured.fisher.lambda_scale) == (1e-3, "relative")  # its measured default
+    assert (plain.fisher.damping, plain.fisher.lambda_scale) == (0.1, "relative")
     with pytest.raises(ValueError, match="structure_allocation is for a structure"):
         PruneSpec(sparsity=0.5, structure_allocation="global")
     with pytest.raises(ValueError, match="lambda 'auto' is not supported with a structure"):

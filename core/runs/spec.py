@@ -250,8 +250,8 @@ class PruneSpec(_Strict):
         "shrunk: 'neurons' (MLP hidden units, transformer FFN units), 'channels' (conv channels, ResNet blocks' inner "
         "channels), 'heads' (attention heads); methods obc and sparsegpt score units by OBS group saliency on the "
         "layer-wise Hessian with the joint update, woodfisher by OBS group saliency on the empirical Fisher blocks of "
-        "the consumer's weights (fisher.block_size 'auto': one block per row) with the update, magnitude by their L2 "
-        "norm",
+        "the consumer's weights (fisher.block_size 'auto': one block per row; default relative λ 1e-3) with the "
+        "update, magnitude by their L2 norm",
     )
     structure_allocation: Literal["uniform", "global"] = Field(
         "uniform",
@@ -345,7 +345,10 @@ class PruneSpec(_Strict):
         else:
             scale = "relative" if info.default_lambda_relative is not None else "absolute"
         relative = scale == "relative"
-        alpha = info.default_lambda_relative or DEFAULT_RELATIVE_LAMBDA
+        structured = self.structure != "unstructured" and info.structured_lambda_relative is not None
+        alpha = (info.structured_lambda_relative if structured else info.default_lambda_relative) or (
+            DEFAULT_RELATIVE_LAMBDA
+        )
         defaults = {  # the method's own defaults where the spec sets none; a copy: the caller's FisherSpec stays
             "update": Update.JOINT if info.supports_joint else Update.SUMMED,
             "damping": alpha if relative else info.default_lambda,
