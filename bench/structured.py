@@ -17,9 +17,10 @@ Rows:
   neurons, and LeNet-5 (digits-image, 8×8) at 50 % of its channels (one family, conv1's: conv2's feed the classifier
   across two Sequentials, which groups.py does not follow) and of its fc neurons (two families). Each is trained here
   (``--epochs`` of Adam), ``--seeds`` times. woodfisher (OBS group saliency on the consumer's empirical Fisher, one
-  block per row, relative λ 0.1, fisher.samples 512) against obc (OBS on the layer-wise input Hessian, 512
-  calibration examples) and magnitude (L2), each with ``structure_allocation`` uniform and global: validation
-  accuracy right after the prune (no fine-tuning) and the parameters left, mean over the seeds (``--only saliency``).
+  block per row, its default relative λ 1e-3 or ``--wf-lambda``, fisher.samples 512) against obc (OBS on the
+  layer-wise input Hessian, 512 calibration examples) and magnitude (L2), each with ``structure_allocation`` uniform
+  and global: validation accuracy right after the prune (no fine-tuning) and the parameters left, mean over the seeds
+  (``--only saliency``; ``--methods``, ``--allocations``, ``--models`` select).
 
 Latency: the minimum over repeats of one forward pass (bench._util.timeit), one torch thread and one ORT thread
 (a shared 2-core machine); speedups are ratios measured in the same run.
@@ -174,6 +175,7 @@ def minilm_rows(args) -> list[dict]:
     return rows
 
 
+DEFAULT_WF_LAMBDA = PruneSpec(sparsity=0.5, structure="neurons").fisher.damping  # structured woodfisher's α
 SALIENCY_MODELS = {  # (arch, dataset, constructor arguments, structure)
     "mlp": ("mlp", "digits", {"in_features": 64, "hidden": [64, 32], "num_classes": 10}, "neurons"),
     "lenet5": ("lenet5", "digits-image", {"input_size": 8}, "channels"),  # one family: conv1's channels
@@ -183,7 +185,7 @@ SALIENCY_MODELS = {  # (arch, dataset, constructor arguments, structure)
 
 def saliency_rows(args) -> list[dict]:
     rows = []
-    relative = {"lambda": args.wf_lambda, "lambda_scale": "relative"}
+    relative = {"lambda": args.wf_lambda, "lambda_scale": "relative"} if args.wf_lambda is not None else {}
     for name in args.models.split(","):
         arch, dataset, kwargs, structure = SALIENCY_MODELS[name]
         results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
@@ -229,7 +231,7 @@ def saliency_rows(args) -> list[dict]:
                 "accuracy_pruned_each": [v[1] for v in values],
                 "params": sum(v[2] for v in values) / n,
                 "epochs": args.epochs,
-                "woodfisher_lambda_relative": args.wf_lambda,
+                "woodfisher_lambda_relative": args.wf_lambda or DEFAULT_WF_LAMBDA,
             }
             print(row, flush=True)
             rows.append(row)
@@ -245,7 +247,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="woodfisher,obc,magnitude")
     ap.add_argument("--allocations", default="uniform,global")
-    ap.add_argument("--wf-lambda", type=float, default=0.1, help="woodfisher's relative λ (α)")
+    ap.add_argument("--wf-lambda", type=float, default=None, help="woodfisher's relative λ (α); default: the spec's")
     ap.add_argument("--models", default=",".join(SALIENCY_MODELS))
     ap.add_argument("--only", choices=("resnet", "minilm", "saliency"), default=None)
     args = ap.parse_args()
@@ -258,7 +260,8 @@ def main() -> None:
     if args.only in (None, "saliency"):
         rows += saliency_rows(args)
     suffix = f"_{args.only}" if args.only else ""
-    suffix += f"_wf{args.wf_lambda:g}" if args.wf_lambda != 0.1 else ""
+    suffix += f"_wf{args.wf_lambda:g}" if args.wf_lambda is not None else ""
+    suffix += "" if args.methods == "woodfisher,obc,magnitude" else "_" + args.methods.replace(",", "_")
     print(save("structured" + suffix, rows))
 
 
