@@ -328,3 +328,26 @@ def test_structured_woodfisher_and_global_refusals():
         check_job(tight, arch="mlp", arch_kwargs=kwargs, **common)
     shrink = tight.model_copy(update={"allow_block_shrink": True})
     assert check_job(shrink, arch="mlp", arch_kwargs=kwargs, **common).total_bytes <= whole.total_bytes / 2
+
+
+def test_woodfisher_ffn_job_on_a_hugging_face_model_exports_one_width_and_refuses_global(tmp_path):
+    """A tiny BERT: the Fisher of each layer's ``output.dense`` through the packed text model (its own estimator,
+    distillation objective); every layer keeps the same FFN width, so the config's intermediate_size holds it."""
+    from _hf_models import jsonl, sentences, write_model, zip_folder
+    from core.errors import InvalidInput
+    from core.runs.hf_job import load_hf_job
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+
+    archive = zip_folder(write_model(tmp_path / "b", "bert"), tmp_path / "b.zip")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl([{"text": t} for t in sentences(20)]))
+    spec = PruneSpec(method="woodfisher", sparsity=0.5, structure="neurons", fisher={"samples": 8}, device="cpu")
+    run_spec, model, ds = load_hf_job(spec, archive, data, "jsonl")
+    result = execute(run_spec, model, ds, tmp_path / "out")
+    st = result.report["structure"]
+    assert st["saliency"] == "fisher" and st["hf_config"] == {"intermediate_size": 16}
+    assert all(layer["kept"] == 16 and layer["obs_loss"] >= 0 for layer in st["layers"])
+    glob = run_spec.model_copy(update={"structure_allocation": "global"})
+    with pytest.raises(InvalidInput, match="one intermediate_size"):
+        execute(glob, model, ds, tmp_path / "out2")
