@@ -14,10 +14,20 @@ Rows:
   sentences (standard-library docstrings, as bench/hf_quality.py); the exported ``hf_model.zip`` is loaded with
   ``AutoModel.from_pretrained`` and timed against the dense model at batch 32, sequence 128.
 
+* Group saliency (issue #17, structured WoodFisher): the zoo MLP (64 → 64 → 32 → 10, digits) at 50 % of its
+  neurons, and LeNet-5 (digits-image, 8×8) at 50 % of its channels (one family, conv1's: conv2's feed the classifier
+  across two Sequentials, which groups.py does not follow) and of its fc neurons (two families). Each is trained here
+  (``--epochs`` of Adam), ``--seeds`` times. woodfisher (OBS group saliency on the consumer's empirical Fisher, one
+  block per row, its default relative λ 1e-3 or ``--wf-lambda``, fisher.samples 512) against obc (OBS on the
+  layer-wise input Hessian, 512 calibration examples) and magnitude (L2), each with ``structure_allocation`` uniform
+  and global: validation accuracy right after the prune (no fine-tuning) and the parameters left, mean over the seeds
+  (``--only saliency``; ``--methods``, ``--allocations``, ``--models`` select).
+
 Latency: the minimum over repeats of one forward pass (bench._util.timeit), one torch thread and one ORT thread
 (a shared 2-core machine); the ResNet rows alternate dense and small models over ``--rounds`` rounds of
 ``--repeats`` passes each (the minimum of all); speedups are ratios measured in the same run.
-Usage: python bench/structured.py [--epochs 20] [--finetune 5] [--repeats 10] [--rounds 5]
+Usage: python bench/structured.py [--epochs 20] [--finetune 5] [--repeats 10] [--rounds 5] [--seeds 3]
+                                  [--only resnet|minilm|saliency]
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from core.io.onnx.export import export_onnx
 from core.io.zoo import build_model
 from core.runs.run import execute
 from core.runs.spec import FinetuneSpec, PruneSpec
+from core.runs.speed import LatencyConfig
 from core.runs.train import evaluate, make_optimizer, train_epoch
 
 RESNET = {"in_channels": 1, "num_classes": 10, "width": 16}
@@ -180,6 +191,69 @@ def minilm_rows(args) -> list[dict]:
     return rows
 
 
+DEFAULT_WF_LAMBDA = PruneSpec(sparsity=0.5, structure="neurons").fisher.damping  # structured woodfisher's α
+SALIENCY_MODELS = {  # (arch, dataset, constructor arguments, structure)
+    "mlp": ("mlp", "digits", {"in_features": 64, "hidden": [64, 32], "num_classes": 10}, "neurons"),
+    "lenet5": ("lenet5", "digits-image", {"input_size": 8}, "channels"),  # one family: conv1's channels
+    "lenet5 fc": ("lenet5", "digits-image", {"input_size": 8}, "neurons"),  # two: fc1's 120, fc2's 84
+}
+
+
+def saliency_rows(args) -> list[dict]:
+    rows = []
+    relative = {"lambda": args.wf_lambda, "lambda_scale": "relative"} if args.wf_lambda is not None else {}
+    for name in args.models.split(","):
+        arch, dataset, kwargs, structure = SALIENCY_MODELS[name]
+        results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        for seed in range(args.seeds):
+            data = builtin_dataset(dataset).split(0.2, seed)
+            torch.manual_seed(seed)
+            dense = build_model(arch, **kwargs)
+            opt = make_optimizer(dense, FinetuneSpec(optimizer="adam", lr=3e-3))
+            for e in range(args.epochs):
+                train_epoch(dense, data.x_train, data.y_train, opt, loss="cross_entropy", batch_size=64, masks={},
+                            generator=torch.Generator().manual_seed(1000 * seed + e))  # fmt: skip
+            for method in args.methods.split(","):
+                for allocation in args.allocations.split(","):
+                    model = build_model(arch, **kwargs)
+                    model.load_state_dict(dense.state_dict())
+                    spec = PruneSpec(
+                        method=method,
+                        sparsity=0.5,
+                        structure=structure,
+                        structure_allocation=allocation,
+                        fisher={"samples": 512} | (relative if method == "woodfisher" else {}),
+                        seed=seed,
+                        device="cpu",
+                    )
+                    out = Path(tempfile.mkdtemp(prefix="structured-saliency-"))
+                    report = execute(spec, model, data, out, latency=LatencyConfig(budget_s=0)).report
+                    curve = {p["kind"]: p["metric"] for p in report["curve"]}
+                    widths = report["structure"]["arch_kwargs"]
+                    results.setdefault((method, allocation), []).append(
+                        (curve["dense"], curve["prune"], report["parameters"]["total"])
+                    )
+                    print(name, seed, method, allocation, curve["dense"], curve["prune"], widths, flush=True)
+        for (method, allocation), values in results.items():
+            n = len(values)
+            row = {
+                "model": f"{name} {dataset}",
+                "structure": f"{structure} 50 %",
+                "method": method,
+                "allocation": allocation,
+                "seeds": n,
+                "accuracy_dense": sum(v[0] for v in values) / n,
+                "accuracy_pruned": sum(v[1] for v in values) / n,
+                "accuracy_pruned_each": [v[1] for v in values],
+                "params": sum(v[2] for v in values) / n,
+                "epochs": args.epochs,
+                "woodfisher_lambda_relative": args.wf_lambda or DEFAULT_WF_LAMBDA,
+            }
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=20)
@@ -187,7 +261,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5, help="alternating dense/small timing rounds (ResNet rows)")
     ap.add_argument("--calibration", type=int, default=128)
-    ap.add_argument("--only", choices=("resnet", "minilm"), default=None)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="woodfisher,obc,magnitude")
+    ap.add_argument("--allocations", default="uniform,global")
+    ap.add_argument("--wf-lambda", type=float, default=None, help="woodfisher's relative λ (α); default: the spec's")
+    ap.add_argument("--models", default=",".join(SALIENCY_MODELS))
+    ap.add_argument("--only", choices=("resnet", "minilm", "saliency"), default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -195,7 +274,12 @@ def main() -> None:
         rows += resnet_rows(args)
     if args.only in (None, "minilm"):
         rows += minilm_rows(args)
-    print(save("structured" + (f"_{args.only}" if args.only else ""), rows))
+    if args.only in (None, "saliency"):
+        rows += saliency_rows(args)
+    suffix = f"_{args.only}" if args.only else ""
+    suffix += f"_wf{args.wf_lambda:g}" if args.wf_lambda is not None else ""
+    suffix += "" if args.methods == "woodfisher,obc,magnitude" else "_" + args.methods.replace(",", "_")
+    print(save("structured" + suffix, rows))
 
 
 if __name__ == "__main__":

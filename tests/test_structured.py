@@ -271,8 +271,8 @@ def test_structured_spec_and_model_checks():
     from core.runs.spec import PruneSpec
     from core.runs.structured import check_structure
 
-    with pytest.raises(ValueError, match="magnitude, sparsegpt, obc"):
-        PruneSpec(sparsity=0.5, structure="neurons")  # woodfisher has no structured form
+    with pytest.raises(ValueError, match="woodfisher, magnitude, sparsegpt, obc"):
+        PruneSpec(sparsity=0.5, structure="neurons", method="kfac")  # kfac has no structured form
     with pytest.raises(ValueError, match="one-shot"):
         PruneSpec(sparsity=0.5, structure="neurons", method="obc", mode="gradual", finetune={"epochs": 6})
     spec = PruneSpec(sparsity=0.5, structure="channels", method="obc")

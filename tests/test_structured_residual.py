@@ -8,6 +8,7 @@ over several consumers; the rebuilt zoo model (arch_kwargs + strict load)."""
 from __future__ import annotations
 
 import copy
+from ast import literal_eval
 
 import pytest
 import torch
@@ -299,3 +300,24 @@ def test_resumed_resnet_run_rebuilds_the_same_shortcut_maps(tmp_path):
     assert resumed.report["structure"]["arch_kwargs"] == whole.report["structure"]["arch_kwargs"]
     a, b = load_file(whole.artifacts["pruned"]), load_file(resumed.artifacts["pruned"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_woodfisher_refuses_stage_widths_and_names_them():
+    """Fisher group saliency scores a unit on its one consumer's blocks; a stage width has several readers, so a
+    woodfisher channels job on a ResNet is a 422 naming the stream families and what to exclude; with those
+    excluded, the blocks' inner channels remain and are accepted."""
+    from core.errors import InvalidInput
+    from core.runs.spec import PruneSpec
+    from core.runs.structured import check_structure
+
+    model = build_model("resnet20", in_channels=1, num_classes=10)
+    spec = PruneSpec(method="woodfisher", structure="channels", sparsity=0.5)
+    with pytest.raises(InvalidInput, match=r"stream\.0, stream\.1, stream\.2") as e:
+        check_structure(model, spec)
+    excluded = e.value.detail.split("layers.exclude ")[1]
+    spec = PruneSpec(
+        method="woodfisher", structure="channels", sparsity=0.5, layers={"exclude": literal_eval(excluded)}
+    )
+    families = check_structure(model, spec)
+    assert len(families) == 9 and not any(f.more_consumers for f in families)
+    assert all(f.name.startswith("blocks.") for f in families)

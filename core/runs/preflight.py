@@ -35,7 +35,7 @@ from core.runs.budget import memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
-from core.runs.structured import HEADS_MODEL_TYPES, check_structure, hf_heads_error
+from core.runs.structured import HEADS_MODEL_TYPES, check_structure, hf_global_error, hf_heads_error, structured_plan
 
 __all__ = ["check_job"]
 
@@ -136,17 +136,20 @@ def check_job(
     model_type = (arch_kwargs or {}).get("model_type") if model_format == "huggingface" else None
     if model_type is not None and spec.structure == "heads" and model_type not in HEADS_MODEL_TYPES:
         problems.append(hf_heads_error(model_type))  # (a Hugging Face model's arch_kwargs: what its upload held)
+    if model_format == "huggingface" and spec.structure_allocation == "global":
+        problems.append(hf_global_error())
+    families = None
     if model is not None and spec.structure != "unstructured":
         try:
-            check_structure(model, spec)
+            families = check_structure(model, spec)
         except InvalidInput as e:
             problems.append(e)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         raise InvalidInput("; ".join(p.detail for p in problems), errors=[e for p in problems for e in p.errors])
-    if spec.structure != "unstructured":
-        return None  # no Fisher estimate: the layer-wise Hessians of one family at a time
+    if spec.structure != "unstructured":  # woodfisher: its largest consumer's plan; else None (layer-wise Hessians)
+        return structured_plan(model, spec, families, server_budget_mb)[0] if families else None
     return _check_plan(model, spec, server_budget_mb, input_shape) if model is not None else None
 
 

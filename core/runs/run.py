@@ -753,6 +753,7 @@ def execute(
             phases=phases,
             latency=latency,
             checkpointer=checkpointer,
+            memory_budget_mb=memory_budget_mb,
         )
         return RunResult(out, report)
     run = Run(

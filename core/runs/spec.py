@@ -249,7 +249,15 @@ class PruneSpec(_Strict):
         description="'unstructured' (single weights, masked) or whole units removed and the model physically "
         "shrunk: 'neurons' (MLP hidden units, transformer FFN units), 'channels' (conv channels, ResNet blocks' inner "
         "channels and stage widths), 'heads' (attention heads); methods obc and sparsegpt score units by OBS group "
-        "saliency on the layer-wise Hessian with the joint update, magnitude by their L2 norm",
+        "saliency on the layer-wise Hessian with the joint update, woodfisher by OBS group saliency on the empirical "
+        "Fisher blocks of the consumer's weights (fisher.block_size 'auto': one block per row; default relative λ "
+        "1e-3) with the update, magnitude by their L2 norm",
+    )
+    structure_allocation: Literal["uniform", "global"] = Field(
+        "uniform",
+        description="with a structure: 'uniform' (every family, e.g. each layer's neurons, loses the fraction "
+        "'sparsity' of its units) or 'global' (that fraction of all units, the cheapest over all families by a "
+        "comparable score, at least one unit kept per family; zoo models only: a Hugging Face config holds one width)",
     )
     mode: Literal["one_shot", "gradual"] = "one_shot"
     scope: Scope | None = Field(None, description="global or per-layer threshold; default by method")
@@ -337,7 +345,10 @@ class PruneSpec(_Strict):
         else:
             scale = "relative" if info.default_lambda_relative is not None else "absolute"
         relative = scale == "relative"
-        alpha = info.default_lambda_relative or DEFAULT_RELATIVE_LAMBDA
+        structured = self.structure != "unstructured" and info.structured_lambda_relative is not None
+        alpha = (info.structured_lambda_relative if structured else info.default_lambda_relative) or (
+            DEFAULT_RELATIVE_LAMBDA
+        )
         defaults = {  # the method's own defaults where the spec sets none; a copy: the caller's FisherSpec stays
             "update": Update.JOINT if info.supports_joint else Update.SUMMED,
             "damping": alpha if relative else info.default_lambda,
@@ -350,6 +361,8 @@ class PruneSpec(_Strict):
         info.check(self.scope, self.fisher.update is Update.JOINT)
         if self.structure != "unstructured":
             self._check_structured(info)
+        elif self.structure_allocation != "uniform":
+            raise ValueError("structure_allocation is for a structure (neurons, channels, heads), not 'unstructured'")
         if self.loss is Loss.MSE and self.metric == "accuracy":
             raise ValueError("metric 'accuracy' needs loss 'cross_entropy'")
         return self
@@ -362,6 +375,8 @@ class PruneSpec(_Strict):
             raise ValueError("a structured prune is one-shot (mode 'one_shot'; finetune.epochs fine-tune the result)")
         if self.pattern != "unstructured":
             raise ValueError(f"pattern {self.pattern} is for unstructured pruning; a structure removes whole units")
+        if info.group_saliency == "fisher" and self.fisher.damping == "auto":
+            raise ValueError("lambda 'auto' is not supported with a structure: give a lambda (default: the method's)")
 
     @property
     def block_size(self) -> int | None:

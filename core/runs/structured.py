@@ -3,7 +3,11 @@
 ``spec.structure`` names the units (``neurons``, ``channels``, ``heads``) and ``spec.sparsity`` the fraction of each
 family's units removed (the same in every family). The method's ``group_saliency`` (:mod:`core.engine.methods`)
 scores them: OBS group saliency on the layer-wise input Hessian of ``fisher.samples`` calibration examples (with
-``layerwise.damp`` and ``layerwise.batch_size``) with the joint update of the remaining weights, or the L2 norm.
+``layerwise.damp`` and ``layerwise.batch_size``) with the joint update of the remaining weights; for woodfisher,
+OBS group saliency on the empirical Fisher blocks of each consumer's weights (``fisher.*``: samples, λ and its
+relative default; the blocks by :mod:`core.runs.structured_plan`) with the update; or the L2 norm.
+``spec.structure_allocation`` 'global' removes the fraction of all units instead, the cheapest by a comparable
+score over all families (:mod:`core.engine.structured.allocation`), scored once on the dense model; zoo models only.
 Then ``finetune.epochs`` of plain (unmasked) training of the smaller model. The outputs load with no masks and no
 custom code:
 
@@ -26,6 +30,7 @@ one (every random draw is keyed by seed and epoch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,8 +42,10 @@ from torch import Tensor, nn
 
 from core.engine.layout import select_parameters
 from core.engine.methods import method_info
+from core.engine.structured.allocation import allocate
+from core.engine.structured.fisher import consumer_inverse
 from core.engine.structured.groups import KINDS, Family, find_families, head_config
-from core.engine.structured.prune import FamilyResult, prune_structured, units_to_remove
+from core.engine.structured.prune import FamilyResult, prune_structured, removal_curves, units_to_remove
 from core.engine.structured.shrink import shrink
 from core.errors import Canceled, InvalidInput
 from core.io.data import Dataset
@@ -55,14 +62,29 @@ from core.runs.report import count_macs, curve_csv, curve_png, plot_title
 from core.runs.sizes import dense_safetensors_bytes
 from core.runs.spec import PruneSpec
 from core.runs.speed import ORT_CPU, LatencyConfig, default_latency, measure, runtimes_for, speed_report
+from core.runs.structured_plan import structured_fisher_plan
 from core.runs.train import evaluate, learning_rate, make_optimizer, train_epoch
 
-__all__ = ["HEADS_MODEL_TYPES", "check_structure", "execute_structured", "hf_heads_error", "shrunk_config"]
+__all__ = [
+    "HEADS_MODEL_TYPES",
+    "check_structure",
+    "execute_structured",
+    "hf_global_error",
+    "hf_heads_error",
+    "shrunk_config",
+    "structured_plan",
+]
 
 #: Hugging Face model types whose heads can be pruned: Llama-style decoders, whose config states ``head_dim``
 HEADS_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 _HINT = "lower the sparsity or raise layerwise.damp"
+#: what global allocation ranks units by, per group saliency (core.engine.structured.prune.removal_curves)
+ALLOCATION_SCORES = {
+    "fisher": "Fisher group saliency ½·δwᵀFδw: the predicted increase of the training loss",
+    "obs": "OBS group saliency over the consumer's output energy: the relative increase of its output error",
+    "l2": "squared group norm over the family's mean",
+}
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -86,10 +108,26 @@ def _hf_model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "source", None), "model_type", None) or None
 
 
+def hf_global_error() -> InvalidInput:
+    return InvalidInput(
+        "structure_allocation 'global' cannot be exported for a Hugging Face model: its config holds one "
+        "intermediate_size (one width for every layer); use structure_allocation 'uniform'",
+        errors=[
+            {
+                "loc": ["spec", "structure_allocation"],
+                "msg": "global: not for Hugging Face models",
+                "type": "value_error",
+            }
+        ],
+    )
+
+
 def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
     """The families ``spec.structure`` prunes in ``model``; :class:`InvalidInput` (422) naming what it supports."""
     if spec.structure == "heads" and _is_hf(model) and _hf_model_type(model) not in HEADS_MODEL_TYPES:
         raise hf_heads_error(_hf_model_type(model))
+    if spec.structure_allocation == "global" and _is_hf(model):
+        raise hf_global_error()
     families = find_families(model, spec.structure)
     if not families:
         able = [k for k in KINDS if find_families(model, k)]
@@ -112,6 +150,22 @@ def check_structure(model: nn.Module, spec: PruneSpec) -> list[Family]:
         )
     if spec.structure == "heads" and not any(units_to_remove(f.units, spec.sparsity) for f in chosen):
         _no_head_removed(chosen, spec.sparsity)
+    coupled = [f for f in chosen if f.more_consumers]
+    if coupled and method_info(spec.method).group_saliency == "fisher":
+        producers = [f.slices[0].name for f in coupled]
+        raise InvalidInput(
+            f"{spec.method.value} scores a unit on the Fisher blocks of the one layer that reads it; a residual "
+            f"stream's widths ({', '.join(f.name for f in coupled)}) are read by several layers: use method obc or "
+            f"sparsegpt (OBS on the layer-wise Hessians, summed over the readers), or leave the stage widths out with "
+            f"layers.exclude {producers}",
+            errors=[
+                {
+                    "loc": ["spec", "method"],
+                    "msg": "Fisher group saliency: one consumer per unit",
+                    "type": "value_error",
+                }
+            ],
+        )
     return chosen
 
 
@@ -128,6 +182,34 @@ def _no_head_removed(families: list[Family], sparsity: float) -> None:
         f"structure 'heads' removes whole key/value groups (a key/value head and its query heads); {why}",
         errors=[{"loc": ["spec", "sparsity"], "msg": "removes no head group", "type": "value_error"}],
     )
+
+
+def structured_plan(model: nn.Module, spec: PruneSpec, families: list[Family], server_mb: float | None = None):
+    """The memory plan of a structured woodfisher prune (:mod:`core.runs.structured_plan`; ``None`` for the other
+    saliencies, whose layer-wise Hessians are one family's at a time), and each consumer weight's plan."""
+    if method_info(spec.method).group_saliency != "fisher":
+        return None, {}
+    params = dict(model.named_parameters())
+    consumers = {f"{f.consumer}.weight": tuple(params[f"{f.consumer}.weight"].shape) for f in families}
+    units = {f"{f.consumer}.weight": f.units for f in families}
+    return structured_fisher_plan(spec, consumers, units, server_mb)
+
+
+def _fisher_blocks(spec: PruneSpec, plans: dict, x: Tensor, y: Tensor, dtype: torch.dtype, lambdas: dict):
+    """The consumers' Fisher blocks (:data:`core.engine.structured.prune.FisherBlocks`) by the method's estimator,
+    each with its plan's block size, path and chunk; ``lambdas`` collects the effective λ of each."""
+    info = method_info(spec.method)
+
+    def blocks(model: nn.Module, name: str) -> Tensor:
+        p = plans[name]
+        cfg = dataclasses.replace(spec.fisher_config(float(spec.fisher.damping), spec.seed), chunk=p.chunk or 64)
+        if p.path is not None:
+            cfg = dataclasses.replace(cfg, path=p.path)
+        finv, lam = consumer_inverse(model, name, info.estimator(cfg, p.block_size), (x, y), dtype)
+        lambdas[name] = lam
+        return finv
+
+    return blocks
 
 
 def arch_kwargs(model: nn.Module) -> dict | None:
@@ -294,6 +376,27 @@ def _size(dense_bytes: int, pruned: Path) -> dict:
     }
 
 
+def _prune(model, families, spec: PruneSpec, calibration, scoring: dict, fisher, timer, hooks) -> list[FamilyResult]:
+    """The prune itself, with global allocation's scoring pass first where asked; the families' results."""
+    counts = None
+    if spec.structure_allocation == "global":
+        with timer("allocation"):
+            curves = removal_curves(model, families, calibration, fisher=fisher, **scoring)
+        counts = allocate(curves, [f.units for f in families], spec.sparsity)
+    with timer("obs"):
+        results = prune_structured(
+            model,
+            families,
+            spec.sparsity,
+            calibration,
+            progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
+            fisher=fisher,
+            counts=counts,
+            **scoring,
+        )
+    return results
+
+
 def execute_structured(
     spec: PruneSpec,
     model: nn.Module,
@@ -307,11 +410,13 @@ def execute_structured(
     phases: PhaseTimer | None = None,
     latency: LatencyConfig | None = None,
     checkpointer=None,
+    memory_budget_mb: float | None = None,
 ) -> tuple[dict[str, Path], dict]:
     """Prune ``model`` structurally per ``spec``, fine-tune it, write its artifacts (file names by kind:
     ``core.runs.run.ARTIFACTS``); (the artifacts written, the report). ``hooks``: a ``core.runs.run.RunHooks``;
     ``latency``: what measuring the dense and the smaller model's latency may spend (:mod:`core.runs.speed`);
-    ``checkpointer``: a ``core.runs.checkpoint.Checkpointer`` (resumes from its last checkpoint when it holds one)."""
+    ``checkpointer``: a ``core.runs.checkpoint.Checkpointer`` (resumes from its last checkpoint when it holds one);
+    ``memory_budget_mb``: the server's budget (the lower of it and the spec's applies to a woodfisher prune's plan)."""
     timer, peak = phases or PhaseTimer(), PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -326,6 +431,9 @@ def execute_structured(
     spec = spec.resolved(len(x))
     families = check_structure(model, spec)
     info = method_info(spec.method)
+    plan, consumer_plans = structured_plan(model, spec, families, memory_budget_mb)
+    lambdas: dict[str, float | None] = {}
+    fisher = _fisher_blocks(spec, consumer_plans, x, y, dtype, lambdas) if plan is not None else None
     curve: list[dict] = []
 
     def metric(xs: Tensor, ys: Tensor) -> dict:
@@ -377,17 +485,11 @@ def execute_structured(
         point(0, 0, "dense", before["validation"])
         hooks.event("started", {"structure": spec.structure, "families": len(families)})
         hooks.progress(0.0, f"removing {spec.sparsity:.0%} of the {spec.structure}")
-        with timer("obs"):
-            results = prune_structured(
-                model,
-                families,
-                spec.sparsity,
-                _calibration(x, spec) if info.group_saliency == "obs" else None,
-                saliency=info.group_saliency,
-                damp=spec.layerwise.damp,
-                batch=spec.layerwise.batch_size,
-                progress=lambda f: hooks.progress(0.5 * f, f"removing {spec.sparsity:.0%} of the {spec.structure}"),
-            )
+        calibration = _calibration(x, spec) if info.group_saliency == "obs" else None
+        scoring = {"saliency": info.group_saliency, "damp": spec.layerwise.damp, "batch": spec.layerwise.batch_size}
+        step = peak.section() if plan is not None else contextlib.nullcontext()  # the prune's own peak, vs the plan
+        with step:
+            results = _prune(model, families, spec, calibration, scoring, fisher, timer, hooks)
         where = f"the structured prune ({spec.structure}, {spec.sparsity:g})"
         check_weights(model, where, _HINT)
         pruned = metric(xv, yv)
@@ -414,6 +516,12 @@ def execute_structured(
     structure = {
         "kind": spec.structure,
         "saliency": info.group_saliency,
+        "allocation": {
+            "kind": spec.structure_allocation,
+            "score": ALLOCATION_SCORES[info.group_saliency] if spec.structure_allocation == "global" else None,
+            "counts": [r.units - r.kept for r in results],
+        },
+        "fisher_lambdas": lambdas or None,
         "groups_total": sum(r.units for r in results),
         "groups_removed": sum(r.units - r.kept for r in results),
         "layers": [
@@ -451,7 +559,8 @@ def execute_structured(
         "curve": curve,
         "seconds": time.perf_counter() - started,
         "phases": timer.report(),
-        "memory": peak.report(None),
+        "memory": peak.report(plan.total_bytes if plan is not None else None),
+        "memory_plan": plan.as_dict() if plan is not None else None,
         "device": str(device),
         "onnx_error": onnx_error,
         "speed": speed,

@@ -5,8 +5,12 @@ model *as already shrunk* (so later layers see the pruned outputs, as in sequent
 family loses the same fraction of its units (rounded, at least one unit kept): a uniform width per kind, which a
 Hugging Face config (one ``intermediate_size``) requires. ``saliency``: ``"obs"`` (OBS group saliency with the joint
 update of the consumer's remaining columns; a consumer Linear's bias is an extra, never removed input column of
-ones, so the update can move it too; a residual stream's units: summed over its consumers, each one updated) or
-``"l2"`` (the groups' L2 norm over all their weights, no update).
+ones, so the update can move it too; a residual stream's units: summed over its consumers, each one updated),
+``"fisher"`` (OBS group saliency on WoodFisher's blocks of the consumer's weights,
+:mod:`core.engine.structured.fisher`, with the update of the consumer's remaining weights; the blocks come from the
+caller, estimated on the model as shrunk so far; one consumer per family) or ``"l2"`` (the groups' L2 norm over all
+their weights, no update). ``counts`` replaces the uniform fraction by a number of units per family (global
+allocation, :mod:`core.engine.structured.allocation`, ranks the units of all families by :func:`removal_curves`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.layerwise.hessian import Hessian, input_columns
+from core.engine.structured.fisher import prune_consumer
 from core.engine.structured.groups import Family
 from core.engine.structured.saliency import column_groups, l2_groups, obs_groups, obs_groups_coupled
 from core.engine.structured.shrink import shrink
 
-__all__ = ["SALIENCIES", "FamilyResult", "prune_structured", "units_to_remove"]
+__all__ = ["SALIENCIES", "FamilyResult", "FisherBlocks", "prune_structured", "removal_curves", "units_to_remove"]
 
-SALIENCIES = ("obs", "l2")
+SALIENCIES = ("obs", "fisher", "l2")
+#: F⁻¹ of a consumer's weights (the model as shrunk so far, the weight's full name) as explicit (nb, c, c) float64
+#: blocks: :func:`core.engine.structured.fisher.consumer_inverse` with the run's estimator
+FisherBlocks = Callable[[nn.Module, str], Tensor]
 
 
 @dataclass
@@ -134,6 +142,13 @@ def _l2_norms(model: nn.Module, family: Family) -> Tensor:
     return total
 
 
+def _check_saliency(saliency: str, fisher: FisherBlocks | None) -> None:
+    if saliency not in SALIENCIES:
+        raise ValueError(f"unknown saliency {saliency!r}; expected one of {', '.join(SALIENCIES)}")
+    if saliency == "fisher" and fisher is None:
+        raise ValueError("saliency 'fisher' needs the consumers' Fisher blocks (fisher=)")
+
+
 def prune_structured(
     model: nn.Module,
     families: list[Family],
@@ -144,20 +159,35 @@ def prune_structured(
     damp: float = 0.01,
     batch: int = 16,
     progress: Callable[[float], None] | None = None,
+    fisher: FisherBlocks | None = None,
+    counts: list[int] | None = None,
 ) -> list[FamilyResult]:
-    """Remove ``fraction`` of the units of every family of ``model`` (in place, physically); ``calibration`` inputs
-    (whatever the model takes) are needed for ``"obs"``."""
-    if saliency not in SALIENCIES:
-        raise ValueError(f"unknown saliency {saliency!r}; expected one of {', '.join(SALIENCIES)}")
+    """Remove ``fraction`` of the units of every family of ``model`` (in place, physically), or ``counts[i]`` units of
+    family i; ``calibration`` inputs (whatever the model takes) are needed for ``"obs"``, ``fisher`` for
+    ``"fisher"``."""
+    _check_saliency(saliency, fisher)
+    if counts is not None and (
+        len(counts) != len(families) or any(not 0 <= k < f.units for k, f in zip(counts, families))
+    ):
+        raise ValueError("counts: one per family, each in [0, units − 1]")
     results = []
     was_training = model.training
     model.eval()
     try:
         for i, fam in enumerate(families):
-            remove = units_to_remove(fam.units, fraction)
+            remove = units_to_remove(fam.units, fraction) if counts is None else counts[i]
             loss = None
             if saliency == "l2":
                 removed = l2_groups(_l2_norms(model, fam), remove)
+            elif saliency == "fisher":
+                if fam.more_consumers:
+                    raise ValueError(f"{fam.name} has {len(fam.consumers)} consumers; Fisher group saliency takes one")
+                consumer = model.get_submodule(fam.consumer)
+                finv = fisher(model, fam.consumer + ".weight")
+                new, removed, losses = prune_consumer(consumer.weight, fam.units, finv, remove)
+                loss = sum(losses)
+                with torch.no_grad():
+                    consumer.weight.copy_(new)
             elif fam.more_consumers:
                 removed, loss = _obs_coupled(model, fam, calibration, remove, damp, batch)
             else:
@@ -184,3 +214,72 @@ def prune_structured(
     finally:
         model.train(was_training)
     return results
+
+
+def removal_curves(
+    model: nn.Module,
+    families: list[Family],
+    calibration: Tensor | None,
+    *,
+    saliency: str = "obs",
+    damp: float = 0.01,
+    batch: int = 16,
+    fisher: FisherBlocks | None = None,
+) -> list[list[float]]:
+    """Per family, the comparable cost of each of its greedy removals in turn (all but one unit), scored on ``model``
+    as it is (nothing is changed): for global allocation across families.
+
+    * ``"fisher"``: the Fisher saliency itself, a predicted increase of the training loss (½·δwᵀFδw), in the same
+      units for every layer;
+    * ``"obs"``: the saliency ½·ΔW H ΔWᵀ (the increase of the consumer's output squared error, ‖ΔW X‖²/n) over the
+      consumer's output energy ½·tr(W H Wᵀ) = ‖W X‖²/n: the relative output error each removal adds;
+    * ``"l2"``: each unit's squared norm over the family's mean squared unit norm, ascending."""
+    _check_saliency(saliency, fisher)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for fam in families:
+            if saliency == "l2":
+                norms = _l2_norms(model, fam)
+                out.append((norms.sort().values[: fam.units - 1] / norms.mean().clamp_min(1e-300)).tolist())
+                continue
+            if saliency == "obs" and fam.more_consumers:  # summed over the consumers, over their summed energy
+                out.append(_coupled_curve(model, fam, calibration, damp, batch))
+                continue
+            consumer = model.get_submodule(fam.consumer)
+            if saliency == "fisher":
+                out.append(
+                    prune_consumer(consumer.weight, fam.units, fisher(model, fam.consumer + ".weight"), fam.units - 1)[
+                        2
+                    ]
+                )
+                continue
+            bias = isinstance(consumer, nn.Linear) and consumer.bias is not None
+            h = _hessian(model, consumer, calibration, batch, bias)
+            w = consumer.weight.detach().flatten(1).to(torch.float64)
+            if bias:
+                w = torch.cat([w, consumer.bias.detach().to(torch.float64)[:, None]], 1)
+            energy = 0.5 * float(((w @ h) * w).sum())
+            groups = column_groups(fam.units, w.shape[1], skip_last=int(bias))
+            losses = obs_groups(w, h, groups, fam.units - 1, damp=damp)[2]
+            out.append([loss / energy if energy > 0 else loss for loss in losses])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _coupled_curve(model: nn.Module, fam: Family, x: Tensor, damp: float, batch: int) -> list[float]:
+    """:func:`removal_curves`' ``"obs"`` score of a family with several consumers (a residual stream): each greedy
+    removal's saliency summed over the consumers, over their summed output energy."""
+    consumers = [model.get_submodule(c) for c in fam.consumers]
+    hs = _hessians(model, consumers, x, batch)
+    ws, groups = [], []
+    for c in consumers:
+        w = c.weight.detach().flatten(1).to(torch.float64)
+        bias = isinstance(c, nn.Linear) and c.bias is not None
+        ws.append(torch.cat([w, c.bias.detach().to(torch.float64)[:, None]], 1) if bias else w)
+        groups.append(column_groups(fam.units, ws[-1].shape[1], skip_last=int(bias)))
+    energy = sum(0.5 * float(((w @ h) * w).sum()) for w, h in zip(ws, hs, strict=True))
+    losses = obs_groups_coupled(ws, hs, groups, fam.units - 1, damp=damp)[2]
+    return [loss / energy if energy > 0 else loss for loss in losses]
