@@ -312,6 +312,15 @@ def test_structured_hf_job_exports_a_config_that_from_pretrained_loads(tmp_path)
     with torch.no_grad():  # the exported model computes what the run's shrunk model computes
         ours = model.hf(input_ids=ids).last_hidden_state
         torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, ours.float(), rtol=1e-4, atol=1e-4)
+    # the smaller adapter's ONNX graph, timed against the dense one's in ONNX Runtime as a zoo model's is
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.artifacts["onnx"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.eval()(ds.x_train[:3]).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: ds.x_train[:3].numpy()})[0]
+    assert abs(got - expected).max() < 1e-4
+    assert result.report["speed"]["runtimes"]["onnxruntime_cpu"]["speedup"]
     heads = PruneSpec(method="obc", sparsity=0.5, structure="heads", device="cpu")
     with pytest.raises(InvalidInput, match="pruned_heads"):
         execute(heads, model, ds, tmp_path / "out2")

@@ -614,7 +614,7 @@ class Run:
 
     # -- latency and size (core.runs.speed, core.runs.sizes) --------------------------------------
     def _runtimes(self) -> list[str]:
-        return runtimes_for(True, self.spec.pattern)  # every run exports ONNX (a failed export: not measured)
+        return runtimes_for(self.spec.pattern)
 
     def _dense_baseline(self) -> None:
         """The dense model's shapes, safetensors bytes and latency, measured before any pruning (kept in the state, so
