@@ -16,7 +16,7 @@ Stages (``--stages``, comma-separated; the default is ``confirm,auto,other,cost`
 * ``cost``    wall time of a default one-shot prune per model (min of 3; the machine may be shared).
 
 Usage: python bench/defaults.py [--seeds 3] [--stages confirm,auto,other,cost] [--models mlp,lenet5]
-                                [--auto-all] [--auto-r] [--cache bench/results/defaults-cache.pkl]
+                                [--auto-all] [--auto-r] [--methods kfac,diag_fisher] [--cache FILE.pkl]
 From scratch the default stages take about 25–30 min on one thread here (``--stages confirm,cost``: ~12 min); with a
 ``--cache`` holding earlier prunes only the timings are measured again. Rows are saved with ``bench._util.save`` as
 ``bench/results/defaults-<stages>.json``.
@@ -421,10 +421,28 @@ def stage_auto(b: Bench, models: list[str], seeds: list[int], all_sparsities: bo
         )
 
 
-OTHER = {  # method: (recommended default, λ grid, R grid), every R geometric (the engine's sub-steps)
+OTHER = {  # method: (the old fixed default, λ grid, R grid), every R geometric (the engine's sub-steps)
     "kfac": (_KFAC, [1e-4, 1e-3, 1e-2], [16, 64]),  # K-FAC is cheap: R = 64 too
     "diag_fisher": (_DIAG, [1e-5, 1e-4, 1e-3], [4, 16]),
 }
+#: the λ = 'auto' grids the calibration sweep starts from (core.runs.spec: ABSOLUTE_GRID, and the relative candidate)
+AUTO_ABSOLUTE = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+AUTO_RELATIVE = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]  # half decades: kfac's best α lies between 1 and 10
+#: R = 'auto': the R grid the one-shot sweep tries at the chosen λ (core.runs.spec: RECOMPUTE_GRID)
+AUTO_R = [4, 16, 64]
+
+
+def auto_setting(b: Bench, mk: str, seed: int, sp: float, base: Setting, scale: str, auto_r: bool) -> dict:
+    """What the engine's ``lambda: auto`` (and ``recompute: auto``) picks on the calibration split: λ from the
+    scale's grid at the base R (widened past a winning edge), then, with auto_r, R from :data:`AUTO_R` at that λ."""
+    grid = AUTO_ABSOLUTE if scale == "absolute" else AUTO_RELATIVE
+    row = auto_lambda(b, mk, seed, sp, base.replace(scale=scale), grid)
+    prunes = len(row["grid"])
+    if auto_r:
+        chosen = base.replace(scale=scale, lam=row["lam"])
+        row = choose(b, mk, seed, sp, [chosen.replace(recompute=r) for r in AUTO_R])
+        prunes += len(AUTO_R) - (base.recompute in AUTO_R)
+    return {**row, "prunes": prunes}
 
 
 def other_grid(default: Setting, lams: list[float], rs: list[int]) -> dict[str, Setting]:
@@ -433,33 +451,48 @@ def other_grid(default: Setting, lams: list[float], rs: list[int]) -> dict[str, 
     return {f"λ={lam:g} R={r} geo": default.replace(lam=lam, recompute=r) for lam in lams for r in rs}
 
 
-def stage_other(b: Bench, models: list[str], seeds: list[int]) -> None:
-    for method, (default, lams, extra) in OTHER.items():
+AUTO_VARIANTS = {  # label: (λ scale, auto R)
+    "auto abs": ("absolute", False),
+    "auto rel": ("relative", False),
+    "auto abs+R": ("absolute", True),
+    "auto rel+R": ("relative", True),
+}
+
+
+def stage_other(b: Bench, models: list[str], seeds: list[int], methods: list[str]) -> None:
+    """kfac and diag_fisher: the old fixed default and the calibration sweeps (λ auto on an absolute or a relative
+    grid, with or without R auto) against the best cell of the method's λ × R grid, chosen on test."""
+    for method in methods:
+        default, lams, extra = OTHER[method]
         grid = other_grid(default, lams, extra)
         for mk in models:
-            lines = []
+            lines, picks = [], []
             for s in BAR:
                 vals = {k: b.mean(mk, seeds, st, s) for k, st in grid.items()}
                 best = max(vals, key=vals.get)
                 df = b.mean(mk, seeds, default, s)
-                ok = df >= vals[best] - TOLERANCE - 1e-12
-                lines.append(
-                    [
-                        f"{s:.0%}",
-                        f"{df:.3f}",
-                        f"{vals[best]:.3f} ({best})",
-                        f"{(df - vals[best]) * 100:+.1f}",
-                        "ok" if ok else "MISS",
-                    ]
-                )
+                cells = [f"{df:.3f} ({(df - vals[best]) * 100:+.1f})"]
+                for label, (scale, auto_r) in AUTO_VARIANTS.items():
+                    autos = [auto_setting(b, mk, sd, s, default, scale, auto_r) for sd in seeds]
+                    acc = statistics.fmean(a["test_acc"] for a in autos)
+                    cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.1f})")
+                    cost = statistics.fmean(a["prunes"] for a in autos)
+                    picks.append(
+                        f"{label} {s:.0%}: "
+                        + ", ".join(f"λ={a['lam']:g} R={a['recompute']}" for a in autos)
+                        + f" ({cost:.1f} prunes)"
+                    )
+                lines.append([f"{s:.0%}", *cells, f"{vals[best]:.3f} ({best})"])
+                print(f"  {mk} {method} {s:.0%}: " + " | ".join(lines[-1]), flush=True)
             print(
                 fmt_table(
-                    f"\n{mk} {method}: default ({default.label()}) vs the best of its λ × R grid "
-                    f"(test accuracy, mean of {len(seeds)} seeds)",
-                    ["sparsity", "default", "best of grid", "Δ points", "within 0.5"],
+                    f"\n{mk} {method}: fixed default ({default.label()}) and calibration sweeps vs the best of its "
+                    f"λ × R grid on test (test accuracy, mean of {len(seeds)} seeds; Δ points to the best)",
+                    ["sparsity", "old default", *AUTO_VARIANTS, "best of grid"],
                     lines,
                 )
             )
+            print("  picks:", "; ".join(picks), flush=True)
 
 
 def stage_cost(b: Bench, models: list[str]) -> list[dict]:
@@ -490,6 +523,7 @@ def main() -> None:
     ap.add_argument("--auto-r", action="store_true", help="also choose R on the calibration split (R × cost)")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative stage's")
     ap.add_argument("--relative", default="", help="the relative stage's settings (default: all of RELATIVE)")
+    ap.add_argument("--methods", default=",".join(OTHER), help="the other stage's methods")
     ap.add_argument("--cache", help="pickle memoising prunes across runs (same code, same results; off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -511,7 +545,7 @@ def main() -> None:
     if "auto" in stages:
         stage_auto(b, models, seeds, args.auto_all, args.auto_r)
     if "other" in stages:
-        stage_other(b, models, seeds)
+        stage_other(b, models, seeds, args.methods.split(","))
     if "cost" in stages:
         extra_rows = stage_cost(b, models)
     if verdict:

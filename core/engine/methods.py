@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from core.engine.curvature.base import CurvatureEstimator, FisherConfig
 from core.engine.curvature.fisher import DiagonalFisher, Identity, WoodFisher
@@ -100,6 +101,13 @@ class MethodInfo:
     relative_lambda: bool = False
     #: α of the default relative λ; None: the default is the absolute ``default_lambda``
     default_lambda_relative: float | None = None
+    #: the default λ is 'auto' (chosen per job by the one-shot sweep on the calibration split) on this scale's grid;
+    #: None: the fixed default above. For the methods whose prune is cheap enough to repeat (kfac, diag_fisher)
+    default_lambda_sweep: Literal["absolute", "relative"] | None = None
+    #: R = 'auto' (the same sweep, after λ) tries the sweep grid up to this R: the sweep's cost grows with R
+    recompute_sweep_max: int = 16
+    #: the default R is 'auto' (no method yet: bench/defaults.py found no sparsity where it beats the fixed R)
+    default_recompute_sweep: bool = False
     #: (memory, peak) of the streamed path (Gram matrices accumulated per chunk, ``curvature/streaming.py``), for
     #: the methods that have one; the memory plan chooses the path
     streamed: tuple[MemoryFormula, PeakFormula] | None = None
@@ -354,7 +362,9 @@ METHODS: dict[Method, MethodInfo] = {
             _diagonal_memory,
             _diagonal_peak,
             relative_lambda=True,
-            default_lambda=1e-4,
+            default_lambda=1e-4,  # the fixed λ a spec's 'lambda_scale: absolute' alone falls back to
+            default_lambda_sweep="absolute",  # no fixed λ met the bar at 70 % (bench/defaults.py, stage other)
+            recompute_sweep_max=64,
         ),
         MethodInfo(
             Method.KFAC,
@@ -364,7 +374,9 @@ METHODS: dict[Method, MethodInfo] = {
             supports_joint=False,
             relative_lambda=True,
             default_lambda=1e-3,
+            default_lambda_sweep="absolute",  # no fixed λ serves 80 and 90 % (bench/defaults.py, stage other)
             default_recompute=64,  # its estimate is cheap: more sub-steps pay
+            recompute_sweep_max=64,
         ),
         MethodInfo(
             Method.EXACT_OBS,
