@@ -459,7 +459,9 @@ AUTO_VARIANTS = {  # label: (λ scale, auto R)
 }
 
 
-def stage_other(b: Bench, models: list[str], seeds: list[int], methods: list[str]) -> None:
+def stage_other(
+    b: Bench, models: list[str], seeds: list[int], methods: list[str], sps: list[float], variants: list[str]
+) -> None:
     """kfac and diag_fisher: the old fixed default and the calibration sweeps (λ auto on an absolute or a relative
     grid, with or without R auto) against the best cell of the method's λ × R grid, chosen on test."""
     for method in methods:
@@ -467,12 +469,13 @@ def stage_other(b: Bench, models: list[str], seeds: list[int], methods: list[str
         grid = other_grid(default, lams, extra)
         for mk in models:
             lines, picks = [], []
-            for s in BAR:
+            for s in sps:
                 vals = {k: b.mean(mk, seeds, st, s) for k, st in grid.items()}
                 best = max(vals, key=vals.get)
                 df = b.mean(mk, seeds, default, s)
                 cells = [f"{df:.3f} ({(df - vals[best]) * 100:+.1f})"]
-                for label, (scale, auto_r) in AUTO_VARIANTS.items():
+                for label in variants:
+                    scale, auto_r = AUTO_VARIANTS[label]
                     autos = [auto_setting(b, mk, sd, s, default, scale, auto_r) for sd in seeds]
                     acc = statistics.fmean(a["test_acc"] for a in autos)
                     cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.1f})")
@@ -488,7 +491,7 @@ def stage_other(b: Bench, models: list[str], seeds: list[int], methods: list[str
                 fmt_table(
                     f"\n{mk} {method}: fixed default ({default.label()}) and calibration sweeps vs the best of its "
                     f"λ × R grid on test (test accuracy, mean of {len(seeds)} seeds; Δ points to the best)",
-                    ["sparsity", "old default", *AUTO_VARIANTS, "best of grid"],
+                    ["sparsity", "old default", *variants, "best of grid"],
                     lines,
                 )
             )
@@ -521,9 +524,10 @@ def main() -> None:
     ap.add_argument("--stages", default="confirm,other,cost")
     ap.add_argument("--auto-all", action="store_true", help="auto-λ at every sparsity on every model (slow)")
     ap.add_argument("--auto-r", action="store_true", help="also choose R on the calibration split (R × cost)")
-    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative stage's")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative and other stages'")
     ap.add_argument("--relative", default="", help="the relative stage's settings (default: all of RELATIVE)")
     ap.add_argument("--methods", default=",".join(OTHER), help="the other stage's methods")
+    ap.add_argument("--variants", default=",".join(AUTO_VARIANTS), help="the other stage's calibration sweeps")
     ap.add_argument("--cache", help="pickle memoising prunes across runs (same code, same results; off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -545,7 +549,8 @@ def main() -> None:
     if "auto" in stages:
         stage_auto(b, models, seeds, args.auto_all, args.auto_r)
     if "other" in stages:
-        stage_other(b, models, seeds, args.methods.split(","))
+        sps = [s for s in BAR if s in [float(x) for x in args.sparsities.split(",")]]
+        stage_other(b, models, seeds, args.methods.split(","), sps, args.variants.split(","))
     if "cost" in stages:
         extra_rows = stage_cost(b, models)
     if verdict:

@@ -1,11 +1,12 @@
 """Gradual-mode fine-tuning defaults (#13): which optimizer, learning rate and schedule a spec of just
 ``{"method": "woodfisher", "sparsity": s, "mode": "gradual"}`` should get.
 
-Through the service's own path (``core.runs.run.execute`` with a ``PruneSpec``): the MLP of ``bench/quality.py``
-(64-64-10 on digits, trained per seed), the default cubic schedule (0 → s over epochs 0–4, one pruning step per
-epoch) and fine-tuning epochs = end_epoch + 2 (6), WoodFisher at its defaults. Each candidate fine-tuning setting is
-reported as validation accuracy at the end of the run, mean over seeds, next to the one-shot default (no
-fine-tuning). Results saved with ``bench._util.save`` as ``bench/results/gradual.json``.
+Through the service's own path (``core.runs.run.execute`` with a ``PruneSpec``): the models of
+``bench/quality.py`` (``--models``: the MLP 64-64-10 on digits, LeNet-5 on 8×8 digits-image; trained per seed), the
+default cubic schedule (0 → s over epochs 0–4, one pruning step per epoch) and fine-tuning epochs = end_epoch + 2
+(6), WoodFisher at its defaults. Each candidate fine-tuning setting is reported as validation accuracy at the end of
+the run, mean over seeds, next to the one-shot default (no fine-tuning). Results saved with ``bench._util.save`` as
+``bench/results/gradual.json``.
 
 Usage: python bench/gradual.py [--seeds 1] [--sparsities 0.95] [--models mlp,lenet5]
                                [--settings 'sgd lr=0.05 cosine,...']
