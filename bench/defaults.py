@@ -339,25 +339,29 @@ def stage_relative(b: Bench, models: list[str], seeds: list[int], sps: list[floa
         print(settings_table(b, mk, seeds, {k: RELATIVE[k] for k in settings or RELATIVE}, sps), flush=True)
 
 
-def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting]) -> dict:
+def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting], by: str = "accuracy") -> dict:
     """The candidate a calibration sweep picks: highest calibration accuracy, ties by lower calibration loss."""
     rows = [b.run(mk, seed, st, sp) for st in candidates]
+    if by == "loss":  # the lowest calibration loss (a candidate rule; the engine ranks by accuracy, then loss)
+        return min(rows, key=lambda r: r["cal_loss"])
     return max(rows, key=lambda r: (r["cal_acc"], -r["cal_loss"]))
 
 
-def auto_lambda(b: Bench, mk: str, seed: int, sp: float, base: Setting, grid=LAMBDA_GRID, widen: int = 2) -> dict:
+def auto_lambda(
+    b: Bench, mk: str, seed: int, sp: float, base: Setting, grid=LAMBDA_GRID, widen: int = 2, by: str = "accuracy"
+) -> dict:
     """One-shot prune at the target per λ of the grid on the calibration split; while the best is on an edge of
     the grid, widen by two decades on that side (at most ``widen`` times)."""
     grid = sorted(grid)
     for _ in range(widen + 1):
-        best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid])
+        best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid], by)
         if best["lam"] == grid[0]:
             grid = [grid[0] / 100, grid[0] / 10, *grid]
         elif best["lam"] == grid[-1]:
             grid = [*grid, grid[-1] * 10, grid[-1] * 100]
         else:
             break
-    best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid])
+    best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid], by)
     return {**best, "grid": grid}
 
 
@@ -434,11 +438,13 @@ AUTO_RELATIVE = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]  # half decades: kfac's
 AUTO_R = [4, 16, 64]
 
 
-def auto_setting(b: Bench, mk: str, seed: int, sp: float, base: Setting, scale: str, auto_r: bool) -> dict:
+def auto_setting(
+    b: Bench, mk: str, seed: int, sp: float, base: Setting, scale: str, auto_r: bool, by: str = "accuracy"
+) -> dict:
     """What the engine's ``lambda: auto`` (and ``recompute: auto``) picks on the calibration split: λ from the
     scale's grid at the base R (widened past a winning edge), then, with auto_r, R from :data:`AUTO_R` at that λ."""
     grid = AUTO_ABSOLUTE if scale == "absolute" else AUTO_RELATIVE
-    row = auto_lambda(b, mk, seed, sp, base.replace(scale=scale), grid)
+    row = auto_lambda(b, mk, seed, sp, base.replace(scale=scale), grid, by=by)
     prunes = len(row["grid"])
     if auto_r:
         chosen = base.replace(scale=scale, lam=row["lam"])
@@ -453,11 +459,12 @@ def other_grid(default: Setting, lams: list[float], rs: list[int]) -> dict[str, 
     return {f"λ={lam:g} R={r} geo": default.replace(lam=lam, recompute=r) for lam in lams for r in rs}
 
 
-AUTO_VARIANTS = {  # label: (λ scale, auto R)
-    "auto abs": ("absolute", False),
-    "auto rel": ("relative", False),
-    "auto abs+R": ("absolute", True),
-    "auto rel+R": ("relative", True),
+AUTO_VARIANTS = {  # label: (λ scale, auto R, ranked by)
+    "auto abs": ("absolute", False, "accuracy"),
+    "auto rel": ("relative", False, "accuracy"),
+    "auto abs+R": ("absolute", True, "accuracy"),
+    "auto rel+R": ("relative", True, "accuracy"),
+    "auto abs by loss": ("absolute", False, "loss"),
 }
 
 
@@ -477,8 +484,8 @@ def stage_other(
                 df = b.mean(mk, seeds, default, s)
                 cells = [f"{df:.3f} ({(df - vals[best]) * 100:+.1f})"]
                 for label in variants:
-                    scale, auto_r = AUTO_VARIANTS[label]
-                    autos = [auto_setting(b, mk, sd, s, default, scale, auto_r) for sd in seeds]
+                    scale, auto_r, by = AUTO_VARIANTS[label]
+                    autos = [auto_setting(b, mk, sd, s, default, scale, auto_r, by) for sd in seeds]
                     acc = statistics.fmean(a["test_acc"] for a in autos)
                     cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.1f})")
                     cost = statistics.fmean(a["prunes"] for a in autos)
