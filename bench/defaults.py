@@ -342,7 +342,7 @@ def stage_relative(b: Bench, models: list[str], seeds: list[int], sps: list[floa
 def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting], by: str = "accuracy") -> dict:
     """The candidate a calibration sweep picks: highest calibration accuracy, ties by lower calibration loss."""
     rows = [b.run(mk, seed, st, sp) for st in candidates]
-    if by == "loss":  # the lowest calibration loss (a candidate rule; the engine ranks by accuracy, then loss)
+    if by == "loss":  # the lowest calibration loss: the engine's rule (core.runs.run.sweep_rank)
         return min(rows, key=lambda r: r["cal_loss"])
     return max(rows, key=lambda r: (r["cal_acc"], -r["cal_loss"]))
 

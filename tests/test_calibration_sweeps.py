@@ -89,7 +89,7 @@ def test_the_r_sweep_scores_each_r_by_an_independent_prune_on_the_calibration_sp
     quick_kfac, digits, digits_mlp, tmp_path
 ):
     """The report's recompute_sweep: one entry per R of the grid at the chosen λ, each score the calibration accuracy
-    of the engine's own prune at (λ, R, the run's seed) redone here; the chosen R is the best (ties: the lower loss);
+    of the engine's own prune at (λ, R, the run's seed) redone here; the chosen R has the lowest calibration loss;
     the R the λ sweep ran at is taken from that sweep, not pruned again. The job result carries both sweeps."""
     spec = _spec(recompute="auto")
     result = execute(spec, copy.deepcopy(digits_mlp), digits, tmp_path)
@@ -112,8 +112,8 @@ def test_the_r_sweep_scores_each_r_by_an_independent_prune_on_the_calibration_sp
         prune(s["recompute"], spec.seed)
         assert s["score"] == pytest.approx(evaluate(run.model, run.xc, run.yc, spec.loss)["accuracy"])
         assert s["loss"] == pytest.approx(evaluate(run.model, run.xc, run.yc, spec.loss)["loss"])
-    chosen = report["recompute"]  # the best calibration accuracy, then the lowest calibration loss, then the smallest R
-    assert chosen == min(sweep, key=lambda s: (-s["score"], s["loss"], s["recompute"]))["recompute"]
+    chosen = report["recompute"]  # the lowest calibration loss, then the smaller R
+    assert chosen == min(sweep, key=lambda s: (s["loss"], s["recompute"]))["recompute"]
     # the job's own prune ran at the chosen R: its weights are the engine's prune at (λ, R) with the step's seed
     prune(chosen, spec.seed * 1000)
     pruned = load_file(result.artifacts["pruned"])

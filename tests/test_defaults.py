@@ -206,7 +206,8 @@ def _fake_sweep(monkeypatch, run: Run, best_lambda: float) -> list[tuple[float, 
     def metric(x, y):
         split = "validation" if x is run.xv else "calibration" if x is run.xc else "train" if x is run.x else "?"
         seen.append((current.get("lam"), split))
-        return {"loss": 1.0, "accuracy": -abs(math.log10(current["lam"]) - math.log10(best_lambda))}
+        distance = abs(math.log10(current["lam"]) - math.log10(best_lambda))
+        return {"loss": 1.0 + distance, "accuracy": 1.0 - distance}  # the sweep ranks by the loss
 
     monkeypatch.setattr(run, "_prune_numerically", prune)
     monkeypatch.setattr(run, "_metric", metric)
