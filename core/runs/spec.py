@@ -125,7 +125,8 @@ class FisherSpec(_Strict):
         None,
         alias="lambda",
         description="λ (dampening), in [1e-12, 1e12], absolute or relative (lambda_scale); 'auto' sweeps "
-        "lambda_grid (widened past an edge that wins) on a calibration split carved out of the training data; "
+        "lambda_grid (widened past an edge that wins) on a calibration split carved out of the training data, the "
+        "lowest calibration loss winning; "
         "default: the method's (core.engine.methods: 'auto' where default_lambda_sweep is set, kfac and diag_fisher; "
         "else default_lambda_relative, else default_lambda)",
     )
