@@ -13,8 +13,8 @@ Stages (``--stages``, comma-separated; the default is ``confirm,auto,other,cost`
 * ``confirm`` defaults vs best-known settings side by side, both models, every seed, 50–95 %.
 * ``auto``    auto-λ (and auto-R) chosen one-shot on the calibration split, against the best fixed λ on test.
 * ``other``   kfac and diag_fisher: λ × R grids; the old fixed defaults and the calibration sweeps (``--variants``:
-              λ auto on the absolute or a relative grid, with or without R auto; λ auto on the absolute grid is
-              their default now) against the best cell of their own grid.
+              λ auto on the absolute or a relative grid, ranked by calibration accuracy or loss, with or without
+              R auto; 'auto abs by loss' is what their default runs now) against the best cell of their own grid.
 * ``cost``    wall time of a default one-shot prune per model (min of 3; the machine may be shared).
 
 Usage: python bench/defaults.py [--seeds 3] [--stages confirm,auto,other,cost] [--models mlp,lenet5]
