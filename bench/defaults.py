@@ -12,11 +12,13 @@ Stages (``--stages``, comma-separated; the default is ``confirm,auto,other,cost`
 * ``explore`` every seed: sub-step schedule (linear/geometric) × λ × R, then m, c, update (what chose the default).
 * ``confirm`` defaults vs best-known settings side by side, both models, every seed, 50–95 %.
 * ``auto``    auto-λ (and auto-R) chosen one-shot on the calibration split, against the best fixed λ on test.
-* ``other``   kfac and diag_fisher: λ × R grids, their defaults against their own best settings.
+* ``other``   kfac and diag_fisher: λ × R grids; the old fixed defaults and the calibration sweeps (``--variants``:
+              λ auto on the absolute or a relative grid, ranked by calibration accuracy or loss, with or without
+              R auto; 'auto abs by loss' is what their default runs now) against the best cell of their own grid.
 * ``cost``    wall time of a default one-shot prune per model (min of 3; the machine may be shared).
 
 Usage: python bench/defaults.py [--seeds 3] [--stages confirm,auto,other,cost] [--models mlp,lenet5]
-                                [--auto-all] [--auto-r] [--cache bench/results/defaults-cache.pkl]
+                                [--auto-all] [--auto-r] [--methods kfac,diag_fisher] [--cache FILE.pkl]
 From scratch the default stages take about 25–30 min on one thread here (``--stages confirm,cost``: ~12 min); with a
 ``--cache`` holding earlier prunes only the timings are measured again. Rows are saved with ``bench._util.save`` as
 ``bench/results/defaults-<stages>.json``.
@@ -337,25 +339,29 @@ def stage_relative(b: Bench, models: list[str], seeds: list[int], sps: list[floa
         print(settings_table(b, mk, seeds, {k: RELATIVE[k] for k in settings or RELATIVE}, sps), flush=True)
 
 
-def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting]) -> dict:
+def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting], by: str = "accuracy") -> dict:
     """The candidate a calibration sweep picks: highest calibration accuracy, ties by lower calibration loss."""
     rows = [b.run(mk, seed, st, sp) for st in candidates]
+    if by == "loss":  # the lowest calibration loss: the engine's rule (core.runs.run.sweep_rank)
+        return min(rows, key=lambda r: r["cal_loss"])
     return max(rows, key=lambda r: (r["cal_acc"], -r["cal_loss"]))
 
 
-def auto_lambda(b: Bench, mk: str, seed: int, sp: float, base: Setting, grid=LAMBDA_GRID, widen: int = 2) -> dict:
+def auto_lambda(
+    b: Bench, mk: str, seed: int, sp: float, base: Setting, grid=LAMBDA_GRID, widen: int = 2, by: str = "accuracy"
+) -> dict:
     """One-shot prune at the target per λ of the grid on the calibration split; while the best is on an edge of
     the grid, widen by two decades on that side (at most ``widen`` times)."""
     grid = sorted(grid)
     for _ in range(widen + 1):
-        best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid])
+        best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid], by)
         if best["lam"] == grid[0]:
             grid = [grid[0] / 100, grid[0] / 10, *grid]
         elif best["lam"] == grid[-1]:
             grid = [*grid, grid[-1] * 10, grid[-1] * 100]
         else:
             break
-    best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid])
+    best = choose(b, mk, seed, sp, [base.replace(lam=lam) for lam in grid], by)
     return {**best, "grid": grid}
 
 
@@ -421,10 +427,30 @@ def stage_auto(b: Bench, models: list[str], seeds: list[int], all_sparsities: bo
         )
 
 
-OTHER = {  # method: (recommended default, λ grid, R grid), every R geometric (the engine's sub-steps)
+OTHER = {  # method: (the old fixed default, λ grid, R grid), every R geometric (the engine's sub-steps)
     "kfac": (_KFAC, [1e-4, 1e-3, 1e-2], [16, 64]),  # K-FAC is cheap: R = 64 too
     "diag_fisher": (_DIAG, [1e-5, 1e-4, 1e-3], [4, 16]),
 }
+#: the λ = 'auto' grids the calibration sweep starts from (core.runs.spec: ABSOLUTE_GRID, and the relative candidate)
+AUTO_ABSOLUTE = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+AUTO_RELATIVE = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]  # half decades: kfac's best α lies between 1 and 10
+#: R = 'auto': the R grid the one-shot sweep tries at the chosen λ (core.runs.spec: RECOMPUTE_GRID)
+AUTO_R = [4, 16, 64]
+
+
+def auto_setting(
+    b: Bench, mk: str, seed: int, sp: float, base: Setting, scale: str, auto_r: bool, by: str = "accuracy"
+) -> dict:
+    """What the engine's ``lambda: auto`` (and ``recompute: auto``) picks on the calibration split: λ from the
+    scale's grid at the base R (widened past a winning edge), then, with auto_r, R from :data:`AUTO_R` at that λ."""
+    grid = AUTO_ABSOLUTE if scale == "absolute" else AUTO_RELATIVE
+    row = auto_lambda(b, mk, seed, sp, base.replace(scale=scale), grid, by=by)
+    prunes = len(row["grid"])
+    if auto_r:
+        chosen = base.replace(scale=scale, lam=row["lam"])
+        row = choose(b, mk, seed, sp, [chosen.replace(recompute=r) for r in AUTO_R])
+        prunes += len(AUTO_R) - (base.recompute in AUTO_R)
+    return {**row, "prunes": prunes}
 
 
 def other_grid(default: Setting, lams: list[float], rs: list[int]) -> dict[str, Setting]:
@@ -433,33 +459,52 @@ def other_grid(default: Setting, lams: list[float], rs: list[int]) -> dict[str, 
     return {f"λ={lam:g} R={r} geo": default.replace(lam=lam, recompute=r) for lam in lams for r in rs}
 
 
-def stage_other(b: Bench, models: list[str], seeds: list[int]) -> None:
-    for method, (default, lams, extra) in OTHER.items():
+AUTO_VARIANTS = {  # label: (λ scale, auto R, ranked by)
+    "auto abs": ("absolute", False, "accuracy"),
+    "auto rel": ("relative", False, "accuracy"),
+    "auto abs+R": ("absolute", True, "accuracy"),
+    "auto rel+R": ("relative", True, "accuracy"),
+    "auto abs by loss": ("absolute", False, "loss"),
+}
+
+
+def stage_other(
+    b: Bench, models: list[str], seeds: list[int], methods: list[str], sps: list[float], variants: list[str]
+) -> None:
+    """kfac and diag_fisher: the old fixed default and the calibration sweeps (λ auto on an absolute or a relative
+    grid, with or without R auto) against the best cell of the method's λ × R grid, chosen on test."""
+    for method in methods:
+        default, lams, extra = OTHER[method]
         grid = other_grid(default, lams, extra)
         for mk in models:
-            lines = []
-            for s in BAR:
+            lines, picks = [], []
+            for s in sps:
                 vals = {k: b.mean(mk, seeds, st, s) for k, st in grid.items()}
                 best = max(vals, key=vals.get)
                 df = b.mean(mk, seeds, default, s)
-                ok = df >= vals[best] - TOLERANCE - 1e-12
-                lines.append(
-                    [
-                        f"{s:.0%}",
-                        f"{df:.3f}",
-                        f"{vals[best]:.3f} ({best})",
-                        f"{(df - vals[best]) * 100:+.1f}",
-                        "ok" if ok else "MISS",
-                    ]
-                )
+                cells = [f"{df:.3f} ({(df - vals[best]) * 100:+.1f})"]
+                for label in variants:
+                    scale, auto_r, by = AUTO_VARIANTS[label]
+                    autos = [auto_setting(b, mk, sd, s, default, scale, auto_r, by) for sd in seeds]
+                    acc = statistics.fmean(a["test_acc"] for a in autos)
+                    cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.1f})")
+                    cost = statistics.fmean(a["prunes"] for a in autos)
+                    picks.append(
+                        f"{label} {s:.0%}: "
+                        + ", ".join(f"λ={a['lam']:g} R={a['recompute']}" for a in autos)
+                        + f" ({cost:.1f} prunes)"
+                    )
+                lines.append([f"{s:.0%}", *cells, f"{vals[best]:.3f} ({best})"])
+                print(f"  {mk} {method} {s:.0%}: " + " | ".join(lines[-1]), flush=True)
             print(
                 fmt_table(
-                    f"\n{mk} {method}: default ({default.label()}) vs the best of its λ × R grid "
-                    f"(test accuracy, mean of {len(seeds)} seeds)",
-                    ["sparsity", "default", "best of grid", "Δ points", "within 0.5"],
+                    f"\n{mk} {method}: fixed default ({default.label()}) and calibration sweeps vs the best of its "
+                    f"λ × R grid on test (test accuracy, mean of {len(seeds)} seeds; Δ points to the best)",
+                    ["sparsity", "old default", *variants, "best of grid"],
                     lines,
                 )
             )
+            print("  picks:", "; ".join(picks), flush=True)
 
 
 def stage_cost(b: Bench, models: list[str]) -> list[dict]:
@@ -488,8 +533,10 @@ def main() -> None:
     ap.add_argument("--stages", default="confirm,other,cost")
     ap.add_argument("--auto-all", action="store_true", help="auto-λ at every sparsity on every model (slow)")
     ap.add_argument("--auto-r", action="store_true", help="also choose R on the calibration split (R × cost)")
-    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative stage's")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="the relative and other stages'")
     ap.add_argument("--relative", default="", help="the relative stage's settings (default: all of RELATIVE)")
+    ap.add_argument("--methods", default=",".join(OTHER), help="the other stage's methods")
+    ap.add_argument("--variants", default=",".join(AUTO_VARIANTS), help="the other stage's calibration sweeps")
     ap.add_argument("--cache", help="pickle memoising prunes across runs (same code, same results; off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -511,7 +558,8 @@ def main() -> None:
     if "auto" in stages:
         stage_auto(b, models, seeds, args.auto_all, args.auto_r)
     if "other" in stages:
-        stage_other(b, models, seeds)
+        sps = [s for s in BAR if s in [float(x) for x in args.sparsities.split(",")]]
+        stage_other(b, models, seeds, args.methods.split(","), sps, args.variants.split(","))
     if "cost" in stages:
         extra_rows = stage_cost(b, models)
     if verdict:

@@ -29,9 +29,12 @@ def test_the_update_defaults_to_joint_where_the_method_has_it(method):
     assert spec.fisher.update is expected
     info = method_info(method)
     relative = info.default_lambda_relative is not None
-    assert spec.fisher.lambda_scale == ("relative" if relative else "absolute")
-    lam = info.default_lambda_relative if relative else info.default_lambda
-    assert spec.fisher.recompute == info.default_recompute and spec.fisher.damping == lam
+    if info.default_lambda_sweep is not None:  # its default λ is the calibration sweep, on that scale's grid
+        assert (spec.fisher.lambda_scale, spec.fisher.damping) == (info.default_lambda_sweep, "auto")
+    else:
+        assert spec.fisher.lambda_scale == ("relative" if relative else "absolute")
+        assert spec.fisher.damping == (info.default_lambda_relative if relative else info.default_lambda)
+    assert spec.fisher.recompute == ("auto" if info.default_recompute_sweep else info.default_recompute)
     assert spec.fisher.samples is None and spec.fisher.block_size == "auto"
 
 
@@ -39,8 +42,8 @@ def test_the_update_defaults_to_joint_where_the_method_has_it(method):
     "method,scale,lam,recompute",
     [
         ("woodfisher", "relative", 0.1, 16),
-        ("kfac", "absolute", 1e-3, 64),
-        ("diag_fisher", "absolute", 1e-4, 16),
+        ("kfac", "absolute", "auto", 64),  # λ by the calibration sweep (README, Defaults)
+        ("diag_fisher", "absolute", "auto", 16),
         ("woodtaylor", "absolute", 1e-1, 16),
     ],
 )
@@ -68,8 +71,10 @@ def test_lambda_scale_reads_lambda_and_the_grid():
         PruneSpec(method="exact_obs", sparsity=0.9, fisher={"lambda_scale": "relative"})
     kfac = PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda_scale": "relative"}).fisher
     assert (kfac.damping, kfac.lambda_scale) == (0.1, "relative")  # no relative default of its own: α = 0.1
-    assert PruneSpec(method="kfac", sparsity=0.9).fisher.lambda_scale == "absolute"  # its default λ is absolute
-    assert PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda": "auto"}).fisher.lambda_scale == "relative"
+    # kfac's 'auto' (asked for, or its default) sweeps the grid its default was measured with
+    swept = method_info("kfac").default_lambda_sweep
+    assert PruneSpec(method="kfac", sparsity=0.9).fisher.lambda_scale == swept
+    assert PruneSpec(method="kfac", sparsity=0.9, fisher={"lambda": "auto"}).fisher.lambda_scale == swept
     assert PruneSpec(method="magnitude", sparsity=0.9, fisher={"lambda_scale": "relative"})  # uses no λ at all
 
 
@@ -201,7 +206,8 @@ def _fake_sweep(monkeypatch, run: Run, best_lambda: float) -> list[tuple[float, 
     def metric(x, y):
         split = "validation" if x is run.xv else "calibration" if x is run.xc else "train" if x is run.x else "?"
         seen.append((current.get("lam"), split))
-        return {"loss": 1.0, "accuracy": -abs(math.log10(current["lam"]) - math.log10(best_lambda))}
+        distance = abs(math.log10(current["lam"]) - math.log10(best_lambda))
+        return {"loss": 1.0 + distance, "accuracy": 1.0 - distance}  # the sweep ranks by the loss
 
     monkeypatch.setattr(run, "_prune_numerically", prune)
     monkeypatch.setattr(run, "_metric", metric)
@@ -315,14 +321,19 @@ def test_gradual_mode_without_optimizer_settings_gets_the_measured_fine_tuning()
     assert (one_shot.lr, one_shot.lr_schedule) == (0.01, "constant")
 
 
-def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
-    """``arborist compare`` re-runs the run file's spec per method: kfac must get summed, λ 1e-3 and R 64, not the
-    woodfisher values the first spec resolved to (with 'joint' it was refused)."""
+def test_cli_compare_gives_each_method_its_own_defaults(monkeypatch, tmp_path, digits_mlp):
+    """``arborist compare`` re-runs the run file's spec per method: kfac must get summed, its λ sweep and its own R,
+    not the woodfisher values the first spec resolved to (with 'joint' it was refused). kfac's R is 4 here: its
+    sweep at R = 64 (seven prunes) takes minutes on a loaded machine."""
+    import dataclasses
+
     import yaml
     from click.testing import CliRunner
 
     from cli.local import compare
     from core.io.model_files import save_state_dict
+
+    monkeypatch.setitem(METHODS, Method.KFAC, dataclasses.replace(METHODS[Method.KFAC], default_recompute=4))
 
     save_state_dict(digits_mlp.state_dict(), tmp_path / "m.safetensors")
     run_file = tmp_path / "run.yaml"
@@ -341,7 +352,9 @@ def test_cli_compare_gives_each_method_its_own_defaults(tmp_path, digits_mlp):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "kfac-0.5" / "report.json").read_text())
     assert report["spec"]["fisher"]["update"] == "summed"
-    assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == (1e-3, 64)
+    assert (report["spec"]["fisher"]["lambda"], report["spec"]["fisher"]["recompute"]) == ("auto", 4)
+    assert report["lambda"] in [s["lambda"] for s in report["lambda_sweep"]]
+    assert {s["split"] for s in report["lambda_sweep"]} == {"calibration"} and report["recompute"] == 4
     woodfisher = json.loads((tmp_path / "o" / "woodfisher-0.5" / "report.json").read_text())
     assert (woodfisher["lambda"], woodfisher["lambda_scale"]) == (
         method_info("woodfisher").default_lambda_relative,

@@ -220,7 +220,7 @@ def test_a_non_finite_lambda_of_the_sweep_is_skipped_and_the_report_is_strict_js
     bad, good, *widened = report["lambda_sweep"]  # 1e-3 wins on the grid's lower edge: 1e-4, 1e-5 tried too
     assert bad["accuracy"] is None and "non-finite" in bad["error"] and good["error"] is None
     assert all(w["widened"] and w["error"] is None for w in widened) and widened
-    assert report["lambda"] == max(report["lambda_sweep"][1:], key=lambda s: s["score"])["lambda"]
+    assert report["lambda"] == min(report["lambda_sweep"][1:], key=lambda s: s["loss"])["lambda"]  # lowest cal loss
     assert report["spec"]["fisher"]["lambda_grid"] == [None, 1e-3]  # the non-finite value written as null
     [(_, chosen)] = [(k, d) for k, d in hooks.events if k == "lambda_chosen"]
     _strict(json.dumps(chosen))

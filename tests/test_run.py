@@ -109,7 +109,7 @@ def test_lambda_auto_sweeps_on_the_calibration_split(digits, digits_mlp, tmp_pat
     sweep = result.report["lambda_sweep"]
     assert [s["lambda"] for s in sweep][:2] == [1e-4, 1e2] and not any(s["widened"] for s in sweep[:2])
     assert {s["split"] for s in sweep} == {"calibration"}
-    assert result.report["lambda"] == max(sweep, key=lambda s: s["score"])["lambda"]
+    assert result.report["lambda"] == min(sweep, key=lambda s: s["loss"])["lambda"]  # the lowest calibration loss
     splits = result.report["metrics"]["splits"]
     assert splits["calibration"]["examples"] + splits["train"]["examples"] == len(digits.x_train)
     assert splits["validation"] == {"name": "validation", "examples": len(digits.x_val)}

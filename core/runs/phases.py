@@ -24,6 +24,7 @@ PHASES = (
     "load",
     "evaluation",
     "lambda_sweep",
+    "recompute_sweep",
     "curvature",
     "gradients",
     "gram",

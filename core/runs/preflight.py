@@ -42,12 +42,11 @@ __all__ = ["check_job"]
 
 def _train_examples(spec: PruneSpec, num_examples: int | None, has_val: bool) -> int | None:
     """An upper bound on the examples the Fisher estimate may draw: the training split, less the calibration split
-    that λ = 'auto' holds out of it."""
+    that λ or R = 'auto' holds out of it."""
     if num_examples is None:
         return None
     most = max_train_examples(int(num_examples), bool(has_val), spec.val_fraction)
-    sweeps = spec.fisher.damping == "auto" and method_info(spec.method).needs_gradients
-    return most - calibration_size(most) if sweeps and most else most
+    return most - calibration_size(most) if spec.calibrates and most else most
 
 
 def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
@@ -60,7 +59,7 @@ def _check_samples(spec: PruneSpec, num_examples: int, has_val: bool) -> None:
         if has_val
         else f"{num_examples} examples less a {spec.val_fraction:g} validation split"
     ) + (
-        ", less the calibration split of lambda 'auto'"
+        ", less the calibration split of 'auto' (lambda or recompute)"
         if most < max_train_examples(num_examples, has_val, spec.val_fraction)
         else ""
     )

@@ -60,7 +60,7 @@ from core.runs.structured import execute_structured
 from core.runs.train import apply_masks, evaluate, learning_rate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
-#: λ = 'auto': the calibration split is this fraction of the training examples, at most CALIBRATION_MAX of them
+#: λ or R = 'auto': the calibration split is this fraction of the training examples, at most CALIBRATION_MAX of them
 CALIBRATION_FRACTION = 0.1
 CALIBRATION_MAX = 2048
 #: times the λ grid is widened (two decades past the edge) when the best λ sits on its edge
@@ -107,6 +107,8 @@ class _State:
     fidelity: list[dict] = field(default_factory=list)
     before: dict = field(default_factory=dict)
     lambda_sweep: list[dict] = field(default_factory=list)
+    recompute: int | None = None  # R = 'auto': the one chosen
+    recompute_sweep: list[dict] = field(default_factory=list)
     lambda_effective: float | dict | None = None  # the absolute λ of the first estimate (relative λ resolved)
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds per phase (core.runs.phases), over every attempt
@@ -128,7 +130,7 @@ def calibration_size(num_train: int) -> int:
 
 def calibration_split(x: Tensor, y: Tensor, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """((training, its labels), (calibration, its labels)): :func:`calibration_size` of the training examples held
-    out, by a permutation seeded with the run's seed, for what a run chooses itself (λ = 'auto')."""
+    out, by a permutation seeded with the run's seed, for what a run chooses itself (λ or R = 'auto')."""
     n = len(x)
     n_cal = calibration_size(n)
     if n_cal >= n:
@@ -139,6 +141,13 @@ def calibration_split(x: Tensor, y: Tensor, seed: int) -> tuple[tuple[Tensor, Te
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1))
     cal, train = perm[:n_cal].sort().values, perm[n_cal:].sort().values
     return (x[train], y[train]), (x[cal], y[cal])
+
+
+def sweep_rank(entry: dict) -> float:
+    """A sweep entry's rank, lowest best: its loss on the calibration split, whatever the job's metric. On a few
+    hundred calibration examples accuracy moves in steps of one example and ties across a flat λ range, so a pick
+    by accuracy is noise there (README, Defaults: it missed the bar by up to 0.3 points where the loss met it)."""
+    return entry["loss"]
 
 
 def effective_lambda(pruner) -> float | dict[str, float] | None:
@@ -200,7 +209,7 @@ class Run:
         #: methods without gradients (magnitude) use no λ and no Fisher memory; they sweep nothing
         self.curvature = method_info(spec.method).needs_gradients
         self.xc = self.yc = None
-        if spec.fisher.damping == "auto" and self.curvature:  # λ is chosen on its own split, out of the training data
+        if spec.calibrates:  # λ (R) 'auto' is chosen on its own split, out of the training data
             (x, y), (xc, yc) = calibration_split(x, y, spec.seed)
             self.xc, self.yc = self._put(xc, yc)
         self.x, self.y = self._put(x, y)
@@ -233,7 +242,8 @@ class Run:
         return x, y
 
     # -- pieces ---------------------------------------------------------------------------------
-    def _pruner(self, lam: float, seed: int):
+    def _pruner(self, lam: float, seed: int, recompute: int | None = None):
+        """The engine's pruner at ``lam``; R the given one, else the chosen (R 'auto') or the spec's."""
         spec = self.spec
         fisher = spec.fisher_config(lam, seed)
         if self.plan.path is not None:  # the plan's choice of path, chunk size and layer groups (core.engine.memory)
@@ -244,7 +254,7 @@ class Run:
             block_size=self.plan.block_size,
             scope=spec.scope,
             joint=spec.fisher.update is Update.JOINT,
-            recompute=spec.fisher.recompute,
+            recompute=recompute or self._recompute(),
             dtype=self.dtype,
             pattern=spec.pattern,
             layerwise=LayerwiseConfig(
@@ -262,6 +272,12 @@ class Run:
             return self.state.lam
         return self.spec.fisher.damping if self.spec.fisher.damping != "auto" else 1.0
 
+    def _recompute(self) -> int:
+        """R: the spec's, the one chosen for 'auto', or, while λ is swept before R is chosen, the method's default."""
+        if self.spec.fisher.recompute != "auto":
+            return self.spec.fisher.recompute
+        return self.state.recompute or method_info(self.spec.method).default_recompute
+
     def _plan_dict(self) -> dict | None:
         """The memory plan of the Fisher estimate; None for methods that estimate none."""
         return self.plan.as_dict() if self.curvature else None
@@ -273,7 +289,12 @@ class Run:
             "validation": {"name": "validation", "examples": len(self.xv)},
         }
         if self.xc is not None:
-            splits["calibration"] = {"name": "calibration", "examples": len(self.xc), "used_for": "lambda 'auto'"}
+            used = [
+                f"{k} 'auto'"
+                for k, v in (("lambda", self.spec.fisher.damping), ("recompute", self.spec.fisher.recompute))
+                if v == "auto"
+            ]
+            splits["calibration"] = {"name": "calibration", "examples": len(self.xc), "used_for": " and ".join(used)}
         return splits
 
     def _metric(self, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -314,20 +335,20 @@ class Run:
     def _choose_lambda(self) -> float:
         """λ = 'auto': one-shot prune a copy to the first target per λ of ``fisher.lambda_grid`` and keep the best on
         the *calibration* split (carved out of the training data, :func:`calibration_split`; never the validation
-        split whose metric the job reports). When the best λ sits on an edge of what was tried, the grid is widened
-        by two decades past that edge (×10 steps), at most :data:`LAMBDA_WIDENINGS` times. A λ whose prune goes
-        non-finite is recorded (score null, with the reason) and never chosen; if every λ does, the run fails with a
-        :class:`NumericalError`. Deterministic: every candidate prunes with the run's seed."""
+        split whose metric the job reports), ranked by :func:`sweep_rank` (the calibration loss). When the best
+        λ sits on an edge of what was tried, the grid is widened by two decades past that edge (×10 steps), at most
+        :data:`LAMBDA_WIDENINGS` times. A λ whose prune goes non-finite is recorded (score null, with the reason)
+        and never chosen; if every λ does, the run fails with a :class:`NumericalError`. Deterministic: every
+        candidate prunes with the run's seed."""
         first = self.events[min(self.events)]
         results: list[dict] = []
         failures: list[str] = []
         original = copy.deepcopy(self.model.state_dict())
         grid = list(dict.fromkeys(self.spec.fisher.lambda_grid))
-        accuracy = self.spec.metric == "accuracy"
 
         def best() -> dict | None:
             scored = [r for r in results if r["score"] is not None]
-            return (max if accuracy else min)(scored, key=lambda r: r["score"]) if scored else None
+            return min(scored, key=sweep_rank) if scored else None
 
         def sweep(lams: list[float], widened: bool) -> None:
             for lam in lams:
@@ -339,9 +360,9 @@ class Run:
                     effective = effective_lambda(pruner)
                     metrics = self._metric(self.xc, self.yc)
                     check_metrics(metrics, where, prune_hint(lam))
-                    score, reason = self._score(metrics), None
+                    score, loss, reason = self._score(metrics), metrics["loss"], None
                 except NumericalError as e:
-                    score, reason = None, e.detail
+                    score, loss, reason = None, None, e.detail
                     failures.append(f"λ = {lam:g}: {e.detail}")
                 results.append(
                     {
@@ -353,6 +374,7 @@ class Run:
                         "metric": self.spec.metric,
                         "score": score,
                         self.spec.metric: score,
+                        "loss": loss,
                         "error": reason,
                         "widened": widened,
                     }
@@ -397,11 +419,60 @@ class Run:
         )
         return top["lambda"]
 
+    def _choose_recompute(self, lam: float) -> int:
+        """R = 'auto': as :meth:`_choose_lambda`, one-shot prune a copy to the first target at the chosen ``lam`` per
+        R of :meth:`PruneSpec.recompute_grid` and keep the best on the *calibration* split (ties: the smaller R, the
+        cheaper). The R the λ sweep ran at is not pruned again: its score at ``lam`` is taken from that sweep (the
+        same prune: same λ, R, target and seed). A prune that goes non-finite is recorded and never chosen."""
+        first = self.events[min(self.events)]
+        swept = {r["lambda"]: r for r in self.state.lambda_sweep}
+        at = self._recompute()  # the R the λ sweep ran at (the method's default)
+        original = copy.deepcopy(self.model.state_dict())
+        results: list[dict] = []
+        for r in self.spec.recompute_grid():
+            self._check_cancel()
+            entry = {"recompute": r, "lambda": lam, "sparsity": first, "split": "calibration"}
+            if r == at and lam in swept:
+                score, loss, reason, reused = swept[lam]["score"], swept[lam]["loss"], swept[lam]["error"], True
+            else:
+                reused = False
+                try:
+                    where = f"the R sweep's prune with R = {r} (λ = {lam:g})"
+                    self._prune_numerically(lam, self.spec.seed, first, where, recompute=r)
+                    metrics = self._metric(self.xc, self.yc)
+                    check_metrics(metrics, where, prune_hint(lam))
+                    score, loss, reason = self._score(metrics), metrics["loss"], None
+                except NumericalError as e:
+                    score, loss, reason = None, None, e.detail
+                self.model.load_state_dict(original)
+            results.append(
+                {
+                    **entry,
+                    "metric": self.spec.metric,
+                    "score": score,
+                    self.spec.metric: score,
+                    "loss": loss,
+                    "error": reason,
+                    "from_lambda_sweep": reused,
+                }
+            )
+            self.hooks.progress(0.0, f"recompute sweep {len(results)}/{len(self.spec.recompute_grid())}")
+        scored = [r for r in results if r["score"] is not None]
+        if not scored:
+            raise NumericalError(
+                f"every R of {self.spec.recompute_grid()} gave non-finite numbers at λ = {lam:g}; try a larger lambda",
+                errors=[{"loc": ["spec", "fisher", "recompute"], "msg": "no usable R", "type": "non_finite"}],
+            )
+        top = min(scored, key=sweep_rank)  # ties: the first, the smaller R
+        self.state.recompute_sweep = json_safe(results)
+        self._event("recompute_chosen", {"recompute": top["recompute"], "split": "calibration", "sweep": results})
+        return top["recompute"]
+
     def _prune_numerically(self, lam: float, seed: int, target: float, where: str, **kwargs):
         """A pruner's ``prune`` to ``target`` at ``lam``, with a failed factorization (a block, or a K-FAC factor, that
         is not positive definite at this λ) and non-finite weights turned into a :class:`NumericalError` that says
         ``where`` and what to change."""
-        pruner = self._pruner(lam, seed)
+        pruner = self._pruner(lam, seed, kwargs.pop("recompute", None))
         try:
             with self.peak.section():  # the step's own peak: what the memory plan predicts
                 masks = pruner.prune(self.model, self.names, target, (self.x, self.y), **kwargs)
@@ -477,9 +548,16 @@ class Run:
                     self.state.lam = self._choose_lambda()
             else:
                 self.state.lam = self.spec.fisher.damping
+            if self.curvature and self.spec.fisher.recompute == "auto":
+                with self.timer("recompute_sweep"):
+                    self.state.recompute = self._choose_recompute(self.state.lam)
             self._point(0, 0, "dense", self.state.before["validation"], started)
         scale = self.spec.fisher.lambda_scale if self.curvature else None
-        self._event("started", {"lambda": self.state.lam, "lambda_scale": scale, "memory_plan": self._plan_dict()})
+        recompute = self._recompute() if self.curvature else None
+        self._event(
+            "started",
+            {"lambda": self.state.lam, "lambda_scale": scale, "recompute": recompute, "memory_plan": self._plan_dict()},
+        )
         fidelity_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.spec.seed))[:2048]
         fx, fy = self.x[fidelity_idx.to(self.device)], self.y[fidelity_idx.to(self.device)]
         step = len(self.state.curve) - 1
@@ -702,6 +780,8 @@ class Run:
             "block_size": self.plan.block_size if self.curvature else None,
             "memory_plan": self._plan_dict(),
             "lambda_sweep": self.state.lambda_sweep,
+            "recompute": self._recompute() if self.curvature else None,
+            "recompute_sweep": self.state.recompute_sweep,
             "sparsity": {"target": self.spec.sparsity, "pruned_layers": self._sparsity(), "global": zeros / total},
             "parameters": {
                 "total": total,

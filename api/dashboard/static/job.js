@@ -10,7 +10,7 @@ import { bytes, clear, fmt, h, kv, pct, stateBadge, table } from "./dom.js";
 import { barChart, legend, lineChart } from "./plots.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
-const KNOWN = new Set(["version", "spec", "method", "lambda", "block_size", "memory_plan", "lambda_sweep", "sparsity",
+const KNOWN = new Set(["version", "spec", "method", "lambda", "block_size", "memory_plan", "lambda_sweep", "recompute_sweep", "sparsity",
   "parameters", "macs", "layers", "metrics", "quadratic_model", "curve", "seconds", "device", "onnx_error",
   "peak_memory", "phases", "latency", "size", "sizes", "speed"]);
 
@@ -258,6 +258,10 @@ export function renderReport(root, r) {
     const series = [{ name: `${metric} (calibration)`, points: pts }, { name: `chosen λ = ${fmt(r.lambda)}`, points: chosen, line: false }];
     root.append(section("λ sweep", lineChart(series, { title: `${metric} on the calibration split vs λ`, xLabel: "λ (log scale)", yLabel: metric, logX: true, id: "lambda-plot" }),
       legend(series), anyTable(r.lambda_sweep)));
+  }
+  if (Array.isArray(r.recompute_sweep) && r.recompute_sweep.length) {
+    root.append(section(`R sweep (chosen R = ${fmt(r.recompute)}, on the calibration split at the chosen λ)`,
+      anyTable(r.recompute_sweep)));
   }
   const steps = r.quadratic_model?.steps;
   if (Array.isArray(steps) && steps.length) {
