@@ -15,15 +15,7 @@ from core.engine.structured.saliency import column_groups, l2_groups, obs_groups
 from core.engine.structured.shrink import unit_index
 from core.io.zoo import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on busy shared cores: a second torch thread only contends (measured here: a structured prune of a
-    small ResNet-20 took 0.23 s on one thread and 20 s on two at load average 17)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(rows=5, d=12, n=200, seed=0):

@@ -18,13 +18,7 @@ from core.engine.structured.prune import prune_structured
 from core.engine.structured.saliency import column_groups
 from core.engine.structured.shrink import unit_index
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _causal_lm(tmp_path, kind):
@@ -90,18 +84,11 @@ def test_shrunk_llama_equals_the_masked_model(tmp_path, kind, structure):
         assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 12
 
 
-def _lstsq_loss(x, w, removed_cols):
-    keep = [j for j in range(x.shape[1]) if j not in set(removed_cols)]
-    y = x @ w.T
-    sol = torch.linalg.lstsq(x[:, keep], y).solution
-    new = torch.zeros_like(w)
-    new[:, keep] = sol.T
-    return float(((y - x[:, keep] @ sol) ** 2).sum() / len(x)), new
-
-
 def test_obs_heads_choice_and_update_equal_the_least_squares_brute_force(tmp_path):
     """The first layer's heads (its input Hessian comes from the dense model): the greedy OBS order equals an exact
     least-squares search over the head groups of o_proj's inputs, and o_proj's kept columns equal that fit."""
+    from test_structured import _lstsq_loss
+
     model = _causal_lm(tmp_path, "llama")
     ids = torch.randint(0, 30, (8, 10), generator=torch.Generator().manual_seed(1))
     o_proj = model.model.layers[0].self_attn.o_proj

@@ -22,13 +22,7 @@ from core.engine.structured.shrink import unit_index
 from core.io.zoo import build_model
 from core.runs.structured import arch_kwargs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_bn(model):
