@@ -315,3 +315,59 @@ def test_woodfisher_refuses_stage_widths_and_names_them():
     families = check_structure(model, spec)
     assert len(families) == 9 and not any(f.more_consumers for f in families)
     assert all(f.name.startswith("blocks.") for f in families)
+
+
+def test_global_allocation_ranks_stage_widths_by_their_summed_consumers(tmp_path):
+    """structure_allocation 'global' over the 9 blocks' inner channels and the 3 stage widths: each stage width's
+    removals are scored by OBS summed over all its readers over their summed output energy; the counts differ by
+    family, remove half of all units in total, keep one unit at least everywhere, and the model rebuilds strictly."""
+    from core.engine.structured.prune import removal_curves
+    from core.runs.run import execute
+    from core.runs.spec import PruneSpec
+
+    base = {"in_channels": 1, "num_classes": 4, "width": 8, "shortcut": "A"}
+    torch.manual_seed(0)
+    model = build_model("resnet20", **base)
+    families = find_families(model, "channels")
+    x = _digits_image().x_train[:64]
+    curves = removal_curves(model, families, x, saliency="obs")
+    stream = [c for f, c in zip(families, curves, strict=True) if f.more_consumers]
+    assert len(stream) == 3 and all(len(c) == f.units - 1 for f, c in zip(families, curves, strict=True))
+    assert all(v >= 0 for c in stream for v in c) and any(v > 0 for c in stream for v in c)
+    # the first removal of stream.0, recomputed unit by unit: each reader's OBS cost of that unit alone, summed
+    from core.engine.structured.prune import _hessians
+
+    fam = next(f for f in families if f.more_consumers)
+    readers = [model.get_submodule(c) for c in fam.consumers]
+    model.eval()  # as removal_curves scores it (BatchNorm on its running statistics)
+    hs = _hessians(model, readers, x, 16)
+    ws = [r.weight.detach().flatten(1).double() for r in readers]
+    ws = [
+        torch.cat([w, r.bias.detach().double()[:, None]], 1) if isinstance(r, nn.Linear) else w
+        for w, r in zip(ws, readers, strict=True)
+    ]
+    energy = sum(0.5 * float(((w @ h) * w).sum()) for w, h in zip(ws, hs, strict=True))
+    per_unit = [
+        sum(
+            obs_groups(w, h, column_groups(fam.units, w.shape[1], skip_last=w.shape[1] % fam.units)[u : u + 1], 1)[2][0]
+            for w, h in zip(ws, hs, strict=True)
+        )
+        for u in range(fam.units)
+    ]
+    assert stream[0][0] == pytest.approx(min(per_unit) / energy, rel=1e-9)
+    spec = PruneSpec(
+        method="obc",
+        sparsity=0.5,
+        structure="channels",
+        structure_allocation="global",
+        fisher={"samples": 64},
+        device="cpu",
+    )
+    result = execute(spec, model, _digits_image(), tmp_path)
+    st = result.report["structure"]
+    counts = st["allocation"]["counts"]
+    total = 3 * (8 + 16 + 32) + (8 + 16 + 32)
+    assert sum(counts) == total // 2 and len(set(counts)) > 3
+    assert all(r["kept"] >= 1 for r in st["layers"])
+    rebuilt = build_model("resnet20", **base, **st["arch_kwargs"]).eval()
+    rebuilt.load_state_dict(load_file(result.artifacts["pruned"]), strict=True)
