@@ -47,33 +47,8 @@ def obs_groups(
 
     Returns (the updated weights, float64, the removed groups' columns zero; the removed group indices in order;
     the saliency of each removal, ½·ΔW H ΔWᵀ summed over rows, H undamped in exact arithmetic only when damp = 0)."""
-    W = w.detach().to(torch.float64).clone()
-    hinv = inverse(h, damp) if damp > 0 else torch.linalg.inv(h.to(torch.float64))
-    alive = torch.ones(len(groups), dtype=torch.bool)
-    removed: list[int] = []
-    losses: list[float] = []
-    for _ in range(int(remove)):
-        idx = torch.nonzero(alive).flatten()
-        cols = groups[idx]  # (g, q)
-        a = hinv[cols[:, :, None], cols[:, None, :]]  # (g, q, q): (H⁻¹)_QQ per candidate
-        wq = W[:, cols].permute(1, 2, 0)  # (g, q, rows)
-        lower, info = torch.linalg.cholesky_ex(a)
-        if int(info.max()):  # a (numerically) singular block: fall back to a least-squares solve
-            s = torch.linalg.lstsq(a, wq).solution
-        else:
-            s = torch.cholesky_solve(wq, lower)  # ((H⁻¹)_QQ)⁻¹ w_Q
-        scores = 0.5 * (wq * s).sum((1, 2))
-        best = int(torch.argmin(scores))
-        g, q = int(idx[best]), groups[int(idx[best])]
-        W -= s[best].T @ hinv[q, :]
-        W[:, q] = 0.0
-        hinv -= hinv[:, q] @ torch.linalg.solve(hinv[q][:, q], hinv[q, :])
-        hinv[q, :] = 0.0
-        hinv[:, q] = 0.0
-        alive[g] = False
-        removed.append(g)
-        losses.append(float(scores[best]))
-    return W, removed, losses
+    (ws,), removed, losses = obs_groups_coupled([w], [h], [groups], remove, damp=damp)  # the one-consumer case
+    return ws, removed, losses
 
 
 def l2_groups(norms_sq: Tensor, remove: int) -> list[int]:
