@@ -50,31 +50,6 @@ def units_to_remove(units: int, fraction: float) -> int:
     return min(units - 1, max(0, round(fraction * units)))
 
 
-def _hessian(model: nn.Module, consumer: nn.Module, x: Tensor, batch: int, bias: bool) -> Tensor:
-    acc: Hessian | None = None
-
-    def hook(_mod, args):
-        nonlocal acc
-        (rows,) = input_columns(consumer, args[0].detach())
-        rows = rows.to(torch.float64)
-        if bias:
-            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
-        if acc is None:
-            acc = Hessian(rows.shape[1], torch.float64, rows.device)
-        acc.add(rows)
-
-    handle = consumer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch):
-                model(x[i : i + batch])
-    finally:
-        handle.remove()
-    if acc is None:
-        raise ValueError(f"the calibration pass never reached {type(consumer).__name__} layer")
-    return acc.h
-
-
 def _hessians(model: nn.Module, consumers: list[nn.Module], x: Tensor, batch: int) -> list[Tensor]:
     """Every consumer's input Hessian from one calibration pass (a Linear's bias as an extra column of ones)."""
     accs: list[Hessian | None] = [None] * len(consumers)
@@ -193,7 +168,7 @@ def prune_structured(
             else:
                 consumer = model.get_submodule(fam.consumer)
                 bias = isinstance(consumer, nn.Linear) and consumer.bias is not None
-                h = _hessian(model, consumer, calibration, batch, bias)
+                (h,) = _hessians(model, [consumer], calibration, batch)
                 w = consumer.weight.detach().flatten(1)
                 if bias:
                     w = torch.cat([w, consumer.bias.detach()[:, None]], 1)
@@ -256,7 +231,7 @@ def removal_curves(
                 )
                 continue
             bias = isinstance(consumer, nn.Linear) and consumer.bias is not None
-            h = _hessian(model, consumer, calibration, batch, bias)
+            (h,) = _hessians(model, [consumer], calibration, batch)
             w = consumer.weight.detach().flatten(1).to(torch.float64)
             if bias:
                 w = torch.cat([w, consumer.bias.detach().to(torch.float64)[:, None]], 1)
