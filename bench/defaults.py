@@ -342,8 +342,13 @@ def stage_relative(b: Bench, models: list[str], seeds: list[int], sps: list[floa
 def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting], by: str = "accuracy") -> dict:
     """The candidate a calibration sweep picks: highest calibration accuracy, ties by lower calibration loss."""
     rows = [b.run(mk, seed, st, sp) for st in candidates]
-    if by == "loss":  # the lowest calibration loss: the engine's rule (core.runs.run.sweep_rank)
+    if by == "loss":  # the lowest calibration loss: the engine's rule until this wave
         return min(rows, key=lambda r: r["cal_loss"])
+    if by == "smoothed loss":  # the lowest mean loss of a λ and its grid neighbours (core.runs.run.smoothed_ranks)
+        ordered = sorted(rows, key=lambda r: r["lam"])
+        losses = [r["cal_loss"] for r in ordered]
+        smooth = [statistics.fmean(losses[max(0, i - 1) : i + 2]) for i in range(len(losses))]
+        return ordered[min(range(len(ordered)), key=lambda i: (smooth[i], losses[i]))]
     return max(rows, key=lambda r: (r["cal_acc"], -r["cal_loss"]))
 
 
@@ -465,6 +470,7 @@ AUTO_VARIANTS = {  # label: (λ scale, auto R, ranked by)
     "auto abs+R": ("absolute", True, "accuracy"),
     "auto rel+R": ("relative", True, "accuracy"),
     "auto abs by loss": ("absolute", False, "loss"),
+    "auto abs by smoothed loss": ("absolute", False, "smoothed loss"),
 }
 
 

@@ -194,6 +194,20 @@ def test_latency_off_measures_nothing(digits, digits_mlp, tmp_path):
     assert result.report["size"]["compressed_bytes"] > 0
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "neurons"])
+def test_export_onnx_false_writes_no_graph_and_measures_pytorch_only(digits, digits_mlp, tmp_path, structure):
+    """``export.onnx: false`` (for a large transformer the export takes minutes): no model.onnx, no ONNX Runtime
+    numbers, everything else as usual, in the unstructured and the structured run."""
+    spec = PruneSpec(method="magnitude", sparsity=0.5, structure=structure, export={"onnx": False})
+    config = LatencyConfig(budget_s=0.2, batch_sizes=(1, 32), max_repeats=3)
+    result = execute(spec, digits_mlp, digits, tmp_path / "out", latency=config)
+    report = json.loads(result.artifacts["report"].read_text())
+    assert "onnx" not in result.artifacts and not list((tmp_path / "out").glob("*.onnx"))
+    assert report["onnx_error"] is None and report["spec"]["export"] == {"onnx": False}
+    assert set(report["speed"]["runtimes"]) == {TORCH_CPU}
+    assert result.artifacts["pruned"].stat().st_size > 0
+
+
 def test_a_resumed_run_keeps_the_dense_latency_from_its_start(digits, digits_mlp, tmp_path):
     spec = PruneSpec(
         method="magnitude",

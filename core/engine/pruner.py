@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from core.engine.buffers import map_large_allocations
 from core.engine.curvature.base import CurvatureEstimator, FisherConfig
 from core.engine.layerwise.sequential import LayerwiseConfig, LayerwisePruner
 from core.engine.layout import BlockLayout
@@ -61,6 +62,7 @@ class Pruner:
     ) -> dict[str, Tensor]:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1)")
+        map_large_allocations()  # freed tensors leave the process: its peak follows the live ones, as the plan counts
         params = dict(model.named_parameters())
         layout = BlockLayout.for_model(model, names, self.estimator.block_size)
         device = params[names[0]].device

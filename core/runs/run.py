@@ -672,8 +672,9 @@ class Run:
 
     def _export(self, model: nn.Module, masks: dict, example: Tensor, out: dict) -> tuple[dict, str | None]:
         """The pruned weights and the masks (under the upload's own names), the model's own format where it has one
-        (``hf_model.zip``), and the ONNX graph (of a Hugging Face model: its adapter, the one tensor of token ids and
-        attention mask in, as the run feeds it); (the artifacts written, why ONNX failed or None)."""
+        (``hf_model.zip``), and, unless the spec's ``export.onnx`` is false, the ONNX graph (of a Hugging Face model:
+        its adapter, the one tensor of token ids and attention mask in, as the run feeds it); (the artifacts written,
+        why ONNX failed or None)."""
         names = getattr(self.model, "source_names", None) or {}  # an ONNX upload's own names (core.io.onnx)
         save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
         save_state_dict({names.get(k, k): v for k, v in masks.items()}, out["masks"])
@@ -681,6 +682,8 @@ class Run:
         export = getattr(model, "export_artifacts", None)  # a model with its own format (core.io.hf: hf_model.zip)
         if export is not None:
             out |= export(self.out_dir, masks)
+        if not self.spec.export.onnx:
+            return {k: v for k, v in out.items() if k != "onnx"}, None
         try:
             from core.io.onnx.export import export_onnx
 
@@ -692,7 +695,7 @@ class Run:
 
     # -- latency and size (core.runs.speed, core.runs.sizes) --------------------------------------
     def _runtimes(self) -> list[str]:
-        return runtimes_for(self.spec.pattern)
+        return runtimes_for(self.spec.pattern, self.spec.export.onnx)
 
     def _dense_baseline(self) -> None:
         """The dense model's shapes, safetensors bytes and latency, measured before any pruning (kept in the state, so

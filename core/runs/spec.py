@@ -246,6 +246,16 @@ class LayerwiseSpec(_Strict):
     batch_size: int = Field(16, ge=1, le=65536, description="calibration examples per forward pass (memory bound)")
 
 
+class ExportSpec(_Strict):
+    """What a job writes besides the pruned weights, masks, compressed weights and report (always written)."""
+
+    onnx: bool = Field(
+        True,
+        description="write model.onnx (the pruned model's ONNX graph) and measure ONNX Runtime's latency on it; false "
+        "skips both (the export of a large transformer takes minutes of CPU)",
+    )
+
+
 #: what a prune removes: single weights, or whole units (core.engine.structured)
 Structure = Literal["unstructured", "neurons", "channels", "heads"]
 
@@ -302,6 +312,7 @@ class PruneSpec(_Strict):
     )
     layerwise: LayerwiseSpec = Field(default_factory=LayerwiseSpec)
     text: TextSpec = Field(default_factory=TextSpec, description="Hugging Face models: tokenization and objective")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="optional artifacts (ONNX)")
 
     @model_validator(mode="before")
     @classmethod

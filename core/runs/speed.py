@@ -222,11 +222,11 @@ def speed_report(
     }
 
 
-def runtimes_for(pattern: str | None) -> list[str]:
-    """The runtimes a job measures: PyTorch CPU, ONNX Runtime CPU from the job's exported graph (every job exports
-    one; a failed export is reported as not measured), and with CUDA PyTorch on the GPU (plus the semi-structured
-    kernels for 2:4 where the GPU has them)."""
-    runtimes = [TORCH_CPU, ORT_CPU]
+def runtimes_for(pattern: str | None, onnx: bool = True) -> list[str]:
+    """The runtimes a job measures: PyTorch CPU, ONNX Runtime CPU from the job's exported graph (when it exports one,
+    ``onnx``: the spec's ``export.onnx``; a failed export is reported as not measured), and with CUDA PyTorch on the
+    GPU (plus the semi-structured kernels for 2:4 where the GPU has them)."""
+    runtimes = [TORCH_CPU, ORT_CPU] if onnx else [TORCH_CPU]
     if torch.cuda.is_available():
         runtimes.append(TORCH_CUDA)
         p = Pattern.parse(pattern)

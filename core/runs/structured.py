@@ -317,16 +317,18 @@ def _restore(model: nn.Module, families: list[Family], tensors: dict[str, Tensor
 
 
 def _export(
-    model: nn.Module, out_dir: Path, artifacts: dict[str, str], example: Tensor, hf_config: dict | None
+    model: nn.Module, out_dir: Path, artifacts: dict[str, str], example: Tensor, hf_config: dict | None, onnx: bool
 ) -> tuple[dict[str, Path], str | None]:
-    """``pruned.safetensors`` (under the upload's names), ``hf_model.zip`` for a Hugging Face model, and
-    ``model.onnx`` (of a Hugging Face model: its adapter's graph, as the unstructured run exports it); (the artifacts
-    written besides the report and the curve, why ONNX failed or None)."""
+    """``pruned.safetensors`` (under the upload's names), ``hf_model.zip`` for a Hugging Face model, and with
+    ``onnx`` ``model.onnx`` (of a Hugging Face model: its adapter's graph, as the unstructured run exports it); (the
+    artifacts written besides the report and the curve, why ONNX failed or None)."""
     out = {k: out_dir / artifacts[k] for k in ("pruned", "report", "curve_csv", "curve_png")}
     names = getattr(model, "source_names", None) or {}
     save_state_dict({names.get(k, k): v for k, v in model.state_dict().items()}, out["pruned"])
     if _is_hf(model):
         out |= model.export_artifacts(out_dir, {}, config_updates=hf_config)
+    if not onnx:
+        return out, None
     try:
         from core.io.onnx.export import export_onnx
 
@@ -450,7 +452,7 @@ def execute_structured(
 
     example = xv[:1]
     latency = latency or default_latency()
-    runtimes = runtimes_for("unstructured")
+    runtimes = runtimes_for("unstructured", spec.export.onnx)
     resume = checkpointer.load() if checkpointer is not None else None
     if resume is not None:  # the dense model's numbers come from the checkpoint; the model is shrunk as it was
         tensors, meta = resume
@@ -533,7 +535,7 @@ def execute_structured(
         "hf_config": shrunk_config(families, model),
     }
     with timer("export"):
-        out, onnx_error = _export(model, Path(out_dir), artifacts, example, structure["hf_config"])
+        out, onnx_error = _export(model, Path(out_dir), artifacts, example, structure["hf_config"], spec.export.onnx)
     speed = None
     if latency.enabled:
         with timer("latency"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from core.engine.buffers import map_large_allocations
 from core.engine.layerwise.hessian import Hessian, input_columns
 from core.engine.obs import Scope
 from core.engine.patterns import Pattern, as_matrix
@@ -126,6 +127,7 @@ class LayerwisePruner:
         """Masks {name: 0/1 tensor}; uses the inputs x of ``data`` (labels, if given, are not read)."""
         if not 0.0 <= sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1)")
+        map_large_allocations()  # freed tensors leave the process: its peak follows the live ones, as the plan counts
         x = data[0] if isinstance(data, (tuple, list)) else data
         cfg = self.config
         if cfg.samples is not None and cfg.samples < len(x):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from core.engine.buffers import map_large_allocations
 from core.engine.layerwise.hessian import Hessian, input_columns
 from core.engine.structured.fisher import prune_consumer
 from core.engine.structured.groups import Family
@@ -141,6 +142,7 @@ def prune_structured(
     family i; ``calibration`` inputs (whatever the model takes) are needed for ``"obs"``, ``fisher`` for
     ``"fisher"``."""
     _check_saliency(saliency, fisher)
+    map_large_allocations()  # freed tensors leave the process: its peak follows the live ones, as the plan counts
     if counts is not None and (
         len(counts) != len(families) or any(not 0 <= k < f.units for k, f in zip(counts, families))
     ):
