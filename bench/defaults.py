@@ -93,10 +93,13 @@ class Setting:
 BEST_KNOWN = Setting()  # README quality table: m=512, λ=1e-3, R=16 (linear sub-steps), joint, c=128
 # what this bench recommends as the spec's defaults: geometric sub-steps (each prunes the same fraction of the
 # weights still alive; the engine's recompute is linear today), one block per layer, λ = 1e-5
-DEFAULT = Setting(m=512, lam=1e-5, recompute=16, joint=True, block=None, schedule="geometric")
+ABSOLUTE_DEFAULT = Setting(m=512, lam=1e-5, recompute=16, joint=True, block=None, schedule="geometric")
+#: what a job runs today (core.engine.methods: woodfisher's default_lambda_relative): λ = 0.1 × mean diag F̂
+DEFAULT = ABSOLUTE_DEFAULT.replace(lam=0.1, scale="relative")
 ALTERNATIVES = {  # shown next to the default in the confirm table; each was best in some cell of the search
-    "geo c=layer λ=1e-4": DEFAULT.replace(lam=1e-4),
-    "geo c=128 λ=1e-5": DEFAULT.replace(block=128),
+    "geo c=layer λ=1e-5 (the absolute default before)": ABSOLUTE_DEFAULT,
+    "geo c=layer λ=1e-4": ABSOLUTE_DEFAULT.replace(lam=1e-4),
+    "geo c=128 λ=1e-5": ABSOLUTE_DEFAULT.replace(block=128),
 }
 LAMBDA_GRID = [10.0**e for e in range(-5, 2)]  # 1e-5 … 1e1
 R_GRID = [4, 8, 16, 32]
@@ -344,7 +347,7 @@ def choose(b: Bench, mk: str, seed: int, sp: float, candidates: list[Setting], b
     rows = [b.run(mk, seed, st, sp) for st in candidates]
     if by == "loss":  # the lowest calibration loss: the engine's rule until this wave
         return min(rows, key=lambda r: r["cal_loss"])
-    if by == "smoothed loss":  # the lowest mean loss of a λ and its grid neighbours (core.runs.run.smoothed_ranks)
+    if by == "smoothed loss":  # the lowest mean loss of a λ and its grid neighbours (tried, not the engine's: README)
         ordered = sorted(rows, key=lambda r: r["lam"])
         losses = [r["cal_loss"] for r in ordered]
         smooth = [statistics.fmean(losses[max(0, i - 1) : i + 2]) for i in range(len(losses))]
@@ -374,20 +377,21 @@ def stage_auto(b: Bench, models: list[str], seeds: list[int], all_sparsities: bo
     for mk in models:
         lines, picks = [], []
         for sp in SPARSITIES if all_sparsities else AUTO_SPARSITIES[mk]:
-            fixed = {lam: b.mean(mk, seeds, DEFAULT.replace(lam=lam), sp) for lam in LAMBDA_GRID}
+            fixed = {lam: b.mean(mk, seeds, ABSOLUTE_DEFAULT.replace(lam=lam), sp) for lam in LAMBDA_GRID}
             best_lam = max(fixed, key=fixed.get)
-            autos = [auto_lambda(b, mk, sd, sp, DEFAULT) for sd in seeds]
+            autos = [auto_lambda(b, mk, sd, sp, ABSOLUTE_DEFAULT) for sd in seeds]
             picks += [f"{sp:.0%}/s{a['seed']}: {a['lam']:g}" for a in autos]
             auto_acc = statistics.fmean(a["test_acc"] for a in autos)
             cost = statistics.fmean(
-                sum(b.run(mk, a["seed"], DEFAULT.replace(lam=lam), sp)["seconds"] for lam in a["grid"]) for a in autos
+                sum(b.run(mk, a["seed"], ABSOLUTE_DEFAULT.replace(lam=lam), sp)["seconds"] for lam in a["grid"])
+                for a in autos
             )
             lines.append(
                 [
                     f"{sp:.0%}",
                     *[f"{fixed[lam]:.3f}" for lam in LAMBDA_GRID],
                     f"{fixed[best_lam]:.3f} (λ={best_lam:g})",
-                    f"{fixed[DEFAULT.lam]:.3f}",
+                    f"{fixed[ABSOLUTE_DEFAULT.lam]:.3f}",
                     f"{auto_acc:.3f}",
                     f"{cost:.1f}",
                 ]
@@ -400,7 +404,7 @@ def stage_auto(b: Bench, models: list[str], seeds: list[int], all_sparsities: bo
                     "sparsity",
                     *[f"λ={lam:g}" for lam in LAMBDA_GRID],
                     "best fixed",
-                    f"default λ={DEFAULT.lam:g}",
+                    f"absolute default λ={ABSOLUTE_DEFAULT.lam:g}",
                     "auto-λ",
                     "auto cost s",
                 ],
@@ -475,10 +479,18 @@ AUTO_VARIANTS = {  # label: (λ scale, auto R, ranked by)
 
 
 def stage_other(
-    b: Bench, models: list[str], seeds: list[int], methods: list[str], sps: list[float], variants: list[str]
+    b: Bench,
+    models: list[str],
+    seeds: list[int],
+    methods: list[str],
+    sps: list[float],
+    variants: list[str],
+    ref_seeds: list[int] | None = None,
 ) -> None:
     """kfac and diag_fisher: the old fixed default and the calibration sweeps (λ auto on an absolute or a relative
-    grid, with or without R auto) against the best cell of the method's λ × R grid, chosen on test."""
+    grid, with or without R auto) against the best cell of the method's λ × R grid, chosen on test. With
+    ``ref_seeds`` also against the cell chosen on those seeds' test splits (a setting known before these seeds are
+    seen: the max over cells on the same seeds is biased up by their noise)."""
     for method in methods:
         default, lams, extra = OTHER[method]
         grid = other_grid(default, lams, extra)
@@ -487,13 +499,18 @@ def stage_other(
             for s in sps:
                 vals = {k: b.mean(mk, seeds, st, s) for k, st in grid.items()}
                 best = max(vals, key=vals.get)
+                known = None
+                if ref_seeds:
+                    known = max(grid, key=lambda k: b.mean(mk, ref_seeds, grid[k], s))
                 df = b.mean(mk, seeds, default, s)
                 cells = [f"{df:.3f} ({(df - vals[best]) * 100:+.1f})"]
                 for label in variants:
                     scale, auto_r, by = AUTO_VARIANTS[label]
                     autos = [auto_setting(b, mk, sd, s, default, scale, auto_r, by) for sd in seeds]
                     acc = statistics.fmean(a["test_acc"] for a in autos)
-                    cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.1f})")
+                    cells.append(f"{acc:.3f} ({(acc - vals[best]) * 100:+.2f})")
+                    if known is not None:
+                        cells[-1] += f" [{(acc - vals[known]) * 100:+.2f} to known]"
                     cost = statistics.fmean(a["prunes"] for a in autos)
                     picks.append(
                         f"{label} {s:.0%}: "
@@ -501,12 +518,15 @@ def stage_other(
                         + f" ({cost:.1f} prunes)"
                     )
                 lines.append([f"{s:.0%}", *cells, f"{vals[best]:.3f} ({best})"])
+                if known is not None:
+                    lines[-1].append(f"{vals[known]:.3f} ({known})")
                 print(f"  {mk} {method} {s:.0%}: " + " | ".join(lines[-1]), flush=True)
             print(
                 fmt_table(
                     f"\n{mk} {method}: fixed default ({default.label()}) and calibration sweeps vs the best of its "
                     f"λ × R grid on test (test accuracy, mean of {len(seeds)} seeds; Δ points to the best)",
-                    ["sparsity", "old default", *variants, "best of grid"],
+                    ["sparsity", "old default", *variants, "best of grid"]
+                    + ([f"cell chosen on seeds {','.join(map(str, ref_seeds))}"] if ref_seeds else []),
                     lines,
                 )
             )
@@ -543,6 +563,7 @@ def main() -> None:
     ap.add_argument("--relative", default="", help="the relative stage's settings (default: all of RELATIVE)")
     ap.add_argument("--methods", default=",".join(OTHER), help="the other stage's methods")
     ap.add_argument("--variants", default=",".join(AUTO_VARIANTS), help="the other stage's calibration sweeps")
+    ap.add_argument("--ref-seeds", default="", help="the other stage: also compare with the grid cell best on these")
     ap.add_argument("--cache", help="pickle memoising prunes across runs (same code, same results; off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -565,7 +586,8 @@ def main() -> None:
         stage_auto(b, models, seeds, args.auto_all, args.auto_r)
     if "other" in stages:
         sps = [s for s in BAR if s in [float(x) for x in args.sparsities.split(",")]]
-        stage_other(b, models, seeds, args.methods.split(","), sps, args.variants.split(","))
+        ref = [int(x) for x in args.ref_seeds.split(",") if x]
+        stage_other(b, models, seeds, args.methods.split(","), sps, args.variants.split(","), ref)
     if "cost" in stages:
         extra_rows = stage_cost(b, models)
     if verdict:

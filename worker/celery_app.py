@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from core.service.queue.celery import CeleryQueue, messaging_config
 from core.service.settings import Settings, get_settings
@@ -100,6 +100,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 def settings_of(app: Celery) -> Settings:
     return getattr(app, "arborist_settings", None) or get_settings()
+
+
+@worker_init.connect
+def _preload_job_modules(sender: Any = None, **_: Any) -> None:
+    """In the main process, before the pool forks: the libraries every job would import again (``worker.preload``)."""
+    from worker.preload import preload
+
+    preload()
 
 
 @worker_ready.connect

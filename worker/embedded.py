@@ -73,10 +73,11 @@ def _job_process(job_id: str, payload: dict[str, Any], worker_pid: int) -> None:
 
 
 def _context() -> Any:
-    """A fork server with the run's modules pre-imported (no CUDA), else plain spawn."""
+    """A fork server with the run's modules pre-imported (no CUDA; ``worker.preload``: what a job imports on its way
+    out), else plain spawn."""
     if sys.platform.startswith("linux"):
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["worker.runner"])
+        ctx.set_forkserver_preload(["worker.runner", "worker.preloaded"])
         return ctx
     return mp.get_context("spawn")
 

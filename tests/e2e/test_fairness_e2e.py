@@ -35,8 +35,8 @@ from _redis import flushed_db
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REDIS_URL = os.environ.get("ARBORIST_TEST_FAIRNESS_REDIS_URL", "redis://127.0.0.1:6379/8")  # db 8: this module
-#: a quick job (no gradients), so that six run in a minute
-SPEC = {"method": "magnitude", "sparsity": 0.5, "device": "cpu", "seed": 0}
+#: a quick job (no gradients, no ONNX export), so that six run in a minute
+SPEC = {"method": "magnitude", "sparsity": 0.5, "device": "cpu", "seed": 0, "export": {"onnx": False}}
 
 
 @pytest.fixture(params=["celery", "embedded"])
