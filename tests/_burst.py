@@ -24,7 +24,11 @@ from sqlalchemy.engine import Engine
 
 N = 200  # clients at once, per kind
 BOUND_S = 10.0  # every answer of a burst within this (the pool timeout that ended the deadlock was 30 s)
-PROBE_BOUND_S = 2.0  # /healthz and the status poll during a burst
+#: /healthz and the status poll during a burst: a frozen API answered them after the pool's 30 s timeout. Measured:
+#: health ≤ 0.7 s; the status poll ≤ 1 s when this bound was set at 2 s, then 2.0–2.4 s in the 1,000-request mixed
+#: burst on the same 2-core machine on a slower day, with the code of that time and with today's alike: a bound on
+#: latency is a bound on the machine, so this one only separates "answers during the burst" from "frozen"
+PROBE_BOUND_S = 5.0
 KINDS = ("models", "create", "events", "status", "health")
 CLIENT = Path(__file__).with_name("_burst_client.py")
 
