@@ -374,3 +374,25 @@ def test_machine_memory_is_the_containers_limit_when_lower(monkeypatch, tmp_path
     assert host == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit.write_text(f"{2**30}\n")
     assert budget.machine_memory_bytes() == min(host, 2**30)
+
+
+def test_a_check_that_passed_is_remembered_and_a_refusal_is_checked_again(monkeypatch):
+    """Job creation's checks are a function of their arguments: a burst of creations for one model builds it once
+    (the meta-device model and its forwards were 7 ms of the GIL each); a refused spec is checked each time."""
+    import core.runs.preflight as preflight
+
+    built = []
+    real = preflight.build_architecture
+    monkeypatch.setattr(preflight, "build_architecture", lambda *a, **k: built.append(a) or real(*a, **k))
+    monkeypatch.setattr(preflight, "_PASSED", type(preflight._PASSED)())
+    kw = dict(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [17], "num_classes": 10}, num_examples=1000)
+    kw |= dict(input_shape=[64], num_classes=10, has_val=False)
+    first = check_job(PruneSpec(sparsity=0.5), **kw)
+    again = check_job(PruneSpec(sparsity=0.5), **kw)
+    assert len(built) == 1 and first is not again and first.as_dict() == again.as_dict()
+    check_job(PruneSpec(sparsity=0.6), **kw)  # another spec, another check
+    assert len(built) == 2
+    for _ in range(2):
+        with pytest.raises(InvalidInput):
+            check_job(PruneSpec(sparsity=0.5), **{**kw, "input_shape": [63]})
+    assert len(built) == 4
