@@ -21,10 +21,12 @@ Field errors are located in the job request: ``["spec", ...]`` and ``["dataset_i
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from core.engine.methods import method_info
 from core.errors import InvalidInput
 from core.io.data import check_compatible_shapes, max_train_examples
 from core.io.model_files import build_architecture
-from core.runs.budget import memory_plan
+from core.runs.budget import available_memory_bytes, memory_plan
 from core.runs.patterns import check_pattern
 from core.runs.run import calibration_size, pruned_names
 from core.runs.spec import PruneSpec
@@ -113,6 +115,30 @@ _PASSED_MAX = 256
 _passed_lock = threading.Lock()
 
 
+def _remember_passed(check: Callable[..., MemoryPlan | None]) -> Callable[..., MemoryPlan | None]:
+    """``check(spec, **summary)``, remembered for the last 256 argument sets that passed (a refusal is checked
+    again each time); each caller gets its own copy of the plan. Without a budget, ``block_size: auto`` plans within
+    the memory available now (:mod:`core.runs.budget`), so that is part of the key too, to 256 MiB."""
+
+    @functools.wraps(check)
+    def remembered(spec: PruneSpec, **summary: Any) -> MemoryPlan | None:
+        now = available_memory_bytes() >> 28
+        key = json.dumps([spec.model_dump(mode="json", by_alias=True), summary, now], sort_keys=True, default=str)
+        with _passed_lock:
+            if key in _PASSED:
+                _PASSED.move_to_end(key)
+                return copy.deepcopy(_PASSED[key])
+        plan = check(spec, **summary)
+        with _passed_lock:
+            _PASSED[key] = copy.deepcopy(plan)
+            while len(_PASSED) > _PASSED_MAX:
+                _PASSED.popitem(last=False)
+        return plan
+
+    return remembered
+
+
+@_remember_passed
 def check_job(
     spec: PruneSpec,
     *,
@@ -130,36 +156,10 @@ def check_job(
     that takes no gradients). ``arch`` is ``None`` for models without a zoo architecture (ONNX); unknown
     summary values (``None``) skip the checks that need them.
 
-    A function of its arguments alone, so a check that passed is remembered (the last 256): the model built on the
-    ``meta`` device and its two forwards took 7 ms of the GIL per job creation, most of what a burst of creations
-    for one model waited on. A refusal is checked again each time."""
-    summary = [arch, arch_kwargs, num_examples, input_shape, num_classes, has_val, server_budget_mb, model_format]
-    key = json.dumps([spec.model_dump(mode="json", by_alias=True), *summary], sort_keys=True, default=str)
-    with _passed_lock:
-        if key in _PASSED:
-            _PASSED.move_to_end(key)
-            return copy.deepcopy(_PASSED[key])
-    plan = _check_job(
-        spec, arch, arch_kwargs, num_examples, input_shape, num_classes, has_val, server_budget_mb, model_format
-    )
-    with _passed_lock:
-        _PASSED[key] = copy.deepcopy(plan)
-        while len(_PASSED) > _PASSED_MAX:
-            _PASSED.popitem(last=False)
-    return plan
-
-
-def _check_job(
-    spec: PruneSpec,
-    arch: str | None,
-    arch_kwargs: dict | None,
-    num_examples: int | None,
-    input_shape: Sequence[int] | None,
-    num_classes: int | None,
-    has_val: bool,
-    server_budget_mb: float | None,
-    model_format: str | None,
-) -> MemoryPlan | None:
+    A function of its arguments (and the memory available), so a check that passed is remembered
+    (:func:`_remember_passed`): the model
+    built on the ``meta`` device and its two forwards took 7 ms of the GIL per job creation, most of what a burst of
+    creations for one model waited on."""
     problems: list[InvalidInput] = []
     spec = spec.resolved(_train_examples(spec, num_examples, has_val))  # the default fisher.samples fits the data
     model = build_architecture(arch, arch_kwargs, device="meta") if arch else None
