@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,11 @@ JOB_MODULES = (
     "onnxruntime",
     "matplotlib.pyplot",
 )
+
+
+def loaded() -> dict[str, bool]:
+    """Which of :data:`JOB_MODULES` this process has imported (in a job process: what it started with)."""
+    return {name: name in sys.modules for name in JOB_MODULES}
 
 
 def preload() -> list[str]:
