@@ -157,9 +157,8 @@ def check_job(
     summary values (``None``) skip the checks that need them.
 
     A function of its arguments (and the memory available), so a check that passed is remembered
-    (:func:`_remember_passed`): the model
-    built on the ``meta`` device and its two forwards took 7 ms of the GIL per job creation, most of what a burst of
-    creations for one model waited on."""
+    (:func:`_remember_passed`): the model built on the ``meta`` device and its two forwards took 7 ms of the GIL per
+    job creation, most of what a burst of creations for one model waited on."""
     problems: list[InvalidInput] = []
     spec = spec.resolved(_train_examples(spec, num_examples, has_val))  # the default fisher.samples fits the data
     model = build_architecture(arch, arch_kwargs, device="meta") if arch else None
