@@ -1,8 +1,10 @@
 """Issue #12, "Memory plans that don't hold": every method's memory plan against the peak of a real pruning step.
 
-Each case prunes an MLP big enough that the plan dominates the noise, in a fresh child process (one torch thread,
-the default allocator), after a warm-up step of the same size whose freed memory is handed back to the system: the
-libraries' one-time set-up (~80 MB for ``torch.func``) and the code paged in for these sizes are not the step's.
+Each case prunes an MLP big enough that the plan dominates the noise, in a fresh child process (one torch thread;
+the engine fixes glibc's mmap threshold itself, ``core.engine.buffers.map_large_allocations``), after a warm-up step
+of the same size whose freed memory is handed back to the system: the libraries' one-time set-up (~80 MB for
+``torch.func``) and the code paged in for these sizes are not the step's (the README-MLP case skips the warm-up).
+The children run side by side, as many as there are cores (the ``measurements`` fixture).
 The peak is the address space's high-water mark (``VmHWM``, reset just before the step through
 ``/proc/self/clear_refs``; a forked child's own where that is not allowed; not ``ru_maxrss``, which also keeps the
 parent's size from before ``exec``: under a large pytest process every step looked 2 GB big) minus its resident size
